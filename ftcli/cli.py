@@ -1,0 +1,157 @@
+"""The ftcli command line: one thin function per command; the work happens in the package.
+
+    $ ftcli train --method lora --model builtin:tiny-llama --dataset builtin:alpaca-sample --max-steps 20
+
+Heavy libraries (torch, transformers, trl, peft, datasets) are imported inside command bodies
+only, so `ftcli --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ftcli import __version__
+
+app = typer.Typer(
+    name="ftcli",
+    help="Fine-tune causal language models: full, LoRA, from one command line.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+_state = {"debug": False}
+
+DATA = "Data"
+MODEL = "Model"
+TRAIN = "Training"
+LORA = "LoRA"
+OUTPUT = "Output"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ftcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    """Fine-tune causal language models with the Hugging Face stack, from one tool."""
+    _state["debug"] = debug
+
+
+def _run(fn, *args, **kwargs):
+    """Turn a user-caused `FtcliError` into one line on stderr and its exit code."""
+    from ftcli.console import err_console
+    from ftcli.errors import EXIT_INTERRUPTED, FtcliError
+
+    try:
+        return fn(*args, **kwargs)
+    except FtcliError as exc:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {exc.one_line()}", soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+@app.command()
+def train(
+    method: Annotated[Optional[str], typer.Option(help="full | lora.", rich_help_panel=TRAIN)] = None,
+    model: Annotated[Optional[str], typer.Option(
+        help="Hub id, local folder or builtin:tiny-llama. [default: the reference model of the method]",
+        rich_help_panel=MODEL)] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) of the model.",
+                                                    rich_help_panel=MODEL)] = None,
+    trust_remote_code: Annotated[Optional[bool], typer.Option(
+        "--trust-remote-code", help="Run code shipped with the model (off by default).",
+        rich_help_panel=MODEL)] = None,
+    dtype: Annotated[Optional[str], typer.Option(
+        help="auto | float32 | float16 | bfloat16. auto: bfloat16 on CUDA, float32 on CPU.",
+        rich_help_panel=MODEL)] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N.", rich_help_panel=MODEL)] = None,
+    attn_implementation: Annotated[Optional[str], typer.Option(
+        help="auto | sdpa | eager | flash_attention_2. auto: FlashAttention 2 when installed on CUDA, else SDPA.",
+        rich_help_panel=MODEL)] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Hub id, local Alpaca .json/.jsonl file or builtin:alpaca-sample. [default: tatsu-lab/alpaca]",
+        rich_help_panel=DATA)] = None,
+    dataset_split: Annotated[Optional[str], typer.Option(help="Split of a hub dataset. [default: train]",
+                                                         rich_help_panel=DATA)] = None,
+    dataset_size: Annotated[Optional[int], typer.Option(
+        help="Use the first N rows, then shuffle with --seed. [default: 500]", rich_help_panel=DATA)] = None,
+    train_on_inputs: Annotated[Optional[bool], typer.Option(
+        "--train-on-inputs", help="Put the prompt in the loss too (the reference scripts' behaviour). "
+        "Default: only the response and its EOS.", rich_help_panel=DATA)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Per-device batch size. [default: 8 full, 4 lora]",
+                                                      rich_help_panel=TRAIN)] = None,
+    seq_length: Annotated[Optional[int], typer.Option(help="Maximum tokens per example. [default: 2048]",
+                                                      rich_help_panel=TRAIN)] = None,
+    num_epochs: Annotated[Optional[float], typer.Option(help="Epochs. [default: 1]", rich_help_panel=TRAIN)] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps (overrides epochs).",
+                                                     rich_help_panel=TRAIN)] = None,
+    gradient_accumulation_steps: Annotated[Optional[int], typer.Option(
+        help="Micro-batches per optimizer step. [default: 1]", rich_help_panel=TRAIN)] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(
+        "--learning-rate", "--lr", help="Peak learning rate. [default: 5e-5 full, 1e-4 lora]",
+        rich_help_panel=TRAIN)] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations to save memory.",
+        rich_help_panel=TRAIN)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for shuffling and training. [default: 42]",
+                                                rich_help_panel=TRAIN)] = None,
+    compile: Annotated[Optional[bool], typer.Option(
+        "--compile", help="torch.compile the model (compiles during the first steps; no throw-away training).",
+        rich_help_panel=TRAIN)] = None,
+    lora_rank: Annotated[Optional[int], typer.Option(help="LoRA rank r. [default: 8]", rich_help_panel=LORA)] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha. [default: 16]",
+                                                        rich_help_panel=LORA)] = None,
+    lora_dropout: Annotated[Optional[float], typer.Option(help="LoRA dropout. [default: 0]",
+                                                          rich_help_panel=LORA)] = None,
+    lora_target_modules: Annotated[Optional[str], typer.Option(
+        help="Comma-separated module names, or all-linear. [default: the seven Llama projections]",
+        rich_help_panel=LORA)] = None,
+    output_dir: Annotated[Optional[Path], typer.Option(
+        help="Run folder: model/adapter, tokenizer, manifest, logs. [default: runs/<method>-<time>]",
+        rich_help_panel=OUTPUT)] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a non-empty --output-dir.",
+                                                      rich_help_panel=OUTPUT)] = None,
+    log_dir: Annotated[Optional[Path], typer.Option(help="TensorBoard folder. [default: <output-dir>/logs]",
+                                                    rich_help_panel=OUTPUT)] = None,
+    logging_steps: Annotated[Optional[int], typer.Option(help="Log every N steps. [default: 1]",
+                                                         rich_help_panel=OUTPUT)] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="YAML file with the same keys as these flags (snake_case); flags override it.",
+        rich_help_panel=OUTPUT)] = None,
+) -> None:
+    """Fine-tune a model: full fine-tuning or LoRA, with live progress and a reproducible run folder."""
+    flags = {k: v for k, v in locals().items() if k != "config" and v is not None}
+    if "lora_target_modules" in flags:
+        flags["lora_target_modules"] = [m.strip() for m in flags["lora_target_modules"].split(",") if m.strip()]
+    for key in ("output_dir", "log_dir"):
+        if key in flags:
+            flags[key] = str(flags[key])
+
+    def go() -> None:
+        from ftcli.config import build_run_config
+        from ftcli.train import run_training
+
+        run_training(build_run_config(flags, config_file=config), command=["ftcli", *sys.argv[1:]])
+
+    _run(go)
+
+
+def entrypoint() -> None:
+    app()

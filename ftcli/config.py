@@ -1,0 +1,167 @@
+"""RunConfig: every choice of a training run in one validated object, saved in every run folder.
+
+    >>> from ftcli.config import build_run_config
+    >>> cfg = build_run_config({"method": "lora", "model": "builtin:tiny-llama"})
+    >>> cfg.learning_rate, cfg.batch_size, cfg.lora_rank
+    (0.0001, 4, 8)
+
+Precedence, lowest first: the reference scripts' per-method defaults < the YAML file given with
+`--config` < flags on the command line. Keys are the flag names in snake_case (`batch_size`);
+kebab-case (`batch-size`) is accepted in YAML too. An unknown key is an error that names the
+closest valid key. Importing this module must not import torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ftcli.errors import ConfigError
+
+METHODS = ("full", "lora")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# The reference scripts' defaults, per method (see README "Reference scripts").
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "full": {
+        "model": "meta-llama/Llama-3.2-3B-Instruct",
+        "batch_size": 8,
+        "learning_rate": 5e-5,
+        "gradient_checkpointing": False,
+    },
+    "lora": {
+        "model": "meta-llama/Llama-3.1-8B-Instruct",
+        "batch_size": 4,
+        "learning_rate": 1e-4,
+        "gradient_checkpointing": False,
+    },
+}
+
+
+class RunConfig(BaseModel):
+    """The resolved configuration of one `ftcli train` run."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    method: Literal["full", "lora"] = "full"
+    model: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: str = "auto"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+
+    dataset: str = "tatsu-lab/alpaca"
+    dataset_split: str = "train"
+    dataset_size: int | None = Field(default=500, ge=1)
+    train_on_inputs: bool = False
+
+    batch_size: int | None = Field(default=None, ge=1)
+    seq_length: int = Field(default=2048, ge=8)
+    num_epochs: float = Field(default=1.0, gt=0)
+    max_steps: int = Field(default=-1, ge=-1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    learning_rate: float | None = Field(default=None, gt=0)
+    gradient_checkpointing: bool | None = None
+    seed: int = 42
+
+    lora_rank: int = Field(default=8, ge=1)
+    lora_alpha: float = Field(default=16.0, gt=0)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    lora_target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+
+    logging_steps: int = Field(default=1, ge=1)
+    log_dir: str | None = None
+    output_dir: str | None = None
+    overwrite: bool = False
+    compile: bool = False
+
+    @model_validator(mode="after")
+    def _fill_method_defaults(self) -> RunConfig:
+        for key, value in METHOD_DEFAULTS[self.method].items():
+            if getattr(self, key) is None:
+                # object.__setattr__ skips re-validation (validate_assignment would recurse here).
+                object.__setattr__(self, key, value)
+        if self.max_steps == 0:
+            raise ValueError("max_steps must be -1 (use num_epochs) or a positive number of steps")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+FIELDS = tuple(RunConfig.model_fields)
+
+
+def normalize_key(key: str) -> str:
+    return key.strip().replace("-", "_")
+
+
+def closest_key(key: str) -> str | None:
+    matches = difflib.get_close_matches(normalize_key(key), FIELDS, n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML run file into a dict of config keys (validated later, with the flags)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist", hint="check the path given to --config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"config file {where} is not valid YAML", hint="fix the syntax at that line") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of keys to values, not {type(data).__name__}",
+                          hint="write one `key: value` per line, e.g. `learning_rate: 1e-4`")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = normalize_key(str(key))
+        if name not in FIELDS:
+            guess = closest_key(str(key))
+            hint = f"did you mean '{guess}'?" if guess else f"valid keys: {', '.join(FIELDS)}"
+            raise ConfigError(f"unknown key '{key}' in config file {path}", hint=hint)
+        out[name] = value
+    return out
+
+
+def build_run_config(flags: dict[str, Any], config_file: str | Path | None = None) -> RunConfig:
+    """Merge the YAML file (if any) under the flags given on the command line, then validate."""
+    merged: dict[str, Any] = load_config_file(config_file) if config_file else {}
+    merged.update({normalize_key(k): v for k, v in flags.items() if v is not None})
+    unknown = [k for k in merged if k not in FIELDS]
+    if unknown:
+        guess = closest_key(unknown[0])
+        raise ConfigError(f"unknown option '{unknown[0]}'", hint=f"did you mean '{guess}'?" if guess else None)
+    try:
+        return RunConfig(**merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc, config_file)) from None
+
+
+def _describe_validation_error(exc: ValidationError, config_file: str | Path | None) -> str:
+    """All problems in one line, each naming the option as the user would type it."""
+    problems = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if not str(p).isdigit()]
+        name = loc[0] if loc else ""
+        flag = f"--{name.replace('_', '-')}" if name else "config"
+        value = err.get("input")
+        msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+        if name and not isinstance(value, dict):
+            problems.append(f"{flag}: {msg} (got {value!r})")
+        else:
+            problems.append(msg)
+    where = f" (flags and {config_file})" if config_file else ""
+    return "invalid run configuration" + where + ": " + "; ".join(problems)

@@ -1,0 +1,47 @@
+"""LoRA: the base model stays frozen, low-rank adapters train (reference: 8B LoRA, r=8, alpha 16, lr 1e-4).
+
+    >>> plan = lora.plan(config, model)   # plan.model is a peft.PeftModel; the run saves the adapter
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftcli.errors import ConfigError
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """The distinct leaf names of the model's linear layers (what --lora-target-modules may name)."""
+    import torch
+
+    names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    return sorted(names - {"lm_head"})
+
+
+def plan(config: Any, model: Any) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    from ftcli.methods import MethodPlan, count_parameters
+
+    available = linear_module_names(model)
+    targets = list(config.lora_target_modules)
+    if targets != ["all-linear"]:
+        unknown = [t for t in targets if t not in available]
+        if unknown:
+            raise ConfigError(f"--lora-target-modules names {', '.join(unknown)}, which this model does not have",
+                              hint=f"its linear layers are: {', '.join(available)} (or use all-linear)")
+    lora_config = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    if config.gradient_checkpointing:
+        # Frozen embeddings give checkpointed blocks inputs without grad; this keeps the graph connected.
+        model.enable_input_require_grads()
+        model.config.use_cache = False
+    peft_model = get_peft_model(model, lora_config)
+    trainable, total = count_parameters(peft_model)
+    return MethodPlan(model=peft_model, saves="adapter", trainable_parameters=trainable, total_parameters=total)

@@ -1,0 +1,214 @@
+"""The model-loading core: every ftcli command loads models and tokenizers through here.
+
+    >>> from ftcli.models import load_tokenizer, load_model
+    >>> tok = load_tokenizer("builtin:tiny-llama")
+    >>> model = load_model("builtin:tiny-llama", dtype="float32", device="cpu")
+
+One place decides where a model comes from (a `builtin:` name, a local folder, a hub id), its
+dtype, device, attention implementation, the remote-code rule (off unless asked) and the pad
+token policy; errors come back as one line that says what to do, offline included.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ftcli.builtin import is_builtin, resolve_builtin_model
+from ftcli.errors import ConfigError, ModelError
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model reference points: what to hand to `from_pretrained`, and what kind it is."""
+
+    ref: str
+    path: str
+    kind: str  # "builtin" | "local" | "hub"
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+
+
+def resolve_model_source(ref: str) -> ModelSource:
+    if is_builtin(ref):
+        try:
+            return ModelSource(ref, str(resolve_builtin_model(ref)), "builtin")
+        except ValueError as exc:
+            raise ModelError(str(exc), hint="use builtin:tiny-llama, a local folder or a hub id") from None
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ModelError(f"{ref} is not a model folder (no config.json in it)",
+                             hint="pass the folder that holds config.json and the weights")
+        return ModelSource(ref, str(path), "local")
+    looks_local = ref.startswith((".", "/", "~")) or ref.count("/") > 1
+    if looks_local or not _REPO_ID.match(ref):
+        raise ModelError(f"model folder {ref} does not exist", hint="check the path, or pass a hub id like org/name")
+    return ModelSource(ref, ref, "hub")
+
+
+def _hub_error(ref: str, exc: Exception) -> ModelError:
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(exc, GatedRepoError):
+        return ModelError(f"model {ref} is gated on the hub and this machine is not authorised",
+                          hint="accept its licence on the hub and run `hf auth login`, or pass a local folder")
+    if isinstance(exc, RepositoryNotFoundError):
+        return ModelError(f"model {ref} does not exist on the hub", hint="check the id, or pass a local folder")
+    if hub_offline():
+        return ModelError(f"model {ref} is not in the local cache and HF_HUB_OFFLINE=1 forbids downloading it",
+                          hint="pass a local folder, download it first (`hf download " + ref + "`), "
+                               "or unset HF_HUB_OFFLINE")
+    return ModelError(f"model {ref} is not in the local cache and the hub is unreachable",
+                      hint="pass a local folder, or download it on a connected machine and set HF_HUB_OFFLINE=1")
+
+
+def load_model_config(ref: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The model's config (no weights): the cheap first check that a model exists and is usable."""
+    from transformers import AutoConfig
+
+    src = resolve_model_source(ref)
+    try:
+        return AutoConfig.from_pretrained(src.path, revision=revision, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelError(f"model {ref} needs code from its repository to load",
+                             hint="review that code, then pass --trust-remote-code (and pin --revision)") from None
+        raise ModelError(f"model {ref} has a config transformers cannot read: {exc}") from None
+    except OSError as exc:
+        if src.kind == "hub":
+            raise _hub_error(ref, exc) from None
+        raise ModelError(f"cannot read the model config in {src.path}: {exc}") from None
+
+
+def load_tokenizer(ref: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """Load the tokenizer and apply the pad policy (see `apply_pad_policy`)."""
+    from transformers import AutoTokenizer
+
+    src = resolve_model_source(ref)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src.path, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        if src.kind == "hub":
+            raise _hub_error(ref, exc) from None
+        raise ModelError(f"cannot load the tokenizer from {src.path}: {exc}") from None
+    except ValueError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load the tokenizer of {ref}: {first}",
+                         hint="the model folder needs tokenizer.json (or the files its tokenizer class reads)") from None
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"the tokenizer of {ref} has no end-of-sequence token",
+                         hint="use a tokenizer that defines eos_token, or set it in tokenizer_config.json")
+    apply_pad_policy(tokenizer)
+    return tokenizer
+
+
+def apply_pad_policy(tokenizer: Any) -> str:
+    """Give the tokenizer a pad token without ever hiding EOS from the loss.
+
+    A tokenizer's own pad token is kept. Without one, pad = EOS (as the reference scripts do),
+    which is safe here because ftcli builds labels itself and the collator masks padding by
+    position, never by token id, so every example's final EOS stays in the loss.
+    """
+    if tokenizer.pad_token_id is not None:
+        return "own pad token"
+    tokenizer.pad_token = tokenizer.eos_token
+    return "pad = eos (masked by position)"
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} asked for CUDA but no CUDA device is visible",
+                          hint="use --device cpu, or check CUDA_VISIBLE_DEVICES and the driver")
+    if not re.match(r"^(cpu|cuda(:\d+)?|mps)$", device):
+        raise ConfigError(f"--device {device} is not a device", hint="use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """`auto` means bfloat16 on CUDA that supports it (the reference default), float16 on older
+    CUDA, float32 on CPU (half-precision matmuls are slow and lossy there)."""
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def resolve_attn_implementation(attn: str, device: str, torch_dtype: Any) -> str:
+    """SDPA by default; FlashAttention 2 when asked or, on `auto`, when installed on CUDA in half precision."""
+    import torch
+    from transformers.utils import is_flash_attn_2_available
+
+    half = torch_dtype in (torch.float16, torch.bfloat16)
+    if attn == "flash_attention_2" and not (device.startswith("cuda") and half and is_flash_attn_2_available()):
+        raise ConfigError("--attn-implementation flash_attention_2 needs CUDA, a 16-bit --dtype and the flash-attn "
+                          "package", hint="install flash-attn on a CUDA machine, or use --attn-implementation sdpa")
+    if attn == "auto":
+        return "flash_attention_2" if device.startswith("cuda") and half and is_flash_attn_2_available() else "sdpa"
+    return attn
+
+
+def load_model(
+    ref: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    attn_implementation: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    quantization_config: Any = None,
+    device_map: Any = "device",
+) -> Any:
+    """Load a causal LM from safetensors, on one device (`device_map="device"`) or as the caller maps it."""
+    from transformers import AutoModelForCausalLM
+
+    load_model_config(ref, revision=revision, trust_remote_code=trust_remote_code)
+    src = resolve_model_source(ref)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype,
+        "attn_implementation": resolve_attn_implementation(attn_implementation, dev, torch_dtype),
+        "revision": revision,
+        "trust_remote_code": trust_remote_code,
+        "use_safetensors": _has_safetensors(src),
+    }
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if device_map == "device":
+        kwargs["device_map"] = {"": dev}
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        return AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+    except OSError as exc:
+        if src.kind == "hub":
+            raise _hub_error(ref, exc) from None
+        raise ModelError(f"cannot load model weights from {src.path}: {exc}") from None
+
+
+def _has_safetensors(src: ModelSource) -> bool | None:
+    """Prefer safetensors; allow pickle weights only for a local folder that has nothing else."""
+    if src.kind == "hub":
+        return None  # transformers prefers safetensors on the hub and falls back only if absent
+    folder = Path(src.path)
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").exists():
+        return True
+    return None

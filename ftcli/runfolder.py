@@ -1,0 +1,77 @@
+"""The run folder: what `ftcli train` leaves behind, and the rules for writing it.
+
+    >>> from ftcli.runfolder import check_output_dir, write_json_atomic
+    >>> out = check_output_dir("runs/lora-1", overwrite=False)   # refuses a non-empty folder
+
+Layout: the trained model or adapter and its tokenizer at the top (so `from_pretrained(folder)`
+works), `ftcli_run.json` (the manifest: config, versions, data fingerprint, timings, metrics,
+status), `ftcli_config.yaml` (the resolved config, reusable with `--config`), `metrics.jsonl`
+(one line per logging step), `probe.safetensors` (logits of the final model on a fixed input)
+and `logs/` (TensorBoard events) unless `--log-dir` points elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ftcli.errors import OutputError
+
+MANIFEST = "ftcli_run.json"
+CONFIG_COPY = "ftcli_config.yaml"
+METRICS = "metrics.jsonl"
+PROBE = "probe.safetensors"
+
+
+def default_output_dir(method: str) -> Path:
+    return Path("runs") / f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_output_dir(path: str | Path, overwrite: bool) -> Path:
+    """Refuse a non-empty folder (unless `overwrite`) or a file; never create anything here."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--output-dir {out} is a file", hint="pass a folder path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"--output-dir {out} is not empty",
+                          hint="pick a new folder, or pass --overwrite to replace its contents")
+    parent = out.parent if not out.exists() else out
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"--output-dir {out} is not writable (no write permission on {parent})",
+                          hint="pick a folder you can write to")
+    return out
+
+
+def create_run_dir(out: Path, overwrite: bool) -> None:
+    """Create the run folder; with `overwrite`, empty it first (only called once loading succeeded)."""
+    if out.is_dir() and overwrite:
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON so that a reader sees the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_manifest(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / MANIFEST).read_text(encoding="utf-8"))

@@ -1,0 +1,44 @@
+"""Facts about the machine and the software a run used: peak memory, library versions.
+
+    >>> from ftcli.system import peak_memory, format_bytes
+    >>> kind, used = peak_memory("cpu"); format_bytes(used)
+    '412.3 MiB'
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+from importlib import metadata
+
+LIBRARIES = ("ftcli", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "tokenizers")
+
+
+def peak_memory(device: str) -> tuple[str, int]:
+    """("cuda peak allocated", bytes) on CUDA; ("cpu peak RSS", bytes) otherwise."""
+    if device.startswith("cuda"):
+        import torch
+
+        return "cuda peak allocated", int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return "cpu peak RSS", int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions

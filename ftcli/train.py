@@ -1,0 +1,252 @@
+"""One training run, top to bottom: config -> tokenizer -> data -> model -> method plan -> trainer -> run folder.
+
+    >>> from ftcli.config import build_run_config
+    >>> from ftcli.train import run_training
+    >>> result = run_training(build_run_config({"method": "lora", "model": "builtin:tiny-llama",
+    ...                                         "dataset": "builtin:alpaca-sample", "max_steps": 5}))
+
+Everything that can fail because of the user's input (flags, data, model, output folder) fails
+before the run folder is created, so a refused run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ftcli import __version__
+from ftcli.config import RunConfig
+from ftcli.console import console
+from ftcli.errors import RunFailed
+from ftcli.runfolder import (
+    CONFIG_COPY, MANIFEST, METRICS, PROBE, check_output_dir, create_run_dir, default_output_dir, write_json_atomic,
+)
+
+PROBE_TOKENS = 16
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    manifest: dict[str, Any]
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for ftcli's own display: library progress bars and advice go quiet."""
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    logging.getLogger("torch.distributed").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*use_cache=True.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module="trl")
+
+
+def run_training(config: RunConfig, command: list[str] | None = None) -> RunResult:
+    from ftcli.data import load_training_dataset
+    from ftcli.methods import METHODS
+    from ftcli.models import (
+        apply_pad_policy, load_model, load_model_config, load_tokenizer, resolve_attn_implementation, resolve_device, resolve_dtype,
+        resolve_model_source,
+    )
+
+    started = time.time()
+    out = check_output_dir(config.output_dir or default_output_dir(config.method), config.overwrite)
+    quiet_libraries()
+    device = resolve_device(config.device)
+    torch_dtype = resolve_dtype(config.dtype, device)
+
+    console.print(f"[bold]ftcli train[/] method={config.method} model={config.model} dataset={config.dataset}")
+    load_model_config(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
+    tokenizer = load_tokenizer(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
+    pad_policy = apply_pad_policy(tokenizer)
+    dataset, report = load_training_dataset(config, tokenizer)
+    console.print(f"data: {report.rows_used} examples, {report.tokens:,} tokens ({report.loss_tokens:,} in the loss), "
+                  f"{report.truncated} truncated at {config.seq_length}")
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    model = load_model(config.model, dtype=config.dtype, device=device, attn_implementation=config.attn_implementation,
+                       revision=config.revision, trust_remote_code=config.trust_remote_code)
+    plan = METHODS[config.method](config, model)
+    console.print(f"model: {plan.total_parameters:,} parameters, {plan.trainable_parameters:,} trainable "
+                  f"({config.method}, {str(torch_dtype).removeprefix('torch.')}, {device})")
+    loaded = time.time()
+
+    create_run_dir(out, config.overwrite)
+    log_dir = Path(config.log_dir).expanduser() if config.log_dir else out / "logs"
+    manifest: dict[str, Any] = {
+        "ftcli_version": __version__,
+        "status": "running",
+        "command": command or sys.argv,
+        "started_at": _now(),
+        "config": config.to_dict(),
+        "resolved": {
+            "output_dir": str(out), "log_dir": str(log_dir), "device": device,
+            "dtype": str(torch_dtype).removeprefix("torch."),
+            "attn_implementation": resolve_attn_implementation(config.attn_implementation, device, torch_dtype),
+            "model_path": resolve_model_source(config.model).path, "pad_policy": pad_policy,
+            "saves": plan.saves, "trainable_parameters": plan.trainable_parameters,
+            "total_parameters": plan.total_parameters,
+        },
+        "versions": _versions(),
+        "data": report.to_dict(),
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    _write_config_copy(out / CONFIG_COPY, config)
+
+    try:
+        trainer, display = _build_trainer(config, plan.model, tokenizer, dataset, out, log_dir, device)
+        stats = trainer.train()
+    except KeyboardInterrupt:
+        _finish(manifest, out, "interrupted", error="stopped by the user")
+        raise
+    except Exception as exc:
+        _finish(manifest, out, "failed", error=f"{type(exc).__name__}: {exc}")
+        raise RunFailed(f"training failed: {type(exc).__name__}: {exc}",
+                        hint=f"the run folder {out} records it; rerun with --debug for the traceback") from exc
+    trained = time.time()
+
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+    # The trainer also pickles its arguments; the manifest already records them, and ftcli ships no pickles.
+    (out / "training_args.bin").unlink(missing_ok=True)
+    _save_probe(plan.model, dataset[0]["input_ids"][:PROBE_TOKENS], out / PROBE)
+    saved = time.time()
+
+    metrics = _final_metrics(stats.metrics, trainer.state, device)
+    manifest["metrics"] = metrics
+    manifest["log_history"] = display.history
+    manifest["timings"] = {"load_s": round(loaded - started, 3), "train_s": round(trained - loaded, 3),
+                           "save_s": round(saved - trained, 3), "total_s": round(saved - started, 3)}
+    _finish(manifest, out, "finished")
+    print_summary(metrics, out, plan.saves)
+    return RunResult(out, manifest)
+
+
+def _build_trainer(config: RunConfig, model: Any, tokenizer: Any, dataset: Any, out: Path, log_dir: Path,
+                   device: str) -> tuple[Any, Any]:
+    from transformers import PrinterCallback
+    from transformers.integrations import TensorBoardCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from ftcli.progress import TrainingDisplay
+
+    args = SFTConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=config.batch_size,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        optim="adamw_torch",
+        save_strategy="no",
+        seed=config.seed,
+        packing=False,
+        max_length=config.seq_length,
+        logging_steps=config.logging_steps,
+        gradient_checkpointing=bool(config.gradient_checkpointing),
+        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        torch_compile=config.compile,
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        # ftcli has already tokenized and masked the data; TRL must not re-tokenize or re-append EOS.
+        dataset_kwargs={"skip_prepare_dataset": True},
+        use_cpu=device == "cpu",
+        dataloader_pin_memory=device.startswith("cuda"),
+    )
+    display = TrainingDisplay(device=device, metrics_path=out / METRICS)
+    tensorboard = TensorBoardCallback()
+    # transformers 5 dropped `logging_dir`; the callback reads its folder from this attribute.
+    tensorboard.logging_dir = str(log_dir)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[display, tensorboard])
+    # The display replaces the trainer's own printing of raw log dicts.
+    trainer.remove_callback(PrinterCallback)
+    return trainer, display
+
+
+def _final_metrics(raw: dict[str, Any], state: Any, device: str) -> dict[str, Any]:
+    from ftcli.system import peak_memory
+
+    runtime = float(raw.get("train_runtime", 0.0)) or 1e-9
+    tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+    kind, peak = peak_memory(device)
+    return {
+        "train_runtime": round(runtime, 3),
+        "train_samples_per_second": raw.get("train_samples_per_second"),
+        "train_steps_per_second": raw.get("train_steps_per_second"),
+        "train_loss": raw.get("train_loss"),
+        "steps": state.global_step,
+        "real_tokens": tokens,
+        "real_tokens_per_second": round(tokens / runtime, 2),
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": kind,
+    }
+
+
+def print_summary(metrics: dict[str, Any], out: Path, saves: str) -> None:
+    from rich.table import Table
+
+    from ftcli.system import format_bytes
+
+    table = Table(title="training summary", show_header=False)
+    table.add_row("train_runtime", f"{metrics['train_runtime']:.2f} s")
+    table.add_row("train_samples_per_second", f"{metrics['train_samples_per_second']:.3f}")
+    table.add_row("train_steps_per_second", f"{metrics['train_steps_per_second']:.3f}")
+    table.add_row("train_loss", f"{metrics['train_loss']:.4f}")
+    table.add_row("real tokens/s (non-padding)", f"{metrics['real_tokens_per_second']:,.1f}")
+    table.add_row(metrics["peak_memory_kind"], format_bytes(metrics["peak_memory_bytes"]))
+    console.print(table)
+    console.print(f"saved {saves} to {out}")
+
+
+def _save_probe(model: Any, input_ids: list[int], path: Path) -> None:
+    """Logits of the final in-memory model on a fixed input, so a reload can be checked against them."""
+    import torch
+    from safetensors.torch import save_file
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids = torch.tensor([input_ids], dtype=torch.long, device=device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float().cpu()
+    save_file({"input_ids": ids[0].cpu(), "logits": logits.contiguous()}, str(path))
+    model.train(was_training)
+
+
+def _write_config_copy(path: Path, config: RunConfig) -> None:
+    import yaml
+
+    data = config.to_dict()
+    data.pop("output_dir", None)
+    data.pop("overwrite", None)
+    path.write_text("# resolved config of this run; reuse with: ftcli train --config " + path.name + "\n"
+                    + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def _finish(manifest: dict[str, Any], out: Path, status: str, error: str | None = None) -> None:
+    manifest["status"] = status
+    manifest["ended_at"] = _now()
+    if error:
+        manifest["error"] = error
+    write_json_atomic(out / MANIFEST, manifest)
+
+
+def _versions() -> dict[str, str]:
+    from ftcli.system import library_versions
+
+    return library_versions()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
