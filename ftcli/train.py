@@ -152,8 +152,8 @@ def _build_trainer(config: RunConfig, model: Any, tokenizer: Any, dataset: Any, 
         packing=False,
         max_length=config.seq_length,
         logging_steps=config.logging_steps,
-        gradient_checkpointing=bool(config.gradient_checkpointing),
-        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        activation_checkpointing=bool(config.gradient_checkpointing),
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         torch_compile=config.compile,
         report_to="none",
         disable_tqdm=True,
@@ -161,6 +161,10 @@ def _build_trainer(config: RunConfig, model: Any, tokenizer: Any, dataset: Any, 
         # ftcli has already tokenized and masked the data; TRL must not re-tokenize or re-append EOS.
         dataset_kwargs={"skip_prepare_dataset": True},
         use_cpu=device == "cpu",
+        # Weights train in --dtype. Autocast only where it is a no-op for the weights (bfloat16); TRL's own
+        # default (bf16 autocast always) would silently train float32 weights with bfloat16 matmuls.
+        bf16=str(model.dtype) == "torch.bfloat16",
+        fp16=False,
         dataloader_pin_memory=device.startswith("cuda"),
     )
     display = TrainingDisplay(device=device, metrics_path=out / METRICS)

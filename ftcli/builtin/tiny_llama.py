@@ -192,6 +192,9 @@ def _build_model(tokenizer: Any) -> Any:
         num_key_value_heads=2,
         max_position_embeddings=2048,
         rms_norm_eps=1e-6,
+        # Wider than the usual 0.02: with frozen random output rows that small, adapters (LoRA) could not move
+        # the logits far enough to show learning on a model this narrow.
+        initializer_range=0.1,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

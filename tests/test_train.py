@@ -1,0 +1,161 @@
+"""`ftcli train` end to end on the built-in tiny model, on CPU, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import read_manifest
+
+TINY = ["--model", "builtin:tiny-llama"]
+
+
+def losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def probe_logits_of(model, run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    probe = load_file(str(run_dir / "probe.safetensors"))
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"][None]).logits[0].float()
+    return logits, probe["logits"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, small_alpaca_module) -> Path:
+    from typer.testing import CliRunner
+
+    from ftcli.cli import app
+
+    out = tmp_path_factory.mktemp("runs") / "full"
+    result = CliRunner().invoke(app, ["train", "--method", "full", *TINY, "--dataset", str(small_alpaca_module),
+                                      "--max-steps", "40", "--learning-rate", "3e-3", "--batch-size", "4",
+                                      "--output-dir", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.stdout + result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_alpaca_module(tmp_path_factory) -> Path:
+    rows = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"}
+            for w in ("apple", "river", "stone", "cloud", "green", "seven", "table", "music")]
+    path = tmp_path_factory.mktemp("data") / "small.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_full_run_learns(full_run: Path) -> None:
+    seen = losses(full_run)
+    assert len(seen) == 40
+    assert seen[-1] < 0.5 * seen[0], f"loss went {seen[0]:.3f} -> {seen[-1]:.3f}"
+    manifest = read_manifest(full_run)
+    assert manifest["status"] == "finished"
+    assert manifest["metrics"]["steps"] == 40
+    assert manifest["metrics"]["real_tokens_per_second"] > 0
+    assert manifest["metrics"]["peak_memory_bytes"] > 0
+    assert manifest["data"]["eos_trained_once"] == manifest["data"]["rows_used"] == 8
+
+
+def test_full_run_folder_reloads_with_plain_transformers(full_run: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(full_run))
+    got, saved = probe_logits_of(model, full_run)
+    assert torch.allclose(got, saved, atol=1e-5), (got - saved).abs().max()
+    tok = AutoTokenizer.from_pretrained(str(full_run))
+    assert tok.chat_template and tok.eos_token == "</s>"
+    assert not (full_run / "training_args.bin").exists()
+    assert not list(full_run.glob("*.bin")) and not list(full_run.glob("*.pt"))
+
+
+def test_run_folder_manifest_and_logs(full_run: Path) -> None:
+    manifest = read_manifest(full_run)
+    assert manifest["config"]["method"] == "full"
+    assert manifest["config"]["learning_rate"] == 3e-3
+    assert manifest["resolved"]["dtype"] == "float32" and manifest["resolved"]["device"] == "cpu"
+    assert manifest["resolved"]["attn_implementation"] == "sdpa"
+    assert manifest["data"]["fingerprint"].startswith("sha256:")
+    for lib in ("torch", "transformers", "trl", "peft"):
+        assert manifest["versions"][lib] != "not installed"
+    assert set(manifest["timings"]) == {"load_s", "train_s", "save_s", "total_s"}
+    assert [r["step"] for r in manifest["log_history"]] == list(range(1, 41))
+    events = list((full_run / "logs").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard events"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert len(acc.Scalars("train/loss")) == 40
+
+
+def test_config_copy_reproduces_the_run(full_run: Path, cli, tmp_path: Path) -> None:
+    """`ftcli_config.yaml` holds the resolved config: feeding it back gives the same per-step losses."""
+    again = tmp_path / "again"
+    result = cli("train", "--config", full_run / "ftcli_config.yaml", "--output-dir", again)
+    assert result.exit_code == 0, result.stderr
+    assert losses(again) == pytest.approx(losses(full_run), abs=1e-6)
+
+
+def test_lora_run_saves_an_adapter_that_reloads_with_peft(cli, tmp_path: Path, small_alpaca: Path,
+                                                          tiny_model_dir: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    result = cli("train", "--method", "lora", *TINY, "--dataset", small_alpaca, "--max-steps", "30",
+                 "--learning-rate", "1e-2", "--lora-rank", "8", "--output-dir", out)
+    assert result.exit_code == 0, result.stderr
+    seen = losses(out)
+    assert seen[-1] < 0.7 * seen[0], f"loss went {seen[0]:.3f} -> {seen[-1]:.3f}"
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 8 and adapter_config["lora_alpha"] == 16
+    assert sorted(adapter_config["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
+    manifest = read_manifest(out)
+    assert manifest["resolved"]["saves"] == "adapter"
+    assert 0 < manifest["resolved"]["trainable_parameters"] < manifest["resolved"]["total_parameters"] / 5
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    model = PeftModel.from_pretrained(base, str(out))
+    got, saved = probe_logits_of(model, out)
+    assert torch.allclose(got, saved, atol=1e-5), (got - saved).abs().max()
+    plain, _ = probe_logits_of(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), out)
+    assert not torch.allclose(plain, saved, atol=1e-3), "the adapter changed nothing"
+
+
+def test_config_file_precedence_and_unknown_key(cli, tmp_path: Path, small_alpaca: Path) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"method: lora\nmodel: builtin:tiny-llama\ndataset: {small_alpaca}\nmax-steps: 5\n"
+                   "learning_rate: 2.0e-3\nlora_rank: 4\nlogging_steps: 1\n")
+    out = tmp_path / "run"
+    result = cli("train", "--config", cfg, "--max-steps", "3", "--output-dir", out)
+    assert result.exit_code == 0, result.stderr
+    manifest = read_manifest(out)
+    assert manifest["metrics"]["steps"] == 3  # the flag beat the file
+    assert manifest["config"]["learning_rate"] == 2e-3 and manifest["config"]["lora_rank"] == 4  # from the file
+    assert manifest["config"]["batch_size"] == 4  # the method's reference default
+
+    cfg.write_text("method: lora\nlearning_rat: 1e-4\n")
+    result = cli("train", "--config", cfg, "--output-dir", tmp_path / "other")
+    assert result.exit_code == 2
+    assert "unknown key 'learning_rat'" in result.stderr and "did you mean 'learning_rate'" in result.stderr
+    assert not (tmp_path / "other").exists()
+
+
+def test_custom_log_dir_and_overwrite(cli, tmp_path: Path, small_alpaca: Path) -> None:
+    out, logs = tmp_path / "run", tmp_path / "tb"
+    out.mkdir()
+    (out / "old.txt").write_text("stale")
+    result = cli("train", "--method", "lora", *TINY, "--dataset", small_alpaca, "--max-steps", "2",
+                 "--log-dir", logs, "--output-dir", out, "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert not (out / "old.txt").exists()
+    assert list(logs.rglob("events.out.tfevents.*")) and not (out / "logs").exists()
+    assert "train_samples_per_second" in result.stdout and "real tokens/s" in result.stdout
