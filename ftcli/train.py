@@ -39,18 +39,24 @@ class RunResult:
 
 def quiet_libraries() -> None:
     """Keep the terminal for ftcli's own display: library progress bars and advice go quiet."""
+    # Set before the libraries are imported: bitsandbytes warns about optional CPU kernels at import time.
+    for name in ("bitsandbytes", "torch.distributed", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     import datasets
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    logging.getLogger("torch.distributed").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*use_cache=True.*")
+    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="trl")
 
 
 def run_training(config: RunConfig, command: list[str] | None = None) -> RunResult:
+    from transformers import set_seed
+
     from ftcli.data import load_training_dataset
     from ftcli.methods import METHODS
     from ftcli.models import (
@@ -73,6 +79,9 @@ def run_training(config: RunConfig, command: list[str] | None = None) -> RunResu
                   f"{report.truncated} truncated at {config.seq_length}")
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
+    # Seed before the method builds anything random (LoRA's A matrices): the trainer seeds only later,
+    # and an unseeded torch generator would make every LoRA run start from different adapters.
+    set_seed(config.seed)
     model = load_model(config.model, dtype=config.dtype, device=device, attn_implementation=config.attn_implementation,
                        revision=config.revision, trust_remote_code=config.trust_remote_code)
     plan = METHODS[config.method](config, model)

@@ -159,3 +159,45 @@ def test_custom_log_dir_and_overwrite(cli, tmp_path: Path, small_alpaca: Path) -
     assert not (out / "old.txt").exists()
     assert list(logs.rglob("events.out.tfevents.*")) and not (out / "logs").exists()
     assert "train_samples_per_second" in result.stdout and "real tokens/s" in result.stdout
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_losses(cli, tmp_path: Path, small_alpaca: Path, method: str) -> None:
+    common = ["train", "--method", method, *TINY, "--dataset", small_alpaca, "--max-steps", "4",
+              "--learning-rate", "1e-2"]
+    assert cli(*common, "--output-dir", tmp_path / "plain").exit_code == 0
+    result = cli(*common, "--gradient-checkpointing", "--output-dir", tmp_path / "ckpt")
+    assert result.exit_code == 0, result.stderr
+    assert read_manifest(tmp_path / "ckpt")["config"]["gradient_checkpointing"] is True
+    assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), abs=1e-5)
+
+
+def test_compile_trains_and_saves_loadable_weights(cli, tmp_path: Path, small_alpaca: Path) -> None:
+    """--compile compiles in the real run (no throw-away training) and the saved model has plain weight names."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "compiled"
+    result = cli("train", "--method", "full", *TINY, "--dataset", small_alpaca, "--max-steps", "2",
+                 "--batch-size", "8", "--compile", "--output-dir", out)
+    assert result.exit_code == 0, result.stderr
+    assert read_manifest(out)["metrics"]["steps"] == 2
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    got, saved = probe_logits_of(model, out)
+    assert torch.allclose(got, saved, atol=1e-4), (got - saved).abs().max()
+
+
+def test_failed_run_is_recorded(cli, tmp_path: Path, small_alpaca: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash inside training exits 1 with one line, and the manifest says failed (not finished)."""
+    from trl import SFTTrainer
+
+    def boom(self, *args, **kwargs):
+        raise RuntimeError("simulated crash in step 1")
+
+    monkeypatch.setattr(SFTTrainer, "train", boom)
+    out = tmp_path / "run"
+    result = cli("train", "--method", "lora", *TINY, "--dataset", small_alpaca, "--output-dir", out)
+    assert result.exit_code == 1
+    assert "simulated crash in step 1" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    manifest = read_manifest(out)
+    assert manifest["status"] == "failed" and "simulated crash" in manifest["error"]
+    assert not (out / "adapter_model.safetensors").exists()
