@@ -32,6 +32,7 @@ MODEL = "Model"
 TRAIN = "Training"
 LORA = "LoRA"
 OUTPUT = "Output"
+DIST = "Processes and machines"
 
 
 def _version(value: bool) -> None:
@@ -69,7 +70,7 @@ def _run(fn, *args, **kwargs):
 
 @app.command()
 def train(
-    method: Annotated[Optional[str], typer.Option(help="full | lora.", rich_help_panel=TRAIN)] = None,
+    method: Annotated[Optional[str], typer.Option(help="full | lora | qlora | fsdp.", rich_help_panel=TRAIN)] = None,
     model: Annotated[Optional[str], typer.Option(
         help="Hub id, local folder or builtin:tiny-llama. [default: the reference model of the method]",
         rich_help_panel=MODEL)] = None,
@@ -121,8 +122,23 @@ def train(
     lora_dropout: Annotated[Optional[float], typer.Option(help="LoRA dropout. [default: 0]",
                                                           rich_help_panel=LORA)] = None,
     lora_target_modules: Annotated[Optional[str], typer.Option(
-        help="Comma-separated module names, or all-linear. [default: the seven Llama projections]",
+        help="Comma-separated module names, or all-linear. [default: the seven Llama projections; qlora: all-linear]",
         rich_help_panel=LORA)] = None,
+    full_parameters: Annotated[Optional[bool], typer.Option(
+        "--full-parameters", help="fsdp: train every weight instead of LoRA adapters.", rich_help_panel=DIST)] = None,
+    nproc_per_node: Annotated[Optional[int], typer.Option(
+        help="fsdp: processes to start on this machine (one per GPU). [default: 1]", rich_help_panel=DIST)] = None,
+    nnodes: Annotated[Optional[int], typer.Option(help="fsdp: number of machines. [default: 1]",
+                                                  rich_help_panel=DIST)] = None,
+    node_rank: Annotated[Optional[int], typer.Option(help="fsdp: rank of this machine, 0..nnodes-1. [default: 0]",
+                                                     rich_help_panel=DIST)] = None,
+    master_addr: Annotated[Optional[str], typer.Option(help="fsdp: address of machine 0. [default: 127.0.0.1]",
+                                                       rich_help_panel=DIST)] = None,
+    master_port: Annotated[Optional[int], typer.Option(help="fsdp: port on machine 0. [default: 29500]",
+                                                       rich_help_panel=DIST)] = None,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option(
+        help="fsdp: host:port of a c10d rendezvous (instead of --master-addr/--master-port).",
+        rich_help_panel=DIST)] = None,
     output_dir: Annotated[Optional[Path], typer.Option(
         help="Run folder: model/adapter, tokenizer, manifest, logs. [default: runs/<method>-<time>]",
         rich_help_panel=OUTPUT)] = None,

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ftcli.errors import ConfigError
 
-METHODS = ("full", "lora")
+METHODS = ("full", "lora", "qlora", "fsdp")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -33,12 +33,28 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
         "batch_size": 8,
         "learning_rate": 5e-5,
         "gradient_checkpointing": False,
+        "lora_target_modules": list(LLAMA_PROJECTIONS),
     },
     "lora": {
         "model": "meta-llama/Llama-3.1-8B-Instruct",
         "batch_size": 4,
         "learning_rate": 1e-4,
         "gradient_checkpointing": False,
+        "lora_target_modules": list(LLAMA_PROJECTIONS),
+    },
+    "qlora": {
+        "model": "meta-llama/Llama-3.1-70B-Instruct",
+        "batch_size": 8,
+        "learning_rate": 1e-4,
+        "gradient_checkpointing": False,
+        "lora_target_modules": ["all-linear"],
+    },
+    "fsdp": {
+        "model": "meta-llama/Llama-3.1-70B-Instruct",
+        "batch_size": 4,
+        "learning_rate": 1e-4,
+        "gradient_checkpointing": True,
+        "lora_target_modules": list(LLAMA_PROJECTIONS),
     },
 }
 
@@ -48,7 +64,7 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
-    method: Literal["full", "lora"] = "full"
+    method: Literal["full", "lora", "qlora", "fsdp"] = "full"
     model: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
@@ -73,7 +89,16 @@ class RunConfig(BaseModel):
     lora_rank: int = Field(default=8, ge=1)
     lora_alpha: float = Field(default=16.0, gt=0)
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
-    lora_target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+    lora_target_modules: list[str] | None = None
+    full_parameters: bool = False  # fsdp only: train every weight instead of LoRA adapters
+
+    # Processes and machines (fsdp): handed to torch.distributed.run, the engine behind torchrun.
+    nproc_per_node: int = Field(default=1, ge=1)
+    nnodes: int = Field(default=1, ge=1)
+    node_rank: int = Field(default=0, ge=0)
+    master_addr: str = "127.0.0.1"
+    master_port: int = Field(default=29500, ge=1, le=65535)
+    rdzv_endpoint: str | None = None
 
     logging_steps: int = Field(default=1, ge=1)
     log_dir: str | None = None
@@ -87,6 +112,13 @@ class RunConfig(BaseModel):
             if getattr(self, key) is None:
                 # object.__setattr__ skips re-validation (validate_assignment would recurse here).
                 object.__setattr__(self, key, value)
+        if self.full_parameters and self.method != "fsdp":
+            raise ValueError("full_parameters applies to --method fsdp only (use --method full on one process)")
+        if (self.nproc_per_node > 1 or self.nnodes > 1) and self.method != "fsdp":
+            raise ValueError(f"--method {self.method} runs in one process; use --method fsdp for "
+                             "--nproc-per-node / --nnodes > 1")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes}")
         if self.max_steps == 0:
             raise ValueError("max_steps must be -1 (use num_epochs) or a positive number of steps")
         return self

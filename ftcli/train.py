@@ -23,7 +23,7 @@ from typing import Any
 from ftcli import __version__
 from ftcli.config import RunConfig
 from ftcli.console import console
-from ftcli.errors import RunFailed
+from ftcli.errors import ConfigError, RunFailed
 from ftcli.runfolder import (
     CONFIG_COPY, MANIFEST, METRICS, PROBE, check_output_dir, create_run_dir, default_output_dir, write_json_atomic,
 )
@@ -65,6 +65,9 @@ def run_training(config: RunConfig, command: list[str] | None = None) -> RunResu
     )
 
     started = time.time()
+    if config.method not in METHODS:
+        raise ConfigError(f"--method {config.method} is not available in ftcli {__version__}",
+                          hint=f"use one of: {', '.join(METHODS)}")
     out = check_output_dir(config.output_dir or default_output_dir(config.method), config.overwrite)
     quiet_libraries()
     device = resolve_device(config.device)
@@ -82,9 +85,11 @@ def run_training(config: RunConfig, command: list[str] | None = None) -> RunResu
     # Seed before the method builds anything random (LoRA's A matrices): the trainer seeds only later,
     # and an unseeded torch generator would make every LoRA run start from different adapters.
     set_seed(config.seed)
+    method = METHODS[config.method]
     model = load_model(config.model, dtype=config.dtype, device=device, attn_implementation=config.attn_implementation,
-                       revision=config.revision, trust_remote_code=config.trust_remote_code)
-    plan = METHODS[config.method](config, model)
+                       revision=config.revision, trust_remote_code=config.trust_remote_code,
+                       **method.load_options(config, device))
+    plan = method.plan(config, model)
     console.print(f"model: {plan.total_parameters:,} parameters, {plan.trainable_parameters:,} trainable "
                   f"({config.method}, {str(torch_dtype).removeprefix('torch.')}, {device})")
     loaded = time.time()

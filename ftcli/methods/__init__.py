@@ -1,9 +1,13 @@
 """Training methods: each a small plan builder, registered in one dict.
 
     >>> from ftcli.methods import METHODS
-    >>> plan = METHODS["lora"](config, model)   # -> MethodPlan(model=PeftModel, saves="adapter", ...)
+    >>> method = METHODS["lora"]
+    >>> model = load_model(config.model, **method.load_options(config, device))
+    >>> plan = method.plan(config, model)   # -> MethodPlan(model=PeftModel, saves="adapter", ...)
 
-A plan says how the loaded model is adapted before training and what the run folder will hold.
+A method says how its model is loaded (`load_options`: extra keyword arguments for
+`models.load_model`, e.g. a quantization config or no device placement) and how the loaded model
+is adapted before training (`plan`), including what the run folder will hold.
 """
 
 from __future__ import annotations
@@ -29,7 +33,17 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
-METHODS: dict[str, Callable[[Any, Any], MethodPlan]] = {
-    "full": full.plan,
-    "lora": lora.plan,
+@dataclass(frozen=True)
+class Method:
+    load_options: Callable[[Any, str], dict[str, Any]]
+    plan: Callable[[Any, Any], MethodPlan]
+
+
+def no_load_options(config: Any, device: str) -> dict[str, Any]:
+    return {}
+
+
+METHODS: dict[str, Method] = {
+    "full": Method(no_load_options, full.plan),
+    "lora": Method(no_load_options, lora.plan),
 }
