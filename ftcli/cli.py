@@ -8,6 +8,7 @@ only, so `ftcli --help` stays fast.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -62,6 +63,10 @@ def _run(fn, *args, **kwargs):
         if _state["debug"]:
             raise
         err_console.print(f"[bold red]error:[/] {exc.one_line()}", soft_wrap=True)
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            from ftcli.launch import record_rank_error
+
+            record_rank_error(exc.one_line())
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
@@ -162,9 +167,16 @@ def train(
 
     def go() -> None:
         from ftcli.config import build_run_config
+        from ftcli.launch import launch, needs_launch
+
+        run_config = build_run_config(flags, config_file=config)
+        if needs_launch(run_config):
+            # This process only starts and watches the ranks; each of them reruns this command and trains.
+            launch(run_config, sys.argv[1:])
+            return
         from ftcli.train import run_training
 
-        run_training(build_run_config(flags, config_file=config), command=["ftcli", *sys.argv[1:]])
+        run_training(run_config, command=["ftcli", *sys.argv[1:]])
 
     _run(go)
 

@@ -7,11 +7,16 @@
 
 Everything that can fail because of the user's input (flags, data, model, output folder) fails
 before the run folder is created, so a refused run leaves nothing behind.
+
+Under a launcher (torchrun, or `ftcli train --method fsdp` starting its own ranks) every rank runs
+this same function; rank 0 alone prints, checks and writes the run folder, and every rank joins the
+collective work (training, gathering the weights for saving, the probe forward pass).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import warnings
@@ -55,21 +60,26 @@ def quiet_libraries() -> None:
 
 
 def run_training(config: RunConfig, command: list[str] | None = None) -> RunResult:
+    quiet_libraries()  # first: importing transformers pulls in peft -> bitsandbytes, which warns on import
     from transformers import set_seed
 
     from ftcli.data import load_training_dataset
     from ftcli.methods import METHODS
     from ftcli.models import (
-        apply_pad_policy, load_model, load_model_config, load_tokenizer, resolve_attn_implementation, resolve_device, resolve_dtype,
-        resolve_model_source,
+        apply_pad_policy, load_model, load_model_config, load_tokenizer, resolve_device, resolve_dtype,
     )
 
     started = time.time()
+    main = is_main_rank()
+    # The other ranks run silently: one progress display and one summary per run.
+    console.quiet = not main
     if config.method not in METHODS:
         raise ConfigError(f"--method {config.method} is not available in ftcli {__version__}",
                           hint=f"use one of: {', '.join(METHODS)}")
-    out = check_output_dir(config.output_dir or default_output_dir(config.method), config.overwrite)
-    quiet_libraries()
+    out = Path(config.output_dir or default_output_dir(config.method)).expanduser()
+    if main:
+        # Only rank 0 decides: the others would see the folder rank 0 is filling and refuse it.
+        out = check_output_dir(out, config.overwrite)
     device = resolve_device(config.device)
     torch_dtype = resolve_dtype(config.dtype, device)
 
@@ -94,8 +104,65 @@ def run_training(config: RunConfig, command: list[str] | None = None) -> RunResu
                   f"({config.method}, {str(torch_dtype).removeprefix('torch.')}, {device})")
     loaded = time.time()
 
-    create_run_dir(out, config.overwrite)
     log_dir = Path(config.log_dir).expanduser() if config.log_dir else out / "logs"
+    manifest = _start_manifest(config, command, out, log_dir, device, torch_dtype, pad_policy, plan, report, main)
+    try:
+        trainer, display = _build_trainer(config, plan, tokenizer, dataset, out, log_dir, device)
+        stats = trainer.train()
+    except KeyboardInterrupt:
+        _finish(manifest, out, "interrupted", error="stopped by the user")
+        raise
+    except Exception as exc:
+        _finish(manifest, out, "failed", error=f"{type(exc).__name__}: {exc}")
+        raise RunFailed(f"training failed: {type(exc).__name__}: {exc}",
+                        hint=f"the run folder {out} records it; rerun with --debug for the traceback") from exc
+    trained = time.time()
+    # Measured now: the probe's forward below leaves FSDP's final-norm/lm_head unit gathered on purpose.
+    sharded = _sharded_fraction(trainer.model)
+
+    # Every rank saves and probes: with FSDP both gather the sharded weights, which takes all ranks.
+    trainer.save_model(str(out))
+    if main:
+        tokenizer.save_pretrained(str(out))
+        # The trainer also pickles its arguments; the manifest already records them, and ftcli ships no pickles.
+        (out / "training_args.bin").unlink(missing_ok=True)
+    _save_probe(trainer.model, dataset[0]["input_ids"][:PROBE_TOKENS], out / PROBE, write=main)
+    saved = time.time()
+
+    metrics = _final_metrics(stats.metrics, trainer.state, device)
+    metrics["sharded_parameter_fraction"] = sharded
+    if manifest is None:
+        return RunResult(out, {"metrics": metrics})
+    manifest["metrics"] = metrics
+    manifest["log_history"] = display.history
+    manifest["timings"] = {"load_s": round(loaded - started, 3), "train_s": round(trained - loaded, 3),
+                           "save_s": round(saved - trained, 3), "total_s": round(saved - started, 3)}
+    _finish(manifest, out, "finished")
+    print_summary(metrics, out, plan.saves)
+    return RunResult(out, manifest)
+
+
+def _sharded_fraction(model: Any) -> float:
+    """Share of parameters held as FSDP2 shards (DTensor): 0.0 on one process, about 1.0 when FSDP sharded."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params) or 1
+    return round(sum(p.numel() for p in params if isinstance(p, DTensor)) / total, 4)
+
+
+def is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _start_manifest(config: RunConfig, command: list[str] | None, out: Path, log_dir: Path, device: str,
+                    torch_dtype: Any, pad_policy: str, plan: Any, report: Any, main: bool) -> dict[str, Any] | None:
+    """Create the run folder and write the manifest (status running) and config copy; rank 0 only."""
+    from ftcli.models import resolve_attn_implementation, resolve_model_source
+
+    if not main:
+        return None
+    create_run_dir(out, config.overwrite)
     manifest: dict[str, Any] = {
         "ftcli_version": __version__,
         "status": "running",
@@ -109,43 +176,17 @@ def run_training(config: RunConfig, command: list[str] | None = None) -> RunResu
             "model_path": resolve_model_source(config.model).path, "pad_policy": pad_policy,
             "saves": plan.saves, "trainable_parameters": plan.trainable_parameters,
             "total_parameters": plan.total_parameters,
+            "processes": int(os.environ.get("WORLD_SIZE", "1")),
         },
         "versions": _versions(),
         "data": report.to_dict(),
     }
     write_json_atomic(out / MANIFEST, manifest)
     _write_config_copy(out / CONFIG_COPY, config)
-
-    try:
-        trainer, display = _build_trainer(config, plan.model, tokenizer, dataset, out, log_dir, device)
-        stats = trainer.train()
-    except KeyboardInterrupt:
-        _finish(manifest, out, "interrupted", error="stopped by the user")
-        raise
-    except Exception as exc:
-        _finish(manifest, out, "failed", error=f"{type(exc).__name__}: {exc}")
-        raise RunFailed(f"training failed: {type(exc).__name__}: {exc}",
-                        hint=f"the run folder {out} records it; rerun with --debug for the traceback") from exc
-    trained = time.time()
-
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(str(out))
-    # The trainer also pickles its arguments; the manifest already records them, and ftcli ships no pickles.
-    (out / "training_args.bin").unlink(missing_ok=True)
-    _save_probe(plan.model, dataset[0]["input_ids"][:PROBE_TOKENS], out / PROBE)
-    saved = time.time()
-
-    metrics = _final_metrics(stats.metrics, trainer.state, device)
-    manifest["metrics"] = metrics
-    manifest["log_history"] = display.history
-    manifest["timings"] = {"load_s": round(loaded - started, 3), "train_s": round(trained - loaded, 3),
-                           "save_s": round(saved - trained, 3), "total_s": round(saved - started, 3)}
-    _finish(manifest, out, "finished")
-    print_summary(metrics, out, plan.saves)
-    return RunResult(out, manifest)
+    return manifest
 
 
-def _build_trainer(config: RunConfig, model: Any, tokenizer: Any, dataset: Any, out: Path, log_dir: Path,
+def _build_trainer(config: RunConfig, plan: Any, tokenizer: Any, dataset: Any, out: Path, log_dir: Path,
                    device: str) -> tuple[Any, Any]:
     from transformers import PrinterCallback
     from transformers.integrations import TensorBoardCallback
@@ -153,7 +194,8 @@ def _build_trainer(config: RunConfig, model: Any, tokenizer: Any, dataset: Any, 
 
     from ftcli.progress import TrainingDisplay
 
-    args = SFTConfig(
+    model = plan.model
+    kwargs: dict[str, Any] = dict(
         output_dir=str(out),
         per_device_train_batch_size=config.batch_size,
         num_train_epochs=config.num_epochs,
@@ -181,11 +223,14 @@ def _build_trainer(config: RunConfig, model: Any, tokenizer: Any, dataset: Any, 
         fp16=False,
         dataloader_pin_memory=device.startswith("cuda"),
     )
+    # The method's own arguments (e.g. FSDP's) win over ftcli's defaults.
+    args = SFTConfig(**{**kwargs, **plan.training_args})
     display = TrainingDisplay(device=device, metrics_path=out / METRICS)
     tensorboard = TensorBoardCallback()
     # transformers 5 dropped `logging_dir`; the callback reads its folder from this attribute.
     tensorboard.logging_dir = str(log_dir)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+    trainer_class = plan.trainer_class or SFTTrainer
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[display, tensorboard])
     # The display replaces the trainer's own printing of raw log dicts.
     trainer.remove_callback(PrinterCallback)
@@ -198,6 +243,7 @@ def _final_metrics(raw: dict[str, Any], state: Any, device: str) -> dict[str, An
     runtime = float(raw.get("train_runtime", 0.0)) or 1e-9
     tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
     kind, peak = peak_memory(device)
+    kind, peak = _max_over_ranks(kind, peak)
     return {
         "train_runtime": round(runtime, 3),
         "train_samples_per_second": raw.get("train_samples_per_second"),
@@ -209,6 +255,19 @@ def _final_metrics(raw: dict[str, Any], state: Any, device: str) -> dict[str, An
         "peak_memory_bytes": peak,
         "peak_memory_kind": kind,
     }
+
+
+def _max_over_ranks(kind: str, peak: int) -> tuple[str, int]:
+    """With several processes, the largest peak of any rank (every rank must call this)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return kind, peak
+    backend = dist.get_backend()
+    value = torch.tensor([peak], dtype=torch.int64, device="cuda" if backend == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return f"{kind} (max of {dist.get_world_size()} ranks)", int(value.item())
 
 
 def print_summary(metrics: dict[str, Any], out: Path, saves: str) -> None:
@@ -227,8 +286,10 @@ def print_summary(metrics: dict[str, Any], out: Path, saves: str) -> None:
     console.print(f"saved {saves} to {out}")
 
 
-def _save_probe(model: Any, input_ids: list[int], path: Path) -> None:
-    """Logits of the final in-memory model on a fixed input, so a reload can be checked against them."""
+def _save_probe(model: Any, input_ids: list[int], path: Path, write: bool = True) -> None:
+    """Logits of the final in-memory model on a fixed input, so a reload can be checked against them.
+
+    Every rank runs the forward pass (a sharded model needs all of them); only a `write` rank saves."""
     import torch
     from safetensors.torch import save_file
 
@@ -238,7 +299,8 @@ def _save_probe(model: Any, input_ids: list[int], path: Path) -> None:
     ids = torch.tensor([input_ids], dtype=torch.long, device=device)
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0].float().cpu()
-    save_file({"input_ids": ids[0].cpu(), "logits": logits.contiguous()}, str(path))
+    if write:
+        save_file({"input_ids": ids[0].cpu(), "logits": logits.contiguous()}, str(path))
     model.train(was_training)
 
 
@@ -252,7 +314,9 @@ def _write_config_copy(path: Path, config: RunConfig) -> None:
                     + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
 
-def _finish(manifest: dict[str, Any], out: Path, status: str, error: str | None = None) -> None:
+def _finish(manifest: dict[str, Any] | None, out: Path, status: str, error: str | None = None) -> None:
+    if manifest is None:
+        return
     manifest["status"] = status
     manifest["ended_at"] = _now()
     if error:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ftcli.methods import full, lora
+from ftcli.methods import fsdp, full, lora, qlora
 
 
 @dataclass
@@ -25,6 +25,9 @@ class MethodPlan:
     trainable_parameters: int
     total_parameters: int
     notes: list[str] = field(default_factory=list)
+    # Extra SFTConfig keyword arguments (e.g. FSDP settings), merged over ftcli's own by train.py.
+    training_args: dict[str, Any] = field(default_factory=dict)
+    trainer_class: Any = None  # None: trl's SFTTrainer
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
@@ -46,4 +49,6 @@ def no_load_options(config: Any, device: str) -> dict[str, Any]:
 METHODS: dict[str, Method] = {
     "full": Method(no_load_options, full.plan),
     "lora": Method(no_load_options, lora.plan),
+    "fsdp": Method(fsdp.load_options, fsdp.plan),
+    "qlora": Method(qlora.load_options, qlora.plan),
 }
