@@ -26,7 +26,10 @@ METHODS = [("full", []), ("lora", []), ("qlora", []), ("fsdp", ["--nproc-per-nod
 
 def build_model(folder: Path, hidden: int, layers: int) -> Path:
     import torch
+    import transformers
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    transformers.logging.disable_progress_bar()
 
     from ftcli.builtin import resolve_builtin_model
 
