@@ -47,22 +47,27 @@ def cli():
     return invoke
 
 
+SMALL_ALPACA_ROWS = [
+    {"instruction": "Say hello.", "input": "", "output": "Hello there, friend!"},
+    {"instruction": "Add 2 and 3.", "input": "", "output": "2 + 3 = 5."},
+    {"instruction": "Name a color.", "input": "", "output": "Blue is a color."},
+    {"instruction": "Reverse the words.", "input": "red green blue", "output": "blue green red"},
+    {"instruction": "Uppercase this.", "input": "quiet cat", "output": "QUIET CAT"},
+    {"instruction": "Count the words.", "input": "one two three four", "output": "There are 4 words."},
+    {"instruction": "Is 7 even or odd?", "input": "", "output": "7 is odd."},
+    {"instruction": "Give an antonym.", "input": "hot", "output": "cold"},
+]
+
+
+def write_small_alpaca(path: Path) -> Path:
+    """Eight short Alpaca rows: small enough to memorise in a few dozen steps."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in SMALL_ALPACA_ROWS), encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def small_alpaca(tmp_path: Path) -> Path:
-    """Eight short Alpaca rows: small enough to memorise in a few dozen steps."""
-    rows = [
-        {"instruction": "Say hello.", "input": "", "output": "Hello there, friend!"},
-        {"instruction": "Add 2 and 3.", "input": "", "output": "2 + 3 = 5."},
-        {"instruction": "Name a color.", "input": "", "output": "Blue is a color."},
-        {"instruction": "Reverse the words.", "input": "red green blue", "output": "blue green red"},
-        {"instruction": "Uppercase this.", "input": "quiet cat", "output": "QUIET CAT"},
-        {"instruction": "Count the words.", "input": "one two three four", "output": "There are 4 words."},
-        {"instruction": "Is 7 even or odd?", "input": "", "output": "7 is odd."},
-        {"instruction": "Give an antonym.", "input": "hot", "output": "cold"},
-    ]
-    path = tmp_path / "small.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+    return write_small_alpaca(tmp_path / "small.jsonl")
 
 
 def read_manifest(run_dir: Path) -> dict:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_manifest
+from conftest import read_manifest, write_small_alpaca
 
 TINY = ["--model", "builtin:tiny-llama"]
 LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -52,20 +52,8 @@ def qlora_run(tmp_path_factory) -> Path:
 
     from ftcli.cli import app
 
-    # The rows of conftest's `small_alpaca`, written once for the module-scoped run.
-    rows = [
-        {"instruction": "Say hello.", "input": "", "output": "Hello there, friend!"},
-        {"instruction": "Add 2 and 3.", "input": "", "output": "2 + 3 = 5."},
-        {"instruction": "Name a color.", "input": "", "output": "Blue is a color."},
-        {"instruction": "Reverse the words.", "input": "red green blue", "output": "blue green red"},
-        {"instruction": "Uppercase this.", "input": "quiet cat", "output": "QUIET CAT"},
-        {"instruction": "Count the words.", "input": "one two three four", "output": "There are 4 words."},
-        {"instruction": "Is 7 even or odd?", "input": "", "output": "7 is odd."},
-        {"instruction": "Give an antonym.", "input": "hot", "output": "cold"},
-    ]
     root = tmp_path_factory.mktemp("qlora")
-    data = root / "small.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_small_alpaca(root / "small.jsonl")
     out = root / "run"
     result = CliRunner().invoke(app, ["train", "--method", "qlora", *TINY, "--dataset", str(data), "--max-steps", "30",
                                       "--learning-rate", "1e-2", "--output-dir", str(out)], catch_exceptions=False)
