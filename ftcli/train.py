@@ -159,6 +159,7 @@ def _start_manifest(config: RunConfig, command: list[str] | None, out: Path, log
                     torch_dtype: Any, pad_policy: str, plan: Any, report: Any, main: bool) -> dict[str, Any] | None:
     """Create the run folder and write the manifest (status running) and config copy; rank 0 only."""
     from ftcli.models import resolve_attn_implementation, resolve_model_source
+    from ftcli.system import library_versions
 
     if not main:
         return None
@@ -178,7 +179,7 @@ def _start_manifest(config: RunConfig, command: list[str] | None, out: Path, log
             "total_parameters": plan.total_parameters,
             "processes": int(os.environ.get("WORLD_SIZE", "1")),
         },
-        "versions": _versions(),
+        "versions": library_versions(),
         "data": report.to_dict(),
     }
     write_json_atomic(out / MANIFEST, manifest)
@@ -322,12 +323,6 @@ def _finish(manifest: dict[str, Any] | None, out: Path, status: str, error: str 
     if error:
         manifest["error"] = error
     write_json_atomic(out / MANIFEST, manifest)
-
-
-def _versions() -> dict[str, str]:
-    from ftcli.system import library_versions
-
-    return library_versions()
 
 
 def _now() -> str:

@@ -72,3 +72,20 @@ def small_alpaca(tmp_path: Path) -> Path:
 
 def read_manifest(run_dir: Path) -> dict:
     return json.loads((run_dir / "ftcli_run.json").read_text())
+
+
+def losses(run_dir: Path) -> list[float]:
+    """Per-step training losses a run wrote to metrics.jsonl."""
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def probe_logits_of(model, run_dir: Path):
+    """(logits of `model` on the run's probe input, the logits the run saved for it)."""
+    import torch
+    from safetensors.torch import load_file
+
+    probe = load_file(str(run_dir / "probe.safetensors"))
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"][None]).logits[0].float()
+    return logits, probe["logits"]

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -17,9 +16,8 @@ from pathlib import Path
 
 import psutil
 import torch
-from safetensors.torch import load_file
 
-from conftest import read_manifest
+from conftest import losses, probe_logits_of, read_manifest
 
 TINY = ["--model", "builtin:tiny-llama"]
 
@@ -49,16 +47,9 @@ def run_ftcli(*args: object, timeout: float = 120) -> subprocess.CompletedProces
     return subprocess.run(ftcli_cmd(*args), env=child_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def probe_matches(model, run_dir: Path) -> None:
-    probe = load_file(str(run_dir / "probe.safetensors"))
-    model.eval()
-    with torch.no_grad():
-        got = model(input_ids=probe["input_ids"][None]).logits[0].float()
-    assert torch.allclose(got, probe["logits"], atol=1e-5), (got - probe["logits"]).abs().max()
+    got, saved = probe_logits_of(model, run_dir)
+    assert torch.allclose(got, saved, atol=1e-5), (got - saved).abs().max()
 
 
 def assert_learned(out: Path) -> dict:

@@ -10,24 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import read_manifest, write_small_alpaca
+from conftest import losses, probe_logits_of, read_manifest, write_small_alpaca
 
 TINY = ["--model", "builtin:tiny-llama"]
 LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def probe_logits_of(model, run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    probe = load_file(str(run_dir / "probe.safetensors"))
-    model.eval()
-    with torch.no_grad():
-        logits = model(input_ids=probe["input_ids"][None]).logits[0].float()
-    return logits, probe["logits"]
 
 
 def reload_adapter(tiny_model_dir: Path, run_dir: Path):

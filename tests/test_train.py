@@ -7,24 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import read_manifest
+from conftest import losses, probe_logits_of, read_manifest
 
 TINY = ["--model", "builtin:tiny-llama"]
-
-
-def losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
-
-
-def probe_logits_of(model, run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    probe = load_file(str(run_dir / "probe.safetensors"))
-    model.eval()
-    with torch.no_grad():
-        logits = model(input_ids=probe["input_ids"][None]).logits[0].float()
-    return logits, probe["logits"]
 
 
 @pytest.fixture(scope="module")
