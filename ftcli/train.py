@@ -131,6 +131,7 @@ def run_training(config: RunConfig, command: list[str] | None = None) -> RunResu
 
     metrics = _final_metrics(stats.metrics, trainer.state, device)
     metrics["sharded_parameter_fraction"] = sharded
+    _leave_process_group()
     if manifest is None:
         return RunResult(out, {"metrics": metrics})
     manifest["metrics"] = metrics
@@ -140,6 +141,19 @@ def run_training(config: RunConfig, command: list[str] | None = None) -> RunResu
     _finish(manifest, out, "finished")
     print_summary(metrics, out, plan.saves)
     return RunResult(out, manifest)
+
+
+def _leave_process_group() -> None:
+    """Meet the other ranks once more, then close the process group.
+
+    Without this, a rank that exits while gloo still holds connections to the others can abort at
+    interpreter shutdown; on several machines the launcher then waits for a peer that is gone.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _sharded_fraction(model: Any) -> float:

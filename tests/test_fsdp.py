@@ -100,7 +100,11 @@ def test_two_machines_on_localhost(tmp_path: Path, small_alpaca: Path, tiny_mode
               "--master-port", port]
     nodes = [subprocess.Popen(ftcli_cmd(*common, "--node-rank", rank), env=child_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    outputs = [node.communicate(timeout=120)[0] for node in nodes]
+    try:
+        outputs = [node.communicate(timeout=120)[0] for node in nodes]
+    finally:
+        for node in nodes:  # never leave a launcher waiting for its peer behind
+            node.kill()
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
     manifest = read_manifest(out)
     assert manifest["status"] == "finished" and manifest["resolved"]["processes"] == 2
