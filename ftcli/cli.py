@@ -8,14 +8,18 @@ only, so `ftcli --help` stays fast.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from ftcli import __version__
+
+if TYPE_CHECKING:
+    from ftcli.config import RunConfig
 
 app = typer.Typer(
     name="ftcli",
@@ -98,6 +102,17 @@ def train(
                                                          rich_help_panel=DATA)] = None,
     dataset_size: Annotated[Optional[int], typer.Option(
         help="Use the first N rows, then shuffle with --seed. [default: 500]", rich_help_panel=DATA)] = None,
+    dataset_revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) of the dataset.",
+                                                            rich_help_panel=DATA)] = None,
+    format: Annotated[Optional[str], typer.Option(
+        "--format", help="auto | alpaca | prompt-completion | chat | sharegpt | text. auto: detected from the columns.",
+        rich_help_panel=DATA)] = None,
+    columns: Annotated[Optional[str], typer.Option(
+        help="Map the format's fields to your column names, e.g. instruction=question,output=answer.",
+        rich_help_panel=DATA)] = None,
+    template: Annotated[Optional[str], typer.Option(
+        help="auto | alpaca | model (the model's chat template) | path to a Jinja file. auto: Alpaca template for "
+        "Alpaca data, the model's chat template for chat data.", rich_help_panel=DATA)] = None,
     train_on_inputs: Annotated[Optional[bool], typer.Option(
         "--train-on-inputs", help="Put the prompt in the loss too (the reference scripts' behaviour). "
         "Default: only the response and its EOS.", rich_help_panel=DATA)] = None,
@@ -118,6 +133,15 @@ def train(
         rich_help_panel=TRAIN)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for shuffling and training. [default: 42]",
                                                 rich_help_panel=TRAIN)] = None,
+    group_by_length: Annotated[Optional[bool], typer.Option(
+        "--group-by-length/--no-group-by-length", help="Batch examples of similar length together (less padding).",
+        rich_help_panel=TRAIN)] = None,
+    padding_free: Annotated[Optional[bool], typer.Option(
+        "--padding-free/--no-padding-free", help="Concatenate each batch into one padding-free row.",
+        rich_help_panel=TRAIN)] = None,
+    packing: Annotated[Optional[bool], typer.Option(
+        "--packing/--no-packing", help="Pack several examples into each --seq-length row (no cross-attention).",
+        rich_help_panel=TRAIN)] = None,
     compile: Annotated[Optional[bool], typer.Option(
         "--compile", help="torch.compile the model (compiles during the first steps; no throw-away training).",
         rich_help_panel=TRAIN)] = None,
@@ -144,6 +168,15 @@ def train(
     rdzv_endpoint: Annotated[Optional[str], typer.Option(
         help="fsdp: host:port of a c10d rendezvous (instead of --master-addr/--master-port).",
         rich_help_panel=DIST)] = None,
+    save_steps: Annotated[Optional[int], typer.Option(
+        help="Save a checkpoint every N optimizer steps (and at the end of each epoch).", rich_help_panel=OUTPUT)] = None,
+    save_total_limit: Annotated[Optional[int], typer.Option(
+        help="Keep at most N checkpoints (the newest complete one is never deleted).", rich_help_panel=OUTPUT)] = None,
+    resume: Annotated[Optional[str], typer.Option(
+        help="Resume from the latest complete checkpoint in --output-dir (`--resume`) or from PATH.",
+        rich_help_panel=OUTPUT)] = None,
+    force: Annotated[Optional[bool], typer.Option(
+        "--force", help="Resume even though the config differs from the checkpoint's.", rich_help_panel=OUTPUT)] = None,
     output_dir: Annotated[Optional[Path], typer.Option(
         help="Run folder: model/adapter, tokenizer, manifest, logs. [default: runs/<method>-<time>]",
         rich_help_panel=OUTPUT)] = None,
@@ -158,18 +191,12 @@ def train(
         rich_help_panel=OUTPUT)] = None,
 ) -> None:
     """Fine-tune a model: full fine-tuning or LoRA, with live progress and a reproducible run folder."""
-    flags = {k: v for k, v in locals().items() if k != "config" and v is not None}
-    if "lora_target_modules" in flags:
-        flags["lora_target_modules"] = [m.strip() for m in flags["lora_target_modules"].split(",") if m.strip()]
-    for key in ("output_dir", "log_dir"):
-        if key in flags:
-            flags[key] = str(flags[key])
+    values = dict(locals())
 
     def go() -> None:
-        from ftcli.config import build_run_config
         from ftcli.launch import launch, needs_launch
 
-        run_config = build_run_config(flags, config_file=config)
+        run_config = run_config_from_flags(values)
         if needs_launch(run_config):
             # This process only starts and watches the ranks; each of them reruns this command and trains.
             launch(run_config, sys.argv[1:])
@@ -179,6 +206,58 @@ def train(
         run_training(run_config, command=["ftcli", *sys.argv[1:]])
 
     _run(go)
+
+
+def run_config_from_flags(values: dict) -> RunConfig:
+    """The `train` options as given (None = not given) + `--config` file -> a validated RunConfig.
+
+    Shared by every command that takes the train options (`train`, `warmup`)."""
+    from ftcli.config import build_run_config
+
+    flags = {k: v for k, v in values.items() if k != "config" and v is not None}
+    if "columns" in flags:
+        flags["columns"] = parse_columns(flags["columns"])
+    if "lora_target_modules" in flags:
+        flags["lora_target_modules"] = [m.strip() for m in flags["lora_target_modules"].split(",") if m.strip()]
+    for key in ("output_dir", "log_dir"):
+        if key in flags:
+            flags[key] = str(flags[key])
+    return build_run_config(flags, config_file=values.get("config"))
+
+
+def with_train_options(body):
+    """A command function with exactly `train`'s options, calling `body(values)` with them.
+
+    `values` maps each option name to what was given (None when not given); turn it into a
+    RunConfig with `run_config_from_flags(values)`."""
+    def command(**values):
+        return body(values)
+
+    command.__signature__ = inspect.signature(train)
+    command.__annotations__ = dict(train.__annotations__)
+    command.__doc__ = body.__doc__
+    command.__name__ = body.__name__
+    return command
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """`instruction=question,output=answer` -> {"instruction": "question", "output": "answer"}."""
+    from ftcli.errors import ConfigError
+
+    mapping: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        field, sep, column = part.partition("=")
+        if not sep or not field.strip() or not column.strip():
+            raise ConfigError(f"--columns: '{part}' is not FIELD=COLUMN",
+                              hint="write e.g. --columns instruction=question,output=answer")
+        mapping[field.strip()] = column.strip()
+    return mapping
+
+
+# The other commands live in their own modules; importing them registers them on `app`.
+from ftcli import cli_prepare, cli_export, cli_warmup, cli_inspect  # noqa: E402,F401
 
 
 def entrypoint() -> None:

@@ -75,6 +75,10 @@ class RunConfig(BaseModel):
     dataset: str = "tatsu-lab/alpaca"
     dataset_split: str = "train"
     dataset_size: int | None = Field(default=500, ge=1)
+    dataset_revision: str | None = None
+    format: Literal["auto", "alpaca", "prompt-completion", "chat", "sharegpt", "text"] = "auto"
+    columns: dict[str, str] | None = None  # the data's names for the format's fields, e.g. {"instruction": "question"}
+    template: str = "auto"  # auto | alpaca | model (the tokenizer's chat template) | path to a Jinja file
     train_on_inputs: bool = False
 
     batch_size: int | None = Field(default=None, ge=1)
@@ -85,6 +89,17 @@ class RunConfig(BaseModel):
     learning_rate: float | None = Field(default=None, gt=0)
     gradient_checkpointing: bool | None = None
     seed: int = 42
+
+    # Batching (see README "Performance").
+    group_by_length: bool = True
+    padding_free: bool = False
+    packing: bool = False
+
+    # Checkpoints and resuming.
+    save_steps: int | None = Field(default=None, ge=1)
+    save_total_limit: int | None = Field(default=None, ge=1)
+    resume: str | None = None  # "latest" (the newest complete checkpoint in --output-dir) or a checkpoint path
+    force: bool = False  # resume even though the config differs from the checkpoint's
 
     lora_rank: int = Field(default=8, ge=1)
     lora_alpha: float = Field(default=16.0, gt=0)

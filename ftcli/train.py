@@ -106,6 +106,10 @@ def run_training(config: RunConfig, command: list[str] | None = None) -> RunResu
 
     log_dir = Path(config.log_dir).expanduser() if config.log_dir else out / "logs"
     manifest = _start_manifest(config, command, out, log_dir, device, torch_dtype, pad_policy, plan, report, main)
+    if config.compile:
+        from ftcli.warmup import warm_compile_cache
+
+        warm_compile_cache(config, plan, tokenizer, dataset, device)
     try:
         trainer, display = _build_trainer(config, plan, tokenizer, dataset, out, log_dir, device)
         stats = trainer.train()
@@ -207,6 +211,7 @@ def _build_trainer(config: RunConfig, plan: Any, tokenizer: Any, dataset: Any, o
     from transformers.integrations import TensorBoardCallback
     from trl import SFTConfig, SFTTrainer
 
+    from ftcli import batching
     from ftcli.progress import TrainingDisplay
 
     model = plan.model
@@ -220,7 +225,6 @@ def _build_trainer(config: RunConfig, plan: Any, tokenizer: Any, dataset: Any, o
         optim="adamw_torch",
         save_strategy="no",
         seed=config.seed,
-        packing=False,
         max_length=config.seq_length,
         logging_steps=config.logging_steps,
         activation_checkpointing=bool(config.gradient_checkpointing),
@@ -238,6 +242,7 @@ def _build_trainer(config: RunConfig, plan: Any, tokenizer: Any, dataset: Any, o
         fp16=False,
         dataloader_pin_memory=device.startswith("cuda"),
     )
+    kwargs.update(batching.training_args(config, device))
     # The method's own arguments (e.g. FSDP's) win over ftcli's defaults.
     args = SFTConfig(**{**kwargs, **plan.training_args})
     display = TrainingDisplay(device=device, metrics_path=out / METRICS)
@@ -246,7 +251,7 @@ def _build_trainer(config: RunConfig, plan: Any, tokenizer: Any, dataset: Any, o
     tensorboard.logging_dir = str(log_dir)
     trainer_class = plan.trainer_class or SFTTrainer
     trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[display, tensorboard])
+                            data_collator=batching.data_collator(config, tokenizer), callbacks=[display, tensorboard])
     # The display replaces the trainer's own printing of raw log dicts.
     trainer.remove_callback(PrinterCallback)
     return trainer, display

@@ -1,0 +1,1 @@
+"""`ftcli prepare`: registered on the app by importing this module (see ftcli/cli.py)."""

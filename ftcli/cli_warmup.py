@@ -1,0 +1,1 @@
+"""`ftcli warmup`: registered on the app by importing this module (see ftcli/cli.py)."""
