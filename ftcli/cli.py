@@ -21,7 +21,27 @@ from ftcli import __version__
 if TYPE_CHECKING:
     from ftcli.config import RunConfig
 
+class FtcliGroup(typer.core.TyperGroup):
+    """The command group, letting `--resume` stand alone: a bare `--resume` (last, or followed by another
+    option) means `--resume latest`. Click options take a value or none, never an optional one."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, bare_resume_to_latest(args))
+
+
+def bare_resume_to_latest(args: list[str]) -> list[str]:
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return out + args[i:]
+        out.append(arg)
+        if arg == "--resume" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append("latest")
+    return out
+
+
 app = typer.Typer(
+    cls=FtcliGroup,
     name="ftcli",
     help="Fine-tune causal language models: full, LoRA, from one command line.",
     no_args_is_help=True,
@@ -66,7 +86,10 @@ def _run(fn, *args, **kwargs):
     except FtcliError as exc:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {exc.one_line()}", soft_wrap=True)
+        from rich.markup import escape
+
+        # Messages quote paths, library errors and code: `[...]` in them is text, not Rich markup.
+        err_console.print(f"[bold red]error:[/] {escape(exc.one_line())}", soft_wrap=True)
         if os.environ.get("TORCHELASTIC_ERROR_FILE"):
             from ftcli.launch import record_rank_error
 
@@ -96,7 +119,8 @@ def train(
         help="auto | sdpa | eager | flash_attention_2. auto: FlashAttention 2 when installed on CUDA, else SDPA.",
         rich_help_panel=MODEL)] = None,
     dataset: Annotated[Optional[str], typer.Option(
-        help="Hub id, local Alpaca .json/.jsonl file or builtin:alpaca-sample. [default: tatsu-lab/alpaca]",
+        help="Hub id, local .jsonl/.json/.csv/.parquet/.txt file, folder, glob, builtin:alpaca-sample or a "
+        "prepared folder. [default: tatsu-lab/alpaca]",
         rich_help_panel=DATA)] = None,
     dataset_split: Annotated[Optional[str], typer.Option(help="Split of a hub dataset. [default: train]",
                                                          rich_help_panel=DATA)] = None,
@@ -169,12 +193,15 @@ def train(
         help="fsdp: host:port of a c10d rendezvous (instead of --master-addr/--master-port).",
         rich_help_panel=DIST)] = None,
     save_steps: Annotated[Optional[int], typer.Option(
-        help="Save a checkpoint every N optimizer steps (and at the end of each epoch).", rich_help_panel=OUTPUT)] = None,
+        help="Save a checkpoint every N optimizer steps and at the end of each epoch. [default: none; Ctrl-C / "
+        "SIGTERM always save one]", rich_help_panel=OUTPUT)] = None,
     save_total_limit: Annotated[Optional[int], typer.Option(
         help="Keep at most N checkpoints (the newest complete one is never deleted).", rich_help_panel=OUTPUT)] = None,
     resume: Annotated[Optional[str], typer.Option(
-        help="Resume from the latest complete checkpoint in --output-dir (`--resume`) or from PATH.",
-        rich_help_panel=OUTPUT)] = None,
+        metavar="[PATH]",
+        help="Resume from the latest complete checkpoint in --output-dir (bare `--resume`) or from PATH "
+        "(a checkpoint-N folder or a run folder). Refused when the method, model, data, batch size, "
+        "accumulation or seed differ, unless --force.", rich_help_panel=OUTPUT)] = None,
     force: Annotated[Optional[bool], typer.Option(
         "--force", help="Resume even though the config differs from the checkpoint's.", rich_help_panel=OUTPUT)] = None,
     output_dir: Annotated[Optional[Path], typer.Option(
@@ -233,7 +260,7 @@ def with_train_options(body):
     def command(**values):
         return body(values)
 
-    command.__signature__ = inspect.signature(train)
+    command.__signature__ = inspect.signature(train, eval_str=True)
     command.__annotations__ = dict(train.__annotations__)
     command.__doc__ = body.__doc__
     command.__name__ = body.__name__

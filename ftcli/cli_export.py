@@ -1,1 +1,60 @@
-"""`ftcli export`: registered on the app by importing this module (see ftcli/cli.py)."""
+"""`ftcli export`: registered on the app by importing this module (see ftcli/cli.py).
+
+    $ ftcli export runs/lora-1 --output models/lora-1 --dtype bfloat16 --max-shard-size 2GB
+
+The work happens in ftcli/export.py (imported inside the command, so `ftcli --help` stays light).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ftcli.cli import _run, app
+
+SOURCE = "Source"
+OUT = "Output"
+
+
+@app.command()
+def export(
+    source: Annotated[str, typer.Argument(
+        help="A run folder from `ftcli train` or an adapter folder (adapter_config.json).", show_default=False)],
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="Folder for the standalone model; written next to it, renamed into place when complete.",
+        show_default=False, rich_help_panel=OUT)],
+    base: Annotated[Optional[str], typer.Option(
+        help="Base model (hub id, folder, builtin:...). [default: the one the run or adapter records]",
+        rich_help_panel=SOURCE)] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision of --base.", rich_help_panel=SOURCE)] = None,
+    trust_remote_code: Annotated[Optional[bool], typer.Option(
+        "--trust-remote-code", help="Run code shipped with the base model (off unless the run used it).",
+        rich_help_panel=SOURCE)] = None,
+    merge_into: Annotated[str, typer.Option(
+        help="auto | dequantized | original. auto: QLoRA adapters merge into the dequantised 4-bit weights they "
+        "were trained against, LoRA adapters into the original weights.", rich_help_panel=SOURCE)] = "auto",
+    dtype: Annotated[str, typer.Option(
+        help="auto | float32 | float16 | bfloat16. auto: the base model's own dtype.", rich_help_panel=OUT)] = "auto",
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 2GB or 500MB.",
+                                                rich_help_panel=OUT)] = "5GB",
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N: where the merge and the check run.",
+                                        rich_help_panel=OUT)] = "cpu",
+    verify: Annotated[bool, typer.Option(
+        "--verify/--no-verify", help="Compare the merged model's logits with base + adapter on fixed prompts.",
+        rich_help_panel=OUT)] = True,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace a non-empty --output (only once the new export is complete).",
+        rich_help_panel=OUT)] = False,
+) -> None:
+    """Merge a LoRA/QLoRA adapter into its base (or re-save a full fine-tune) as one verified model folder."""
+
+    def go() -> None:
+        from ftcli.export import ExportOptions, export_model
+
+        export_model(ExportOptions(source=source, output=str(output), base=base, revision=revision,
+                                   trust_remote_code=trust_remote_code, dtype=dtype, merge_into=merge_into,
+                                   max_shard_size=max_shard_size, device=device, verify=verify, overwrite=overwrite))
+
+    _run(go)

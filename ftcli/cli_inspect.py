@@ -1,1 +1,80 @@
-"""`ftcli inspect`: registered on the app by importing this module (see ftcli/cli.py)."""
+"""`ftcli inspect TARGET`: what a model, adapter, dataset or run is, before trusting it.
+
+    $ ftcli inspect meta-llama/Llama-3.1-8B-Instruct --seq-length 4096 --gpu-memory 80GB
+    $ ftcli inspect runs/lora-20250101-120000 --json
+
+Registered on the app by importing this module (see ftcli/cli.py); heavy imports stay in the body.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ftcli.cli import _run, app
+
+ESTIMATE = "Memory estimate (models)"
+DATA = "Datasets (files, built-in samples, prepared folders)"
+
+
+@app.command()
+def inspect(
+    target: Annotated[str, typer.Argument(
+        help="A model (hub id, folder, builtin:tiny-llama), a LoRA adapter folder, a run folder, a prepared "
+             "dataset folder or a dataset file (.json/.jsonl/.csv/.parquet).", show_default=False)],
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help="Per-device batch size. [default: each method's default]", rich_help_panel=ESTIMATE, min=1)] = None,
+    seq_length: Annotated[int, typer.Option(help="Tokens per example.", rich_help_panel=ESTIMATE, min=1)] = 2048,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute activations. [default: on for fsdp, off otherwise]", rich_help_panel=ESTIMATE)] = None,
+    nproc: Annotated[int, typer.Option(help="Processes (fsdp shards weights, gradients and optimizer state "
+                                            "over them).", rich_help_panel=ESTIMATE, min=1)] = 1,
+    gpu_memory: Annotated[Optional[str], typer.Option(
+        help="GPU memory per process, e.g. 80GB: adds a fits / does not fit verdict.",
+        rich_help_panel=ESTIMATE)] = None,
+    dtype: Annotated[str, typer.Option(help="float32 | float16 | bfloat16: the training dtype.",
+                                       rich_help_panel=ESTIMATE)] = "bfloat16",
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank r for the adapter methods.", rich_help_panel=ESTIMATE,
+                                           min=1)] = 8,
+    example: Annotated[int, typer.Option(help="Which example to render (0 = the first).", min=0,
+                                         rich_help_panel=DATA)] = 0,
+    model: Annotated[str, typer.Option(help="Dataset files: the model whose tokenizer (and chat template) counts "
+                                            "the tokens.", rich_help_panel=DATA)] = "builtin:tiny-llama",
+    format: Annotated[Optional[str], typer.Option(
+        "--format", help="Dataset files: auto | alpaca | prompt-completion | chat | sharegpt | text. [default: auto]",
+        rich_help_panel=DATA)] = None,
+    template: Annotated[Optional[str], typer.Option(
+        help="Dataset files: auto | alpaca | model | path to a Jinja file. [default: auto]",
+        rich_help_panel=DATA)] = None,
+    train_on_inputs: Annotated[Optional[bool], typer.Option(
+        "--train-on-inputs", help="Dataset files: put the prompt in the loss too.", rich_help_panel=DATA)] = None,
+) -> None:
+    """Show what TARGET is: a model's shape and training-memory estimate, an adapter, a dataset or a run."""
+
+    def go() -> None:
+        import json
+        import sys
+
+        from ftcli.inspection import InspectOptions, inspect_target, render
+
+        options = InspectOptions(batch_size=batch_size, seq_length=seq_length,
+                                 gradient_checkpointing=gradient_checkpointing, nproc=nproc, gpu_memory=gpu_memory,
+                                 dtype=dtype, lora_rank=lora_rank, example=example, model=model, format=format,
+                                 template=template, train_on_inputs=train_on_inputs)
+        if not json_output:
+            render(inspect_target(target, options))
+            return
+        from ftcli.console import console
+
+        # With --json, stdout carries the JSON object alone: progress lines (preparing data) stay silent.
+        console.quiet = True
+        try:
+            report = inspect_target(target, options)
+        finally:
+            console.quiet = False
+        sys.stdout.write(json.dumps(report, default=str) + "\n")
+
+    _run(go)

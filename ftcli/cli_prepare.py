@@ -1,1 +1,93 @@
-"""`ftcli prepare`: registered on the app by importing this module (see ftcli/cli.py)."""
+"""`ftcli prepare`: format, tokenize and cache a dataset, with `train`'s own flags.
+
+    $ ftcli prepare --model builtin:tiny-llama --dataset data.jsonl --seq-length 512
+    $ ftcli train --method lora --model builtin:tiny-llama --dataset data.jsonl --seq-length 512   # reuses it
+
+Registered on the app by importing this module (see ftcli/cli.py). Heavy imports stay inside
+the command body so `ftcli --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ftcli.cli import DATA, _run, app, run_config_from_flags, train
+
+
+def prepare(**values: Any) -> None:
+    """Format, tokenize and cache a dataset; `ftcli train` with the same flags reuses it.
+
+    Takes the same flags as `train` (only the data, model and --seq-length/--seed/--batch-size ones
+    matter). Without --output-dir the prepared data goes to the cache (<FTCLI_HOME>/datasets); with
+    it, to that folder, which `ftcli train --dataset FOLDER` then uses. --overwrite rebuilds."""
+    num_proc = values.pop("num_proc", None)
+
+    def go() -> None:
+        from ftcli.data.prepare import prepare_dataset
+        from ftcli.errors import ConfigError
+        from ftcli.models import load_tokenizer
+
+        if num_proc is not None and num_proc < 1:
+            raise ConfigError(f"--num-proc must be >= 1 (got {num_proc})", hint="pass 1 or more processes")
+        config = run_config_from_flags(values)
+        tokenizer = load_tokenizer(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
+        prepared = prepare_dataset(config, tokenizer, output=config.output_dir, overwrite=config.overwrite,
+                                   num_proc=num_proc, use_cache=not config.overwrite)
+        print_prepared(prepared, config)
+
+    _run(go)
+
+
+def print_prepared(prepared: Any, config: Any) -> None:
+    """What `prepare` tells the user: rows, drops and why, lengths, truncation, loss share, padding."""
+    from rich.table import Table
+
+    from ftcli.console import console
+
+    m = prepared.manifest
+    s = m["stats"]
+    d = s["dropped"]
+    length = s["length"]
+    pad = s["padding"]
+    if prepared.reused:
+        console.print(f"[bold]already prepared[/] (cache hit): {prepared.folder}")
+    else:
+        b = m["build"]
+        console.print(f"[bold]prepared[/] {prepared.folder} in {b['seconds']:.1f} s "
+                      f"({b['tokens_per_second']:,.0f} tokens/s, {b['num_proc']} process"
+                      f"{'es' if b['num_proc'] > 1 else ''})")
+    table = Table(show_header=False, title="prepared data")
+    table.add_row("format / template", f"{m['format']} / {m['template']}")
+    table.add_row("loss", "whole text" if m["options"]["train_on_inputs"] else "responses + EOS (prompts masked)")
+    table.add_row("rows", f"{s['rows_read']:,} read, {s['rows_selected']:,} selected, {s['rows_kept']:,} kept")
+    table.add_row("dropped", f"{d['empty']:,} empty, {d['too_long']:,} too long (prompt > --seq-length), "
+                             f"{d['no_response']:,} no response left after truncation")
+    table.add_row("tokens", f"{s['tokens']:,} ({s['loss_tokens']:,} in the loss: {s['loss_token_share']:.1%})")
+    table.add_row("length (tokens)", f"min {length['min']}  p50 {length['p50']}  p90 {length['p90']}  "
+                                     f"p95 {length['p95']}  p99 {length['p99']}  max {length['max']}")
+    table.add_row("truncated", f"{s['truncated']:,} rows ({s['truncated_share']:.1%}) at --seq-length "
+                               f"{m['options']['seq_length']}")
+    table.add_row(f"padding at batch size {pad['batch_size']}",
+                  f"{pad['in_order']:.1%} in data order, {pad['length_grouped']:.1%} grouped by length")
+    console.print(table)
+    for note in prepared.report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+
+
+def _signature() -> inspect.Signature:
+    """`train`'s options plus --num-proc."""
+    params = list(inspect.signature(train, eval_str=True).parameters.values())
+    params.append(inspect.Parameter(
+        "num_proc", inspect.Parameter.KEYWORD_ONLY, default=None,
+        annotation=Annotated[Optional[int], typer.Option(
+            help="Tokenizer processes. [default: 1 below 20,000 rows or on 2 cores, else one per core "
+                 "(at most 8); env FTCLI_NUM_PROC]", rich_help_panel=DATA)]))
+    return inspect.Signature(params)
+
+
+prepare.__signature__ = _signature()  # type: ignore[attr-defined]
+prepare.__annotations__ = {p.name: p.annotation for p in prepare.__signature__.parameters.values()}  # type: ignore
+app.command()(prepare)

@@ -1,1 +1,26 @@
-"""`ftcli warmup`: registered on the app by importing this module (see ftcli/cli.py)."""
+"""`ftcli warmup`: compile ahead of the run, without touching the weights.
+
+    $ ftcli warmup --method lora --model builtin:tiny-llama --dataset builtin:alpaca-sample --batch-size 8
+
+Takes exactly `train`'s options; registered on the app by importing this module (see ftcli/cli.py).
+"""
+
+from __future__ import annotations
+
+from ftcli.cli import _run, app, run_config_from_flags, with_train_options
+
+
+def warmup_body(values: dict) -> None:
+    """Compile the model for the run these options describe, ahead of it: forward and backward on every
+    batch shape, no optimizer step (the weights are untouched). Caches the compiled code for `train --compile`
+    and reports compile time, step time, real tokens/s and peak memory (a dry run: does the batch fit?)."""
+
+    def go() -> None:
+        from ftcli.warmup import run_warmup
+
+        run_warmup(run_config_from_flags(values))
+
+    _run(go)
+
+
+app.command("warmup")(with_train_options(warmup_body))

@@ -92,7 +92,7 @@ class RunConfig(BaseModel):
 
     # Batching (see README "Performance").
     group_by_length: bool = True
-    padding_free: bool = False
+    padding_free: bool | None = None  # None: on where attention is variable-length (FlashAttention 2)
     packing: bool = False
 
     # Checkpoints and resuming.
@@ -136,6 +136,16 @@ class RunConfig(BaseModel):
             raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes}")
         if self.max_steps == 0:
             raise ValueError("max_steps must be -1 (use num_epochs) or a positive number of steps")
+        return self
+
+    @model_validator(mode="after")
+    def _check_resume_options(self) -> RunConfig:
+        if self.resume is not None and not self.resume.strip():
+            raise ValueError("resume must be 'latest' (a bare --resume) or a checkpoint path")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --output-dir and --overwrite replaces it: pass one")
+        if self.force and not self.resume:
+            raise ValueError("--force only applies with --resume (resume although the config differs)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

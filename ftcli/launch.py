@@ -6,7 +6,13 @@
 
 Each rank runs the same `ftcli train` command line; seeing WORLD_SIZE and LOCAL_RANK (set by torchrun,
 accelerate launch or this launcher) it trains as one rank instead of launching again. A rank that fails
-stops the others and the launch exits non-zero with that rank's error in one line.
+stops the others and the launch exits non-zero with that rank's error in one line, and the run
+manifest says failed (a crashed rank 0 could not say it itself).
+
+Signals: Ctrl-C or SIGTERM to the launcher is forwarded once to every rank (torchrun's own
+shutdown), which finish the current step together, save a checkpoint and exit; the launcher waits
+for them up to `SHUTDOWN_TIMEOUT_S` and then exits 130 like a one-process run. A second Ctrl-C
+stops the ranks at once.
 """
 
 from __future__ import annotations
@@ -15,7 +21,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ftcli.errors import RunFailed
+from ftcli.errors import EXIT_INTERRUPTED, RunFailed
+
+# How long the launcher lets the ranks finish their step and save a checkpoint after a signal,
+# before torchrun kills them (its default, 30 s, is too short to save a large model).
+SHUTDOWN_TIMEOUT_S = 600
 
 
 def under_launcher() -> bool:
@@ -36,7 +46,7 @@ def launcher_args(config: Any) -> list[str]:
         args += ["--node-rank", str(config.node_rank), "--master-addr", config.master_addr,
                  "--master-port", str(config.master_port)]
     # A failed rank fails the run: restarting from scratch would silently redo the training.
-    return [*args, "--max-restarts", "0"]
+    return [*args, "--max-restarts", "0", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
 
 
 def rank_command(argv: list[str], output_dir: Path) -> list[str]:
@@ -52,13 +62,18 @@ def preflight(config: Any) -> Path:
 
     out = Path(config.output_dir or default_output_dir(config.method)).expanduser()
     if config.node_rank == 0 and not config.rdzv_endpoint:
-        out = check_output_dir(out, config.overwrite)
+        out = check_output_dir(out, config.overwrite, resume=bool(config.resume))
+        if config.resume:
+            from ftcli.checkpoints import resolve_resume
+
+            resolve_resume(config.resume, out)
     resolve_model_source(config.model)
     return out.resolve()
 
 
 def launch(config: Any, argv: list[str]) -> None:
     """Run this machine's ranks to the end; raise RunFailed naming the first rank that failed."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import get_args_parser, run
@@ -72,13 +87,52 @@ def launch(config: Any, argv: list[str]) -> None:
     console.print(f"[bold]ftcli launch[/] torchrun {' '.join(args)}")
     try:
         run(get_args_parser().parse_args(args))
+    except SignalException as exc:
+        # torchrun has forwarded the signal to the ranks and waited for them: they saved and recorded it.
+        raise _interrupted(out, exc.sigval.name) from None
     except ChildFailedError as exc:
+        if all(f.exitcode == EXIT_INTERRUPTED for f in exc.failures.values()):
+            # Each rank got the signal itself (not through this launcher) and stopped cleanly.
+            raise _interrupted(out, "a signal to the ranks") from None
         rank, failure = exc.get_first_failure()
-        raise RunFailed(f"rank {rank} failed (exit code {failure.exitcode}): {_failure_message(failure)}",
+        message = f"rank {rank} failed (exit code {failure.exitcode}): {_failure_message(failure)}"
+        mark_failed(out, message)
+        raise RunFailed(message,
                         hint="its own output above has the details; rerun with --debug for tracebacks") from None
     except RendezvousError as exc:
         raise RunFailed(f"the ranks could not meet: {type(exc).__name__}: {exc}",
                         hint="check --nnodes, --master-addr/--master-port or --rdzv-endpoint on every machine") from None
+
+
+def _interrupted(out: Path, cause: str) -> Exception:
+    from ftcli.checkpoints import RunInterrupted
+    from ftcli.runfolder import MANIFEST, read_manifest
+
+    manifest = read_manifest(out) if (out / MANIFEST).is_file() else {}
+    if manifest.get("status") == "interrupted":
+        how = manifest.get("resume_command")
+        return RunInterrupted(f"interrupted: {manifest.get('error', cause)}, checkpoint saved to "
+                              f"{manifest.get('checkpoint')}",
+                              hint=f"resume with: {how}")
+    mark_failed(out, f"stopped by {cause} before the ranks could save a checkpoint")
+    return RunInterrupted(f"interrupted by {cause} before the ranks saved a checkpoint",
+                          hint="resume from the newest complete checkpoint with --resume, if there is one")
+
+
+def mark_failed(out: Path, reason: str) -> None:
+    """Rank 0 could not finish the manifest (a rank crashed, or it was killed): say failed, and why."""
+    from ftcli.runfolder import MANIFEST, read_manifest, write_json_atomic
+
+    if not (out / MANIFEST).is_file():
+        return
+    manifest = read_manifest(out)
+    if manifest.get("status") != "running":
+        return
+    from datetime import datetime, timezone
+
+    manifest.update(status="failed", error=reason,
+                    ended_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    write_json_atomic(out / MANIFEST, manifest)
 
 
 def _failure_message(failure: Any) -> str:

@@ -70,11 +70,27 @@ def _hub_error(ref: str, exc: Exception) -> ModelError:
                       hint="pass a local folder, or download it on a connected machine and set HF_HUB_OFFLINE=1")
 
 
+_warned_unpinned: set[str] = set()
+
+
+def warn_unpinned_remote_code(src: ModelSource, revision: str | None, trust_remote_code: bool) -> bool:
+    """Remote code from a hub model without --revision runs whatever the repository holds today: say so (once)."""
+    if not trust_remote_code or revision or src.kind != "hub" or src.ref in _warned_unpinned:
+        return False
+    from ftcli.console import console
+
+    _warned_unpinned.add(src.ref)
+    console.print(f"[yellow]warning:[/] --trust-remote-code runs the code in {src.ref}'s repository as it is "
+                  "now, and it can change; pin it with --revision COMMIT", soft_wrap=True)
+    return True
+
+
 def load_model_config(ref: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     """The model's config (no weights): the cheap first check that a model exists and is usable."""
     from transformers import AutoConfig
 
     src = resolve_model_source(ref)
+    warn_unpinned_remote_code(src, revision, trust_remote_code)
     try:
         return AutoConfig.from_pretrained(src.path, revision=revision, trust_remote_code=trust_remote_code)
     except ValueError as exc:

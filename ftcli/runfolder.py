@@ -2,12 +2,14 @@
 
     >>> from ftcli.runfolder import check_output_dir, write_json_atomic
     >>> out = check_output_dir("runs/lora-1", overwrite=False)   # refuses a non-empty folder
+    >>> out = check_output_dir("runs/lora-1", overwrite=False, resume=True)   # accepts a run folder
 
 Layout: the trained model or adapter and its tokenizer at the top (so `from_pretrained(folder)`
 works), `ftcli_run.json` (the manifest: config, versions, data fingerprint, timings, metrics,
 status), `ftcli_config.yaml` (the resolved config, reusable with `--config`), `metrics.jsonl`
-(one line per logging step), `probe.safetensors` (logits of the final model on a fixed input)
-and `logs/` (TensorBoard events) unless `--log-dir` points elsewhere.
+(one line per logging step), `probe.safetensors` (logits of the final model on a fixed input),
+`logs/` (TensorBoard events) unless `--log-dir` points elsewhere, and `checkpoint-N/` folders
+(see ftcli.checkpoints) when checkpoints are saved.
 """
 
 from __future__ import annotations
@@ -32,21 +34,45 @@ def default_output_dir(method: str) -> Path:
     return Path("runs") / f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def check_output_dir(path: str | Path, overwrite: bool) -> Path:
-    """Refuse a non-empty folder (unless `overwrite`) or a file; never create anything here."""
+def check_output_dir(path: str | Path, overwrite: bool, resume: bool = False) -> Path:
+    """Refuse a file, or a non-empty folder unless `overwrite` or `resume`; never create anything here.
+
+    With `resume` a non-empty folder is accepted when it is an ftcli run folder (its manifest is there):
+    whether its checkpoint fits this run is checked once the data is loaded (ftcli.checkpoints)."""
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise OutputError(f"--output-dir {out} is a file", hint="pass a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"--output-dir {out} is not empty",
-                          hint="pick a new folder, or pass --overwrite to replace its contents")
-    parent = out.parent if not out.exists() else out
+        if resume and (out / MANIFEST).is_file():
+            pass
+        elif resume:
+            raise OutputError(f"--output-dir {out} is not empty and is not an ftcli run folder (no {MANIFEST})",
+                              hint="resume into the run's own folder or an empty one, or pass --overwrite")
+        else:
+            raise OutputError(f"--output-dir {out} is not empty", hint=_non_empty_hint(out))
+    check_writable(out, "--output-dir")
+    return out
+
+
+def check_writable(out: Path, flag: str, beside: bool = False) -> None:
+    """Refuse a folder we could not create or write into: checked on its nearest existing ancestor
+    (with `beside`, on its parent's: the folder is written next to `out`, then renamed into place)."""
+    parent = out.parent if beside or not out.exists() else out
     while not parent.exists():
         parent = parent.parent
     if not os.access(parent, os.W_OK):
-        raise OutputError(f"--output-dir {out} is not writable (no write permission on {parent})",
+        raise OutputError(f"{flag} {out} is not writable (no write permission on {parent})",
                           hint="pick a folder you can write to")
-    return out
+
+
+def _non_empty_hint(out: Path) -> str:
+    from ftcli.checkpoints import latest_checkpoint
+
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is not None:
+        return (f"it holds a run with a complete checkpoint ({checkpoint.name}): pass --resume to continue it, "
+                "pick a new folder, or pass --overwrite to replace its contents")
+    return "pick a new folder, or pass --overwrite to replace its contents"
 
 
 def create_run_dir(out: Path, overwrite: bool) -> None:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import sys
@@ -42,3 +43,16 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` still runs on this machine (ours, or another user's we may not signal)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

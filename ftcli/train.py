@@ -8,6 +8,10 @@
 Everything that can fail because of the user's input (flags, data, model, output folder) fails
 before the run folder is created, so a refused run leaves nothing behind.
 
+Checkpoints (`--save-steps`), `--resume`, Ctrl-C / SIGTERM and the non-finite guard go through the
+trainer's own checkpoint machinery, made safe by ftcli.checkpoints: `_train` runs the trainer under that
+guard and records in the manifest how the run ended (finished, interrupted at step N, failed and why).
+
 Under a launcher (torchrun, or `ftcli train --method fsdp` starting its own ranks) every rank runs
 this same function; rank 0 alone prints, checks and writes the run folder, and every rank joins the
 collective work (training, gathering the weights for saving, the probe forward pass).
@@ -26,9 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from ftcli import __version__
+from ftcli.checkpoints import (
+    NonFiniteError, RunInterrupted, StopRequest, check_compatible, complete_checkpoints, guarded_trainer_class,
+    latest_checkpoint, prune_for_resume, read_marker, restore_metrics, resolve_resume, resume_command, run_guard_class,
+    run_identity,
+)
 from ftcli.config import RunConfig
 from ftcli.console import console
-from ftcli.errors import ConfigError, RunFailed
+from ftcli.errors import EXIT_INTERRUPTED, ConfigError, RunFailed
 from ftcli.runfolder import (
     CONFIG_COPY, MANIFEST, METRICS, PROBE, check_output_dir, create_run_dir, default_output_dir, write_json_atomic,
 )
@@ -79,7 +88,9 @@ def run_training(config: RunConfig, command: list[str] | None = None) -> RunResu
     out = Path(config.output_dir or default_output_dir(config.method)).expanduser()
     if main:
         # Only rank 0 decides: the others would see the folder rank 0 is filling and refuse it.
-        out = check_output_dir(out, config.overwrite)
+        out = check_output_dir(out, config.overwrite, resume=bool(config.resume))
+    # A checkpoint that does not exist or was never completed is refused before anything loads.
+    checkpoint = resolve_resume(config.resume, out) if config.resume else None
     device = resolve_device(config.device)
     torch_dtype = resolve_dtype(config.dtype, device)
 
@@ -90,6 +101,9 @@ def run_training(config: RunConfig, command: list[str] | None = None) -> RunResu
     dataset, report = load_training_dataset(config, tokenizer)
     console.print(f"data: {report.rows_used} examples, {report.tokens:,} tokens ({report.loss_tokens:,} in the loss), "
                   f"{report.truncated} truncated at {config.seq_length}")
+    if report.prepared:
+        console.print(f"data: {'reusing prepared data from' if report.reused else 'prepared and cached in'} "
+                      f"{report.prepared}", soft_wrap=True)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
     # Seed before the method builds anything random (LoRA's A matrices): the trainer seeds only later,
@@ -104,33 +118,46 @@ def run_training(config: RunConfig, command: list[str] | None = None) -> RunResu
                   f"({config.method}, {str(torch_dtype).removeprefix('torch.')}, {device})")
     loaded = time.time()
 
+    identity = run_identity(config, report.fingerprint, int(os.environ.get("WORLD_SIZE", "1")))
+    resumed = _check_resume(config, checkpoint, identity, out, main)
     log_dir = Path(config.log_dir).expanduser() if config.log_dir else out / "logs"
     manifest = _start_manifest(config, command, out, log_dir, device, torch_dtype, pad_policy, plan, report, main)
+    if manifest is not None and resumed:
+        manifest["resumed_from"] = resumed
+        write_json_atomic(out / MANIFEST, manifest)
     if config.compile:
         from ftcli.warmup import warm_compile_cache
 
-        warm_compile_cache(config, plan, tokenizer, dataset, device)
-    try:
-        trainer, display = _build_trainer(config, plan, tokenizer, dataset, out, log_dir, device)
-        stats = trainer.train()
-    except KeyboardInterrupt:
-        _finish(manifest, out, "interrupted", error="stopped by the user")
-        raise
-    except Exception as exc:
-        _finish(manifest, out, "failed", error=f"{type(exc).__name__}: {exc}")
-        raise RunFailed(f"training failed: {type(exc).__name__}: {exc}",
-                        hint=f"the run folder {out} records it; rerun with --debug for the traceback") from exc
+        try:
+            warm_compile_cache(config, plan, tokenizer, dataset, device)
+        except BaseException as exc:
+            # A failed or interrupted warmup must not leave the run recorded as running.
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            _finish(manifest, out, status, error=f"compile warmup: {type(exc).__name__}: {exc}")
+            raise
+    guard = run_guard_class()(out, identity, StopRequest(announce=console.print if main else None),
+                              save_total_limit=config.save_total_limit, epoch_saves=bool(config.save_steps),
+                              display=None, restored_metrics=restore_metrics(checkpoint) if checkpoint else None)
+    trainer, display, stats = _train(config, plan, tokenizer, dataset, out, log_dir, device, guard, checkpoint,
+                                     manifest, command)
     trained = time.time()
-    # Measured now: the probe's forward below leaves FSDP's final-norm/lm_head unit gathered on purpose.
-    sharded = _sharded_fraction(trainer.model)
+    try:
+        # Measured now: the probe's forward below leaves FSDP's final-norm/lm_head unit gathered on purpose.
+        sharded = _sharded_fraction(trainer.model)
 
-    # Every rank saves and probes: with FSDP both gather the sharded weights, which takes all ranks.
-    trainer.save_model(str(out))
-    if main:
-        tokenizer.save_pretrained(str(out))
-        # The trainer also pickles its arguments; the manifest already records them, and ftcli ships no pickles.
-        (out / "training_args.bin").unlink(missing_ok=True)
-    _save_probe(trainer.model, dataset[0]["input_ids"][:PROBE_TOKENS], out / PROBE, write=main)
+        # Every rank saves and probes: with FSDP both gather the sharded weights, which takes all ranks.
+        trainer.save_model(str(out))
+        if main:
+            tokenizer.save_pretrained(str(out))
+            # The trainer also pickles its arguments; the manifest already records them, and ftcli ships no pickles.
+            (out / "training_args.bin").unlink(missing_ok=True)
+        _save_probe(trainer.model, dataset[0]["input_ids"][:PROBE_TOKENS], out / PROBE, write=main)
+    except Exception as exc:
+        _finish(manifest, out, "failed", error=f"saving the final model failed: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        # Until here a signal waits for the final save (the run is finishing anyway); then the defaults return.
+        guard.stop.restore()
     saved = time.time()
 
     metrics = _final_metrics(stats.metrics, trainer.state, device)
@@ -142,9 +169,82 @@ def run_training(config: RunConfig, command: list[str] | None = None) -> RunResu
     manifest["log_history"] = display.history
     manifest["timings"] = {"load_s": round(loaded - started, 3), "train_s": round(trained - loaded, 3),
                            "save_s": round(saved - trained, 3), "total_s": round(saved - started, 3)}
+    manifest["checkpoints"] = [p.name for _, p in complete_checkpoints(out)]
     _finish(manifest, out, "finished")
     print_summary(metrics, out, plan.saves)
     return RunResult(out, manifest)
+
+
+def _check_resume(config: RunConfig, checkpoint: Path | None, identity: dict[str, Any], out: Path,
+                  main: bool) -> dict[str, Any] | None:
+    """Refuse a checkpoint of a different run (unless --force); rank 0 clears what this run will rewrite."""
+    if checkpoint is None:
+        return None
+    differences = check_compatible(checkpoint, identity, config.force)
+    step = int(read_marker(checkpoint)["step"])
+    console.print(f"resuming from {checkpoint} (step {step})", soft_wrap=True)
+    for diff in differences:
+        console.print(f"[yellow]note:[/] --force: resuming although {diff}")
+    if main and checkpoint.parent.resolve() == out.resolve():
+        for name in prune_for_resume(out, step):
+            console.print(f"[yellow]note:[/] removed {name} (incomplete, or after the checkpoint resumed from)")
+    return {"checkpoint": str(checkpoint), "step": step, "forced_differences": differences}
+
+
+def _train(config: RunConfig, plan: Any, tokenizer: Any, dataset: Any, out: Path, log_dir: Path, device: str,
+           guard: Any, checkpoint: Path | None, manifest: dict[str, Any] | None,
+           command: list[str] | None) -> tuple[Any, Any, Any]:
+    """Train under the guard: Ctrl-C / SIGTERM stop after a step with a checkpoint, a non-finite step fails."""
+    guard.stop.install()
+    trained = False
+    try:
+        trainer, display = _build_trainer(config, plan, tokenizer, dataset, out, log_dir, device, guard)
+        stats = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        trained = True
+    except NonFiniteError as exc:
+        last = latest_checkpoint(out)
+        kept = f"the last good checkpoint {last} is untouched" if last else "no checkpoint had been saved"
+        _finish(manifest, out, "failed", error=f"non-finite {exc.what} (NaN or inf) at step {exc.step}",
+                failed_at_step=exc.step, last_checkpoint=str(last) if last else None,
+                log_history=guard.display.history if guard.display else None)
+        _leave_process_group()
+        raise RunFailed(f"training stopped at step {exc.step}: the {exc.what} is not finite (NaN or inf); {kept}",
+                        hint="lower --learning-rate or check the data, then --resume from that checkpoint "
+                             "or start again") from None
+    except KeyboardInterrupt:
+        last = latest_checkpoint(out)
+        _finish(manifest, out, "interrupted", error="stopped at once (a second Ctrl-C, or before training began); "
+                f"newest complete checkpoint: {last.name if last else 'none'}",
+                log_history=guard.display.history if guard.display else None)
+        raise
+    except Exception as exc:
+        _finish(manifest, out, "failed", error=f"{type(exc).__name__}: {exc}")
+        raise RunFailed(f"training failed: {type(exc).__name__}: {exc}",
+                        hint=f"the run folder {out} records it; rerun with --debug for the traceback") from exc
+    finally:
+        if not trained:  # on success the handlers stay until the final model is saved
+            guard.stop.restore()
+    if guard.stopping:
+        guard.stop.restore()
+        _stop_interrupted(guard, out, manifest, command, display)
+    return trainer, display, stats
+
+
+def _stop_interrupted(guard: Any, out: Path, manifest: dict[str, Any] | None, command: list[str] | None,
+                      display: Any) -> None:
+    """After a signal: the checkpoint of the last step is saved; record where, say how to resume, exit 130."""
+    import signal
+
+    how = resume_command(command or ["ftcli", *sys.argv[1:]], out)
+    name = signal.Signals(guard.stop.signal).name if guard.stop.signal else "a signal"
+    _finish(manifest, out, "interrupted", error=f"stopped by {name} after step {guard.stopped_at}",
+            interrupted_at_step=guard.stopped_at, checkpoint=str(guard.last_saved), resume_command=how,
+            log_history=display.history)
+    _leave_process_group()
+    if not is_main_rank():
+        raise SystemExit(EXIT_INTERRUPTED)  # rank 0 says it, once
+    raise RunInterrupted(f"interrupted by {name}: stopped after step {guard.stopped_at}, checkpoint saved to "
+                         f"{guard.last_saved}", hint=f"resume with: {how}")
 
 
 def _leave_process_group() -> None:
@@ -206,7 +306,7 @@ def _start_manifest(config: RunConfig, command: list[str] | None, out: Path, log
 
 
 def _build_trainer(config: RunConfig, plan: Any, tokenizer: Any, dataset: Any, out: Path, log_dir: Path,
-                   device: str) -> tuple[Any, Any]:
+                   device: str, guard: Any) -> tuple[Any, Any]:
     from transformers import PrinterCallback
     from transformers.integrations import TensorBoardCallback
     from trl import SFTConfig, SFTTrainer
@@ -223,7 +323,11 @@ def _build_trainer(config: RunConfig, plan: Any, tokenizer: Any, dataset: Any, o
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate,
         optim="adamw_torch",
-        save_strategy="no",
+        # The trainer writes checkpoint folders; the guard marks them complete and rotates them (the trainer's
+        # own rotation would count a half-written folder as the newest one).
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        save_total_limit=None,
         seed=config.seed,
         max_length=config.seq_length,
         logging_steps=config.logging_steps,
@@ -249,9 +353,13 @@ def _build_trainer(config: RunConfig, plan: Any, tokenizer: Any, dataset: Any, o
     tensorboard = TensorBoardCallback()
     # transformers 5 dropped `logging_dir`; the callback reads its folder from this attribute.
     tensorboard.logging_dir = str(log_dir)
-    trainer_class = plan.trainer_class or SFTTrainer
+    trainer_class = guarded_trainer_class(batching.trainer_class(plan.trainer_class or SFTTrainer))
+    guard.display = display
+    # The guard comes after the display: on resume it puts back the metrics the display has just reset.
     trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                            data_collator=batching.data_collator(config, tokenizer), callbacks=[display, tensorboard])
+                            data_collator=batching.data_collator(config, tokenizer),
+                            callbacks=[display, tensorboard, guard])
+    guard.trainer = trainer
     # The display replaces the trainer's own printing of raw log dicts.
     trainer.remove_callback(PrinterCallback)
     return trainer, display
@@ -328,19 +436,23 @@ def _write_config_copy(path: Path, config: RunConfig) -> None:
     import yaml
 
     data = config.to_dict()
-    data.pop("output_dir", None)
-    data.pop("overwrite", None)
+    # Where and how this run was written or resumed is not part of what it computes.
+    for key in ("output_dir", "overwrite", "resume", "force"):
+        data.pop(key, None)
     path.write_text("# resolved config of this run; reuse with: ftcli train --config " + path.name + "\n"
                     + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
 
-def _finish(manifest: dict[str, Any] | None, out: Path, status: str, error: str | None = None) -> None:
+def _finish(manifest: dict[str, Any] | None, out: Path, status: str, error: str | None = None,
+            **details: Any) -> None:
+    """Record how the run ended: finished, interrupted (and where) or failed (and why)."""
     if manifest is None:
         return
     manifest["status"] = status
     manifest["ended_at"] = _now()
     if error:
         manifest["error"] = error
+    manifest.update({k: v for k, v in details.items() if v is not None})
     write_json_atomic(out / MANIFEST, manifest)
 
 

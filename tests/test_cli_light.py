@@ -23,7 +23,8 @@ print(json.dumps({"code": code, "heavy": [m for m in %r if m in sys.modules]}))
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["--version"]])
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["--version"], ["prepare", "--help"],
+                                  ["warmup", "--help"], ["export", "--help"], ["inspect", "--help"]])
 def test_help_does_not_import_heavy_libraries(argv: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-c", PROBE % HEAVY, *argv], capture_output=True, text=True, check=True)
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -37,12 +38,22 @@ def test_version(cli) -> None:
     assert result.stdout.strip() == f"ftcli {__version__}"
 
 
-def test_help_lists_only_working_commands(cli) -> None:
+def test_help_lists_every_command(cli) -> None:
     result = cli("--help")
     assert result.exit_code == 0
-    assert "train" in result.stdout
-    for later in ("prepare", "warmup", "export", "inspect"):
-        assert later not in result.stdout
+    for command in ("prepare", "train", "warmup", "export", "inspect"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", ["warmup", "prepare"])
+def test_commands_sharing_train_options_show_their_help(cli, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    monkeypatch.setenv("COLUMNS", "250")
+    monkeypatch.setenv("TERMINAL_WIDTH", "250")
+    result = cli(command, "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())
+    # The options keep their help text and aliases, not just their names.
+    assert "--lr" in text and "Peak learning rate" in text and "--model" in text
 
 
 def test_train_help_shows_reference_flags(cli, monkeypatch: pytest.MonkeyPatch) -> None:

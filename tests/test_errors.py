@@ -48,6 +48,13 @@ def test_missing_dataset_file(cli, tmp_path: Path) -> None:
     assert not out.exists()
 
 
+def test_brackets_in_a_message_are_printed_as_text(cli, tmp_path: Path) -> None:
+    # Paths and library errors can hold `[...]`; Rich must not read them as markup (or crash on `[/x]`).
+    missing = tmp_path / "data[/bold]" / "rows[v2].jsonl"
+    result = cli("train", *TINY, "--dataset", missing, "--output-dir", tmp_path / "run")
+    assert_one_line_error(result, EXIT_DATA, "rows[v2].jsonl", "data[/bold]")
+
+
 def test_broken_jsonl_line_is_named(cli, tmp_path: Path) -> None:
     data = tmp_path / "broken.jsonl"
     good = json.dumps({"instruction": "a", "input": "", "output": "b"})

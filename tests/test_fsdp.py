@@ -134,6 +134,8 @@ def test_a_killed_rank_fails_the_run(tmp_path: Path, small_alpaca: Path, tiny_mo
     assert launcher.returncode != 0
     assert time.time() - killed_at < 60
     assert "rank 1 failed" in output and "SIGKILL" in output, output[-2000:]
+    manifest = read_manifest(out)  # recorded by rank 0 (it saw its peer go) or else by the launcher
+    assert manifest["status"] == "failed" and manifest["error"]
 
 
 def test_fsdp_refuses_a_non_empty_output_dir_before_launching(tmp_path: Path, small_alpaca: Path) -> None:

@@ -1,18 +1,31 @@
-"""Where training rows come from: the built-in sample, a local JSON/JSONL file, or a hub dataset.
+"""Where training rows come from: the built-in sample, local files, folders, globs, or a hub dataset.
 
-    >>> from ftcli.data.sources import load_rows
+    >>> from ftcli.data.sources import load_rows, source_fingerprint
     >>> rows = load_rows("builtin:alpaca-sample")
     >>> rows.source_kind, len(rows.dataset)
     ('builtin', 400)
+    >>> source_fingerprint("data/*.jsonl")  # cheap: hashes the files' bytes, parses nothing
+    'sha256:...'
 
-Every failure is a `DataError` naming the file and line (or hub id) and the fix.
+Local files: `.jsonl` (one object per line), `.json` (an array of objects, or `{"split": [...]}`),
+`.csv` (header row), `.parquet`, `.txt` (one example per non-blank line, column `text`). A folder
+holding such files directly, or a glob (`data/*.jsonl`, `data/**/*.csv`), reads them all in
+sorted order. A folder laid out like a hub dataset repository (a `README.md` or a `data/`
+sub-folder, as `hf download --repo-type dataset` leaves it) is read by `datasets.load_dataset`,
+exactly like a hub id, honouring `--dataset-split`.
+
+The fingerprint changes whenever the content changes: the bytes of every local file (and its
+name relative to the source), the rows of a built-in set, or the hub dataset's resolved files
+and revision. Every failure is a `DataError` naming the file and line (or hub id) and the fix.
 """
 
 from __future__ import annotations
 
+import csv
+import glob
 import hashlib
+import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +33,8 @@ from typing import Any
 from ftcli.builtin import builtin_dataset_rows, is_builtin
 from ftcli.errors import DataError
 
-LOCAL_SUFFIXES = (".json", ".jsonl")
+LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+GLOB_CHARS = ("*", "?", "[")
 
 
 @dataclass
@@ -28,46 +42,171 @@ class LoadedRows:
     dataset: Any  # datasets.Dataset
     source_kind: str  # "builtin" | "local" | "hub"
     fingerprint: str  # changes whenever the data's content changes
+    files: list[str] | None = None  # the local files read, in order
 
 
-def load_rows(ref: str, *, split: str = "train", revision: str | None = None) -> LoadedRows:
-    from datasets import Dataset
-
+def source_kind(ref: str) -> str:
+    """builtin | local (file, folder of files, glob) | hub (hub id, or a local copy of a hub repository)."""
     if is_builtin(ref):
-        try:
-            rows = builtin_dataset_rows(ref)
-        except ValueError as exc:
-            raise DataError(str(exc), hint="use builtin:alpaca-sample, a local .json/.jsonl file or a hub id") from None
-        blob = json.dumps(rows, sort_keys=True).encode()
-        return LoadedRows(Dataset.from_list(rows), "builtin", "sha256:" + hashlib.sha256(blob).hexdigest())
+        return "builtin"
     path = Path(ref).expanduser()
-    if path.exists() or path.suffix.lower() in LOCAL_SUFFIXES or ref.startswith((".", "/", "~")):
-        rows = read_local_rows(path)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        return LoadedRows(Dataset.from_list(rows), "local", "sha256:" + digest)
-    return _load_hub(ref, split=split, revision=revision)
+    if path.is_dir() and _is_hub_layout(path):
+        return "hub"
+    if path.exists() or any(c in ref for c in GLOB_CHARS) or path.suffix.lower() in LOCAL_SUFFIXES \
+            or ref.startswith((".", "/", "~")):
+        return "local"
+    return "hub"
 
 
-def read_local_rows(path: Path) -> list[dict[str, Any]]:
-    """Read a .jsonl (one object per line) or .json (an array of objects) file, naming the bad line."""
+def _is_hub_layout(folder: Path) -> bool:
+    return (folder / "README.md").is_file() or (folder / "data").is_dir()
+
+
+def local_files(ref: str) -> list[Path]:
+    """The data files a local reference names, sorted; a DataError when there are none."""
+    path = Path(ref).expanduser()
+    if any(c in ref for c in GLOB_CHARS) and not path.exists():
+        found = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+        files = [p for p in found if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES]
+        if not files:
+            raise DataError(f"--dataset {ref} matches no {'/'.join(LOCAL_SUFFIXES)} file",
+                            hint="check the pattern (quote it so the shell does not expand it)")
+        return files
     if not path.exists():
         raise DataError(f"dataset file {path} does not exist", hint="check the path given to --dataset")
     if path.is_dir():
-        raise DataError(f"dataset {path} is a folder", hint="pass one .json or .jsonl file")
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES)
+        if not files:
+            found = sorted(p.name for p in path.iterdir())[:8]
+            raise DataError(f"dataset folder {path} holds no {'/'.join(LOCAL_SUFFIXES)} file "
+                            f"(found: {', '.join(found) or 'nothing'})",
+                            hint="put the data files directly in the folder, or pass one file")
+        return files
     if path.suffix.lower() not in LOCAL_SUFFIXES:
         raise DataError(f"dataset file {path} has an unsupported type '{path.suffix}'",
-                        hint="use a .json (array of objects) or .jsonl (one object per line) file")
-    text = path.read_text(encoding="utf-8", errors="strict")
-    if path.suffix.lower() == ".jsonl":
+                        hint="use .jsonl, .json, .csv, .parquet or .txt")
+    return [path]
+
+
+def source_fingerprint(ref: str, *, split: str = "train", revision: str | None = None) -> str | None:
+    """The content fingerprint, computed without parsing the data; None for hub sources (needs loading)."""
+    kind = source_kind(ref)
+    if kind == "builtin":
+        try:
+            rows = builtin_dataset_rows(ref)
+        except ValueError as exc:
+            raise DataError(str(exc), hint="use builtin:alpaca-sample, a local data file or a hub id") from None
+        return "sha256:" + hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+    if kind == "local":
+        files = local_files(ref)
+        if len(files) == 1:
+            return "sha256:" + _file_digest(files[0])
+        h = hashlib.sha256()
+        base = Path(ref).expanduser() if Path(ref).expanduser().is_dir() else None
+        for f in files:
+            name = str(f.relative_to(base)) if base else str(f)
+            h.update(name.encode() + b"\0" + _file_digest(f).encode() + b"\0")
+        return "sha256:" + h.hexdigest()
+    path = Path(ref).expanduser()
+    if path.is_dir():  # a local copy of a hub repository: its files are the content
+        h = hashlib.sha256(f"{split}\0".encode())
+        for f in sorted(p for p in path.rglob("*") if p.is_file() and ".git" not in p.parts
+                        and ".cache" not in p.parts):
+            h.update(str(f.relative_to(path)).encode() + b"\0" + _file_digest(f).encode() + b"\0")
+        return "sha256:" + h.hexdigest()
+    return None
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_rows(ref: str, *, split: str = "train", revision: str | None = None) -> LoadedRows:
+    kind = source_kind(ref)
+    if kind == "builtin":
+        fingerprint = source_fingerprint(ref)
+        return LoadedRows(_dataset_from_rows(builtin_dataset_rows(ref), ref), "builtin", fingerprint or "")
+    if kind == "local":
+        files = local_files(ref)
+        rows: list[dict[str, Any]] = []
+        for f in files:
+            rows.extend(read_local_rows(f))
+        fingerprint = source_fingerprint(ref) or ""
+        return LoadedRows(_dataset_from_rows(rows, ref), "local", fingerprint, [str(f) for f in files])
+    return _load_hub(ref, split=split, revision=revision)
+
+
+def _dataset_from_rows(rows: list[dict[str, Any]], ref: str) -> Any:
+    """Rows -> Dataset; columns are the union of every row's keys (a missing key reads as None)."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    names: dict[str, None] = {}
+    for row in rows:
+        names.update(dict.fromkeys(row))
+    try:
+        return Dataset.from_dict({name: [row.get(name) for row in rows] for name in names})
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        where = _first_mixed_type(rows, list(names))
+        raise DataError(f"dataset {ref}: {where or 'a column mixes value types'} ({str(exc).splitlines()[0]})",
+                        hint="give each column one type in every row (e.g. always a string)") from None
+
+
+def _first_mixed_type(rows: list[dict[str, Any]], names: list[str]) -> str | None:
+    """`row 7: 'messages' is a str, but a list in row 1` for the first value whose JSON kind differs."""
+    def kind(value: Any) -> str:
+        return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
+
+    for name in names:
+        first: tuple[int, str] | None = None
+        for i, row in enumerate(rows):
+            value = row.get(name)
+            if value is None:
+                continue
+            if first is None:
+                first = (i, kind(value))
+            elif kind(value) != first[1]:
+                return f"row {i + 1}: '{name}' is a {kind(value)}, but a {first[1]} in row {first[0] + 1}"
+    return None
+
+
+def read_local_rows(path: Path) -> list[dict[str, Any]]:
+    """Read one local data file into row dicts, naming the file and line of anything malformed."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="strict")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8", hint="save the file as UTF-8") from None
+    if suffix == ".jsonl":
         return _parse_jsonl(path, text)
+    if suffix == ".csv":
+        return _parse_csv(path, text)
+    if suffix == ".txt":
+        return [{"text": line} for line in text.splitlines() if line.strip()]
+    return _parse_json(path, text)
+
+
+def _parse_json(path: Path, text: str) -> list[dict[str, Any]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})", hint="fix the file at that line") from None
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} at column {exc.colno}",
+                        hint="the file is not valid JSON; fix it at that line") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"train": [...]} style wrappers
+    elif isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()) \
+            and len({len(v) for v in data.values()}) == 1:
+        data = [dict(zip(data, values)) for values in zip(*data.values())]  # {"col": [...], ...} (pandas "list")
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise DataError(f"{path}: expected a JSON array of objects", hint="write [{\"instruction\": ...}, ...]")
+        raise DataError(f"{path}: expected a JSON array of objects (or an object of equal-length columns)",
+                        hint="write [{\"instruction\": ...}, ...], or use .jsonl with one object per line")
     return data
 
 
@@ -79,8 +218,8 @@ def _parse_jsonl(path: Path, text: str) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})",
-                            hint="fix or delete that line") from None
+            raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg} at column {exc.colno}",
+                            hint="that line is not valid JSON; fix or delete it") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}",
                             hint="write one {\"instruction\": ..., \"output\": ...} object per line")
@@ -88,25 +227,64 @@ def _parse_jsonl(path: Path, text: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _parse_csv(path: Path, text: str) -> list[dict[str, Any]]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        if not header:
+            return []
+        rows = []
+        for record in reader:
+            if not record or not any(v.strip() for v in record):
+                continue
+            if len(record) != len(header):
+                raise DataError(f"{path}:{reader.line_num}: {len(record)} fields, the header has {len(header)}",
+                                hint="quote fields that contain commas or line breaks")
+            rows.append(dict(zip(header, record)))
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: invalid CSV: {exc}", hint="fix the file at that line") from None
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})",
+                        hint="write it again, e.g. with pandas.DataFrame.to_parquet") from None
+
+
 def _load_hub(ref: str, *, split: str, revision: str | None) -> LoadedRows:
     import datasets
 
+    from ftcli.models import hub_offline
+
+    local = Path(ref).expanduser()
     try:
-        ds = datasets.load_dataset(ref, split=split, revision=revision)
+        ds = datasets.load_dataset(str(local) if local.is_dir() else ref, split=split, revision=revision)
     except FileNotFoundError:
         raise DataError(f"dataset {ref} is neither a local file nor a dataset in the local cache or on the hub",
-                        hint="check the path or id; offline, pass a local .json/.jsonl file") from None
+                        hint="check the path or id; offline, pass a local data file") from None
     except ConnectionError:
+        if hub_offline():
+            raise DataError(f"dataset {ref} is not in the local cache and HF_HUB_OFFLINE=1 forbids downloading it",
+                            hint="pass a local data file or folder, or unset HF_HUB_OFFLINE") from None
         raise DataError(f"dataset {ref} is not in the local cache and the hub is unreachable",
-                        hint="pass a local .json/.jsonl file, or download it on a connected machine and set "
+                        hint="pass a local data file, or download it on a connected machine and set "
                              "HF_HUB_OFFLINE=1") from None
     except ValueError as exc:
         if "split" in str(exc).lower():
             raise DataError(f"dataset {ref} has no split '{split}'", hint="pick one with --dataset-split") from None
-        raise DataError(f"cannot load dataset {ref}: {exc}") from None
+        raise DataError(f"cannot load dataset {ref}: {str(exc).splitlines()[0]}") from None
     except Exception as exc:  # the hub client raises many unrelated types; keep it to one line
-        if os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(exc).lower():
+        if hub_offline() or "offline" in str(exc).lower():
             raise DataError(f"dataset {ref} is not in the local cache and HF_HUB_OFFLINE=1 forbids downloading it",
-                            hint="pass a local .json/.jsonl file, or unset HF_HUB_OFFLINE") from None
-        raise DataError(f"cannot load dataset {ref}: {type(exc).__name__}: {exc}") from None
-    return LoadedRows(ds, "hub", f"hub:{ref}@{revision or 'default'}:{ds._fingerprint}")
+                            hint="pass a local data file or folder, or unset HF_HUB_OFFLINE") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise DataError(f"cannot load dataset {ref}: {type(exc).__name__}: {first}") from None
+    fingerprint = source_fingerprint(ref, split=split, revision=revision) if local.is_dir() else None
+    # datasets' own fingerprint follows the resolved data files, and so the hub revision's commit.
+    return LoadedRows(ds, "hub", fingerprint or f"hub:{ref}@{revision or 'default'}/{split}:{ds._fingerprint}")

@@ -1,0 +1,149 @@
+"""Dataset formats: which one a dataset is (from its columns, or `--format`), and one row as an example.
+
+    >>> from ftcli.data.formats import detect_format, row_to_example
+    >>> detect_format(["instruction", "input", "output"], "auto", "data.jsonl")
+    'alpaca'
+    >>> row_to_example({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+    ...                "sharegpt")
+    Example(kind='chat', prompt='', response='', messages=[{'role': 'user', 'content': 'Hi'}, ...], ...)
+
+| format | columns | example kind |
+|---|---|---|
+| alpaca | instruction, output (input optional) | prompt + response (the Alpaca template) |
+| prompt-completion | prompt, completion | prompt + response |
+| chat | messages: [{role, content}, ...] | conversation |
+| sharegpt | conversations: [{from, value}, ...] | conversation (human -> user, gpt -> assistant) |
+| text | text | the whole text is trained |
+
+`--columns instruction=question,output=answer` names the data's columns for the format's
+fields; `role=...` / `content=...` (chat) and `from=...` / `value=...` (sharegpt) name the keys
+inside each message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ftcli.errors import ConfigError, DataError
+
+# Required, then optional fields of each format, in detection order.
+FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "alpaca": (("instruction", "output"), ("input",)),
+    "prompt-completion": (("prompt", "completion"), ()),
+    "chat": (("messages",), ()),
+    "sharegpt": (("conversations",), ()),
+    "text": (("text",), ()),
+}
+MESSAGE_KEYS = ("role", "content", "from", "value")  # --columns fields that name keys inside messages
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "model": "assistant", "system": "system",
+                  "tool": "tool", "function_response": "tool", "observation": "tool"}
+
+
+@dataclass
+class Example:
+    """One row, formatted: a (prompt, response) pair, a conversation, or raw text."""
+
+    kind: str  # "alpaca" (instruction + input) | "pair" (prompt) | "chat" (messages) | "text"
+    prompt: str = ""
+    response: str = ""
+    messages: list[dict[str, str]] = field(default_factory=list)
+    instruction: str = ""
+    input: str = ""
+
+
+class RowError(ValueError):
+    """A row that has the right columns but unusable values (the message says why)."""
+
+
+def expected_formats() -> str:
+    """`alpaca (instruction, output[, input]); prompt-completion (prompt, completion); ...` for error messages."""
+    parts = []
+    for name, (required, optional) in FORMATS.items():
+        fields = ", ".join(f"'{f}'" for f in required) + "".join(f"[, '{f}']" for f in optional)
+        parts.append(f"{name} ({fields})")
+    return "; ".join(parts)
+
+
+def column_renames(columns: dict[str, str] | None, available: list[str]) -> dict[str, str]:
+    """`--columns` (field -> column) as dataset renames (column -> field), checked against the data."""
+    if not columns:
+        return {}
+    fields = {f for req, opt in FORMATS.values() for f in (*req, *opt)}
+    renames = {}
+    for fld, col in columns.items():
+        if fld in MESSAGE_KEYS:
+            continue
+        if fld not in fields:
+            raise ConfigError(f"--columns {fld}={col}: '{fld}' is not a field of any format",
+                              hint=f"fields: {', '.join(sorted(fields | set(MESSAGE_KEYS)))}")
+        if col not in available:
+            raise DataError(f"--columns {fld}={col}: the data has no column '{col}' "
+                            f"(columns found: {', '.join(available)})", hint="check the column name")
+        if col != fld:
+            renames[col] = fld
+    return renames
+
+
+def detect_format(columns: list[str], requested: str, source: str) -> str:
+    """The format of a dataset with these (already renamed) columns; a DataError that lists both sides."""
+    found = ", ".join(f"'{c}'" for c in columns) or "none"
+    if requested != "auto":
+        required = FORMATS[requested][0]
+        missing = [f for f in required if f not in columns]
+        if missing:
+            raise DataError(f"dataset {source} has no column {', '.join(repr(m) for m in missing)} for "
+                            f"--format {requested} (columns found: {found})",
+                            hint="map your names with --columns, e.g. --columns "
+                                 + ",".join(f"{m}=YOUR_COLUMN" for m in missing))
+        return requested
+    for name, (required, _) in FORMATS.items():
+        if all(f in columns for f in required):
+            return name
+    raise DataError(f"dataset {source} fits no known format: columns found: {found}; formats expected: "
+                    f"{expected_formats()}",
+                    hint="rename the columns, map them with --columns (e.g. instruction=question,output=answer) "
+                         "or pick --format")
+
+
+def row_to_example(row: dict[str, Any], fmt: str, keys: dict[str, str] | None = None) -> Example:
+    """One row of format `fmt` as an Example; RowError for unusable values."""
+    keys = keys or {}
+    if fmt == "alpaca":
+        return Example("alpaca", response=_text(row.get("output")), instruction=_text(row.get("instruction")),
+                       input=_text(row.get("input")))
+    if fmt == "prompt-completion":
+        return Example("pair", prompt=_text(row.get("prompt")), response=_text(row.get("completion")))
+    if fmt == "text":
+        return Example("text", response=_text(row.get("text")))
+    if fmt == "chat":
+        turns = row.get("messages")
+        return Example("chat", messages=_messages(turns, keys.get("role", "role"), keys.get("content", "content"),
+                                                  roles=None))
+    if fmt == "sharegpt":
+        turns = row.get("conversations")
+        if isinstance(turns, list) and turns and isinstance(turns[0], dict) and "from" not in turns[0] \
+                and "role" in turns[0] and "from" not in keys:
+            return Example("chat", messages=_messages(turns, "role", "content", roles=SHAREGPT_ROLES))
+        return Example("chat", messages=_messages(turns, keys.get("from", "from"), keys.get("value", "value"),
+                                                  roles=SHAREGPT_ROLES))
+    raise ValueError(f"unknown format {fmt}")
+
+
+def _messages(turns: Any, role_key: str, content_key: str, roles: dict[str, str] | None) -> list[dict[str, str]]:
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise RowError(f"expected a list of {{{role_key}, {content_key}}} objects, got {type(turns).__name__}")
+    out = []
+    for turn in turns:
+        if role_key not in turn or turn[role_key] is None:
+            raise RowError(f"a message has no '{role_key}' (keys: {', '.join(turn)})")
+        role = str(turn[role_key])
+        if roles is not None:
+            role = roles.get(role.lower(), role)
+        out.append({"role": role, "content": _text(turn.get(content_key))})
+    return out
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)

@@ -1,0 +1,151 @@
+"""Templates: how an example becomes text, and which characters of that text are trained.
+
+    >>> from ftcli.data.templates import resolve_template, render_chat
+    >>> spec = resolve_template("auto", "chat", tokenizer, model="builtin:tiny-llama")
+    >>> text, spans = render_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+    ...                           tokenizer, spec.chat_template)
+    >>> text[spans[0][0]:spans[0][1]]
+    'Hello<|im_end|>\\n'
+
+`--template` (resolved against the data's format):
+
+| data | auto | alpaca | model | FILE.jinja |
+|---|---|---|---|---|
+| alpaca | the reference Alpaca template | same | user/assistant chat | user/assistant chat |
+| prompt-completion | prompt + completion, as is | prompt as instruction | user/assistant chat | user/assistant chat |
+| chat, sharegpt | the model's chat template | error | the model's chat template | the file |
+| text | the text, as is | error | error | error |
+
+A Jinja file is a chat template with the same contract as a tokenizer's (`messages`,
+`add_generation_prompt`, `bos_token`, `eos_token`): the one to use at inference too. A model
+without a chat template gets a clear error (a DataError naming `--template FILE.jinja`); ftcli
+does not invent a default conversation format that inference would not know about.
+
+Chat masks do not need `{% generation %}` markers: each assistant turn is located by rendering
+the conversation prefix by prefix. What the template adds between "the conversation so far,
+with the assistant's generation prompt" and "the conversation including that assistant turn"
+is the turn the model must produce (its content and end-of-turn token, e.g. `<|im_end|>`); that
+is trained, the rest is not. A template that renders earlier turns differently once later turns
+exist (so no prefix lines up) is refused for that row with a clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ftcli.data.alpaca import format_alpaca
+from ftcli.data.formats import Example, RowError
+from ftcli.errors import ConfigError, DataError
+
+TEMPLATE_CHOICES = ("auto", "alpaca", "model")
+
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    name: str  # "alpaca" | "plain" | "model" | "file:<path>" | "none"
+    chat_template: str | None = None  # the Jinja chat template, for "model" and "file:..."
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256((self.chat_template or self.name).encode()).hexdigest()
+
+    @property
+    def is_chat(self) -> bool:
+        return self.chat_template is not None
+
+
+def resolve_template(template: str, fmt: str, tokenizer: Any, model: str = "the model") -> TemplateSpec:
+    """The template for `fmt` data given `--template` (see the module's table)."""
+    if template not in TEMPLATE_CHOICES:
+        path = Path(template).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--template {template}: no such file, and not one of {', '.join(TEMPLATE_CHOICES)}",
+                              hint="pass auto, alpaca, model, or the path to a Jinja chat template")
+        if fmt == "text":
+            raise ConfigError("--template applies to instruction and chat data, not --format text",
+                              hint="drop --template for raw text")
+        return TemplateSpec(f"file:{path}", path.read_text(encoding="utf-8"))
+    if fmt == "text":
+        if template != "auto":
+            raise ConfigError(f"--template {template} applies to instruction and chat data, not --format text",
+                              hint="drop --template for raw text")
+        return TemplateSpec("none")
+    if template == "alpaca":
+        if fmt in ("chat", "sharegpt"):
+            raise ConfigError(f"--template alpaca needs single-turn data, not --format {fmt}",
+                              hint="use --template model (the model's chat template) or a Jinja file")
+        return TemplateSpec("alpaca")
+    if template == "auto" and fmt == "alpaca":
+        return TemplateSpec("alpaca")
+    if template == "auto" and fmt == "prompt-completion":
+        return TemplateSpec("plain")
+    chat_template = getattr(tokenizer, "chat_template", None)
+    if isinstance(chat_template, dict):  # several named templates: the default one is what inference uses
+        chat_template = chat_template.get("default")
+    if not chat_template:
+        raise DataError(f"{fmt} data is rendered with the model's chat template, and {model} has none",
+                        hint="pass --template FILE.jinja (a chat template, also to use at inference), or use a "
+                             "model that ships one" + ("; or --template alpaca" if fmt != "chat" and
+                                                       fmt != "sharegpt" else ""))
+    return TemplateSpec("model", chat_template)
+
+
+def example_to_pair(example: Example, spec: TemplateSpec) -> tuple[str, str]:
+    """A single-turn example under a text template: (prompt, response)."""
+    if example.kind == "alpaca":
+        return format_alpaca({"instruction": example.instruction, "input": example.input,
+                              "output": example.response})
+    if example.kind == "pair" and spec.name == "alpaca":
+        return format_alpaca({"instruction": example.prompt, "input": "", "output": example.response})
+    return example.prompt, example.response
+
+
+def example_to_messages(example: Example) -> list[dict[str, str]]:
+    """A single-turn example as a user/assistant conversation (for chat templates)."""
+    if example.kind == "chat":
+        return example.messages
+    if example.kind == "alpaca":
+        user = example.instruction + (f"\n\n{example.input}" if example.input.strip() else "")
+    else:
+        user = example.prompt
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": example.response}]
+
+
+def render_chat(messages: list[dict[str, str]], tokenizer: Any,
+                chat_template: str) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as text, and the character spans of the assistant turns (trained).
+
+    Trailing turns after the last assistant turn are dropped: nothing after them would be trained.
+    RowError when the template cannot be lined up prefix by prefix or fails on the conversation."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    messages = messages[: last + 1]
+
+    def render(msgs: list[dict[str, str]], generation: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation,
+                                                 chat_template=chat_template)
+        except Exception as exc:  # jinja2 TemplateError, raise_exception(...) in the template, ...
+            raise RowError(f"the chat template fails on this conversation: {exc}") from None
+
+    full = render(messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(messages[:i], True) if i else _render_empty_prefix(render)
+        upto = render(messages[: i + 1], False)
+        if not upto.startswith(before) or not full.startswith(upto):
+            raise RowError("the chat template renders earlier turns differently once later turns follow, "
+                           "so the assistant turns cannot be located")
+        spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def _render_empty_prefix(render: Any) -> str:
+    try:
+        return render([], True)
+    except RowError:
+        return ""

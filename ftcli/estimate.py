@@ -1,0 +1,271 @@
+"""What a model is and how much memory training it takes, from its config alone (no weights loaded).
+
+    >>> from ftcli.estimate import describe_model, estimate_memory
+    >>> info = describe_model("builtin:tiny-llama")
+    >>> info.parameters, info.layers, info.hidden_size
+    (301120, 2, 64)
+    >>> est = estimate_memory(info, "lora", batch_size=4, seq_length=2048)
+    >>> est.total_bytes
+
+Parameters are counted exactly, by building the architecture on PyTorch's "meta" device (shapes
+only, no memory). The memory estimate adds weights, gradients, AdamW state and activations
+(the tensors autograd keeps for the backward pass of a Llama-style decoder block, per token)
+for a batch size, sequence length, gradient checkpointing on or off and a process count (FSDP
+shards weights, gradients and optimizer state across processes; activations are per process).
+It is checked against measured CPU peaks in tests/test_inspect.py (see README for the tolerance).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ftcli.errors import ConfigError
+
+# Bytes per element of the dtypes a config may name.
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+# bitsandbytes NF4 with double quantisation: 4 bits + one 8-bit absmax per 64 weights
+# + a float32 absmax per 256 of those: 4 + 8/64 + 32/(64*256) bits.
+NF4_BYTES_PER_PARAM = (4 + 8 / 64 + 32 / (64 * 256)) / 8
+# TRL's fused LM head projects at most this many tokens x vocabulary entries at a time (float32).
+LOGIT_TILE_TOKENS = 4096
+LOGIT_TILE_VOCAB = 32768
+# The CUDA context and allocator slack a real process needs beyond its tensors (for the verdict only).
+RUNTIME_OVERHEAD_BYTES = 1 << 30
+RUNTIME_OVERHEAD_FRACTION = 0.10
+
+
+@dataclass
+class ModelInfo:
+    source: str
+    kind: str  # builtin | local | hub
+    architecture: str
+    model_type: str
+    parameters: int
+    layers: int
+    hidden_size: int
+    intermediate_size: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    context_length: int | None
+    dtype: str
+    tied_embeddings: bool
+    chat_template: bool
+    # name -> (in_features, out_features, count): the linear layers LoRA may target (lm_head excluded).
+    linear_layers: dict[str, list[int]] = field(default_factory=dict)
+    embedding_parameters: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class MemoryEstimate:
+    method: str
+    trainable_parameters: int
+    weights_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    total_bytes: int
+    fits: bool | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def describe_model(ref: str, *, revision: str | None = None, trust_remote_code: bool = False) -> ModelInfo:
+    """Read a model's config (and tokenizer config, for the chat template) and count its parameters exactly."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ftcli.models import load_model_config, resolve_model_source
+
+    src = resolve_model_source(ref)
+    config = load_model_config(ref, revision=revision, trust_remote_code=trust_remote_code)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError) as exc:
+        from ftcli.errors import ModelError
+
+        raise ModelError(f"{ref} is not a causal language model transformers can build ({exc})",
+                         hint="pass a causal LM (e.g. a Llama, Mistral or Qwen model)") from None
+    parameters = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings()
+    heads = int(getattr(text, "num_attention_heads", 0) or 0)
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return ModelInfo(
+        source=ref,
+        kind=src.kind,
+        architecture=(getattr(config, "architectures", None) or [type(model).__name__])[0],
+        model_type=getattr(config, "model_type", "?"),
+        parameters=parameters,
+        layers=int(getattr(text, "num_hidden_layers", 0) or 0),
+        hidden_size=hidden,
+        intermediate_size=int(getattr(text, "intermediate_size", 0) or 4 * hidden),
+        heads=heads,
+        kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+        head_dim=int(getattr(text, "head_dim", None) or (hidden // heads if heads else 0)),
+        vocab_size=int(getattr(text, "vocab_size", 0) or 0),
+        context_length=getattr(text, "max_position_embeddings", None),
+        dtype=str(dtype).removeprefix("torch.") if dtype is not None else "float32",
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        chat_template=_has_chat_template(src.path, revision),
+        linear_layers=_linear_layers(model),
+        embedding_parameters=embedding.weight.numel() if embedding is not None else 0,
+    )
+
+
+def _linear_layers(model: Any) -> dict[str, list[int]]:
+    import torch
+
+    out: dict[str, list[int]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "lm_head":
+                continue
+            shape = [module.in_features, module.out_features]
+            if leaf in out and out[leaf][:2] == shape:
+                out[leaf][2] += 1
+            else:
+                out.setdefault(leaf, [*shape, 1])
+    return out
+
+
+def _has_chat_template(path: str, revision: str | None) -> bool:
+    """A chat template in tokenizer_config.json or chat_template.jinja, read without loading the tokenizer."""
+    import json
+    from pathlib import Path
+
+    folder = Path(path)
+    if folder.is_dir():
+        if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+            return True
+        cfg = folder / "tokenizer_config.json"
+        if cfg.is_file():
+            try:
+                return bool(json.loads(cfg.read_text(encoding="utf-8")).get("chat_template"))
+            except ValueError:
+                return False
+        return False
+    try:  # a hub model: only what is already in the local cache
+        from huggingface_hub import try_to_load_from_cache
+
+        for name in ("chat_template.jinja", "tokenizer_config.json"):
+            cached = try_to_load_from_cache(path, name, revision=revision)
+            if isinstance(cached, str):
+                if name.endswith(".jinja"):
+                    return True
+                return bool(json.loads(Path(cached).read_text(encoding="utf-8")).get("chat_template"))
+    except Exception:  # noqa: BLE001 - the cache is a convenience here, never a reason to fail
+        return False
+    return False
+
+
+def lora_parameters(info: ModelInfo, rank: int, targets: list[str]) -> int:
+    """LoRA's trainable parameters: rank x (in + out) for every targeted linear layer.
+
+    Targets the model does not have (the Llama projection names on another architecture) count as
+    all-linear, which is what a user of that model would pick."""
+    names = targets if any(t in info.linear_layers for t in targets) else list(info.linear_layers)
+    return sum(rank * (i + o) * n for name, (i, o, n) in info.linear_layers.items() if name in names)
+
+
+def activation_elements_per_token(info: ModelInfo, gradient_checkpointing: bool) -> float:
+    """Elements autograd keeps per token for the backward pass, over all decoder layers.
+
+    Per Llama-style layer: the two RMSNorms keep their input and normalised output (4h); attention
+    keeps q, k, v after RoPE, the SDPA output and the o_proj input (3q + 2kv, with q = heads x
+    head_dim, kv = kv_heads x head_dim) and k, v repeated to all heads (2q); the MLP keeps gate,
+    SiLU(gate), up and their product (4i). With checkpointing only each layer's input (h) stays,
+    plus one layer's worth while it is recomputed.
+    """
+    h, i = info.hidden_size, info.intermediate_size
+    q = info.heads * info.head_dim
+    kv = info.kv_heads * info.head_dim
+    per_layer = 4 * h + 5 * q + 2 * kv + 4 * i
+    # Embedding output, final norm (input + output) and the final hidden states.
+    outside = 4 * h
+    if gradient_checkpointing:
+        return info.layers * h + per_layer + outside
+    return info.layers * per_layer + outside
+
+
+def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length: int,
+                    gradient_checkpointing: bool = False, nproc: int = 1, dtype: str | None = None,
+                    lora_rank: int = 8, lora_targets: list[str] | None = None) -> MemoryEstimate:
+    """Peak training memory per process for `method`, from the model's shapes alone."""
+    from ftcli.config import LLAMA_PROJECTIONS
+
+    dtype = dtype or info.dtype
+    if dtype not in DTYPE_BYTES:
+        raise ConfigError(f"--dtype {dtype} has no known size", hint=f"use one of: {', '.join(DTYPE_BYTES)}")
+    width = DTYPE_BYTES[dtype]
+    total = info.parameters
+    notes: list[str] = []
+    if method == "full":
+        trainable = total
+        weights = total * width
+        grads = trainable * width
+    elif method in ("lora", "fsdp"):
+        targets = lora_targets or list(LLAMA_PROJECTIONS)
+        trainable = lora_parameters(info, lora_rank, targets)
+        weights = total * width + trainable * width
+        grads = trainable * width
+    elif method == "qlora":
+        targets = lora_targets or ["all-linear"]
+        trainable = lora_parameters(info, lora_rank, targets)
+        linear = sum(i * o * n for i, o, n in info.linear_layers.values())
+        # Linear layers in 4-bit; embeddings, norms and lm_head in --dtype; adapters in bfloat16 (TRL's rule).
+        weights = int(linear * NF4_BYTES_PER_PARAM) + (total - linear) * width + trainable * 2
+        grads = trainable * 2
+        notes.append("linear layers in 4-bit NF4 with double quantisation")
+    else:
+        raise ConfigError(f"unknown method {method}", hint="use full, lora, qlora or fsdp")
+    # AdamW keeps two moments per trainable weight in its dtype; the foreach step adds about one more
+    # temporary of that size while it runs.
+    state_width = 2 if method == "qlora" else width
+    optimizer = 3 * trainable * state_width
+    tokens = batch_size * seq_length
+    activations = int(activation_elements_per_token(info, gradient_checkpointing) * tokens * width)
+    # TRL's fused LM head: one float32 logits tile forward and one backward, never the full logits.
+    activations += 2 * min(tokens, LOGIT_TILE_TOKENS) * min(info.vocab_size, LOGIT_TILE_VOCAB) * 4
+    # The attention mask SDPA gets with padding: one byte per (query, key) pair of each row.
+    activations += batch_size * seq_length * seq_length
+    if method == "fsdp" and nproc > 1:
+        weights, grads, optimizer = weights // nproc, grads // nproc, optimizer // nproc
+        notes.append(f"weights, gradients and optimizer state sharded over {nproc} processes")
+    elif nproc > 1:
+        notes.append(f"{method} runs in one process; --nproc applies to fsdp")
+    return MemoryEstimate(method=method, trainable_parameters=trainable, weights_bytes=int(weights),
+                          gradients_bytes=int(grads), optimizer_bytes=int(optimizer),
+                          activations_bytes=int(activations),
+                          total_bytes=int(weights + grads + optimizer + activations), notes=notes)
+
+
+def fits(total_bytes: int, gpu_bytes: int) -> bool:
+    """Whether a process of `total_bytes` of tensors fits a GPU, leaving room for the CUDA context and slack."""
+    return total_bytes * (1 + RUNTIME_OVERHEAD_FRACTION) + RUNTIME_OVERHEAD_BYTES <= gpu_bytes
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """`80GB`, `80G`, `24GiB`, `16000MB`, `80` -> bytes (GB and G are taken as GiB; a bare number is GiB)."""
+    match = _SIZE.match(text or "")
+    if not match:
+        raise ConfigError(f"--gpu-memory {text!r} is not a size", hint="write e.g. 80GB, 24GiB or 16000MB")
+    value, unit = float(match.group(1)), match.group(2).lower().rstrip("b").rstrip("i")
+    scale = {"": 1 << 30, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit]
+    if value <= 0:
+        raise ConfigError(f"--gpu-memory {text!r} must be positive", hint="write e.g. 80GB")
+    return int(value * scale)

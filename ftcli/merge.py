@@ -1,0 +1,267 @@
+"""Merging LoRA adapters into their base weights in place, and checking the result against the unmerged model.
+
+    >>> from ftcli.merge import attach_adapter, compare, forward_logits, merge_into_weights, reference_logits
+    >>> from ftcli.merge import verification_inputs
+    >>> model = attach_adapter(base, "runs/lora-1")            # base + adapter (peft), unmerged
+    >>> inputs = verification_inputs(tokenizer, probe_path=None)
+    >>> ref = reference_logits(model, inputs)                   # logits of what was trained
+    >>> merged = merge_into_weights(model)                      # the same tensors, adapter added in
+    >>> check = compare(forward_logits(merged, inputs), ref.logits, "bfloat16")
+
+Every merge here works on the loaded model's own tensors, one layer at a time, so an export never
+holds two copies of the model. Two ways in:
+
+- `merge_into_weights`: peft's `merge_and_unload` (W += B·A·scale, in place) for adapters trained
+  on ordinary float weights (LoRA).
+- `merge_into_dequantized`: for QLoRA adapters on a 4-bit NF4 base. Each bitsandbytes `Linear4bit`
+  weight is dequantised (`bitsandbytes.functional.dequantize_4bit`), the adapter's delta is added
+  in float32, and the layer becomes a plain `nn.Linear` in the output dtype. peft's own 4-bit merge
+  would quantise the sum again, rounding most of the adapter away, so it is never used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ftcli.errors import ModelError
+
+# A few short, fixed prompts: an instruction, code and a fact to complete.
+VERIFY_PROMPTS = (
+    "Below is an instruction that describes a task. Write a response that completes the request.",
+    "def fibonacci(n):\n    return n if n < 2 else",
+    "The capital of France is Paris, and the capital of Italy is",
+)
+MAX_VERIFY_TOKENS = 32
+
+# Largest logit difference allowed, relative to the largest reference logit (at least 1.0): float32 only
+# reorders sums; 16-bit formats round every weight and activation (bfloat16 keeps 8 bits of mantissa).
+RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+_CHECK_SLICE = 1 << 22  # elements per slice of the finiteness check
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+@dataclass
+class Reference:
+    logits: list[Any]
+    adapter_effect: float | None  # largest |logits(base + adapter) - logits(base)|, None when not measured
+
+
+@dataclass
+class Comparison:
+    max_difference: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_difference <= self.tolerance
+
+
+def verification_inputs(tokenizer: Any, probe_path: Path | None) -> list[Any]:
+    """Token ids of the fixed prompts, plus the run's probe input when there is one."""
+    import torch
+
+    inputs = []
+    for text in VERIFY_PROMPTS:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"][:MAX_VERIFY_TOKENS]
+        inputs.append(torch.tensor(ids, dtype=torch.long))
+    if probe_path is not None and probe_path.is_file():
+        inputs.append(read_probe(probe_path)["input_ids"])
+    return inputs
+
+
+def read_probe(path: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def forward_logits(model: Any, inputs: list[Any]) -> list[Any]:
+    """Logits (float32, on CPU) of each input, one sequence at a time (no padding to get wrong)."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for ids in inputs:
+            out.append(model(input_ids=ids[None].to(device)).logits[0].float().cpu())
+    return out
+
+
+def reference_logits(model: Any, inputs: list[Any]) -> Reference:
+    """Logits of base + adapter (unmerged), and how far the adapter moves them from the base alone."""
+    logits = forward_logits(model, inputs)
+    with model.disable_adapter():
+        plain = forward_logits(model, inputs)
+    return Reference(logits, max_difference(logits, plain))
+
+
+def max_difference(a: list[Any], b: list[Any]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
+def compare(got: list[Any], ref: list[Any], dtype_name: str) -> Comparison:
+    scale = max(1.0, max(float(r.abs().max()) for r in ref))
+    return Comparison(max_difference(got, ref), RELATIVE_TOLERANCE[dtype_name] * scale)
+
+
+def attach_adapter(base: Any, adapter_dir: Path) -> Any:
+    """base + the saved adapter, unmerged and frozen; one clear line when they do not fit together."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"the adapter in {adapter_dir} does not fit its base model: {first[:300]}",
+                         hint="pass the base model it was trained on with --base") from None
+
+
+def merge_into_weights(model: Any) -> Any:
+    """peft's in-place merge (W += ΔW on the loaded tensors); returns the plain transformers model."""
+    return model.merge_and_unload()
+
+
+def merge_into_dequantized(model: Any, dtype: Any) -> Any:
+    """Merge each LoRA layer into its dequantised 4-bit weight; every 4-bit layer becomes a plain `nn.Linear`.
+
+    Works layer by layer: the float32 sum of one layer is the only temporary, and the 4-bit layer
+    it replaces is freed as soon as the new one is in place."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    inner = model.get_base_model()
+    for name, module in list(inner.named_modules()):
+        if not isinstance(module, LoraLayer):
+            continue
+        base = module.get_base_layer()
+        if not isinstance(base, bnb.nn.Linear4bit):
+            module.merge()  # a layer the quantiser left in float (none with all-linear): the ordinary merge
+            inner.set_submodule(name, base.to(dtype))
+            continue
+        weight = _dequantize(base).float()
+        bias = base.bias.data.float() if base.bias is not None else None
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A:
+                continue
+            if adapter in module.lora_variant:  # DoRA and friends know their own merge
+                weight = module.lora_variant[adapter].merge_safe(module, adapter, weight)
+            else:
+                weight += module.get_delta_weight(adapter).float()
+            if bias is not None and module.lora_bias.get(adapter):
+                bias += module.lora_B[adapter].bias.data.float()
+        inner.set_submodule(name, _plain_linear(weight.to(dtype), None if bias is None else bias.to(dtype)))
+        del weight, bias
+    dequantize_remaining(inner, dtype)
+    return inner
+
+
+def return_freed_memory_promptly() -> bool:
+    """Serve large allocations (1 MiB and up) with their own mappings, so memory freed goes back at once.
+
+    glibc raises its mmap threshold each time a large block is freed; after that, the per-layer
+    temporaries of a merge come from the heap, which fragments and keeps growing while the merged
+    weights pile up behind them (measured: about half the model more on a 134M-parameter merge). A fixed
+    threshold turns that adaptation off. Only glibc has `mallopt`; elsewhere this does nothing."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20))
+    except (OSError, AttributeError):
+        return False
+
+
+def release_file_mapping(model: Any) -> int:
+    """Give the 4-bit model's float tensors (embeddings, norms, head) memory of their own; returns bytes copied.
+
+    transformers maps the checkpoint into memory and leaves the tensors it did not convert as views
+    of that mapping. After quantisation every page of the file has been read, and all of them stay
+    counted in the process's memory while one view is alive: copying the small float part lets the
+    whole mapping go before the merge builds the new weights."""
+    import bitsandbytes as bnb
+
+    copied = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            continue
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            tensor.data = tensor.data.clone()
+            copied += tensor.numel() * tensor.element_size()
+    return copied
+
+
+def dequantize_remaining(model: Any, dtype: Any) -> int:
+    """Replace every 4-bit layer still in `model` by its dequantised `nn.Linear`; drop the quantisation record."""
+    import bitsandbytes as bnb
+
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, bnb.nn.Linear4bit):
+            bias = module.bias.data.to(dtype) if module.bias is not None else None
+            model.set_submodule(name, _plain_linear(_dequantize(module).to(dtype), bias))
+            replaced += 1
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    elif hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_loaded_in_4bit = False
+    return replaced
+
+
+def _dequantize(layer: Any) -> Any:
+    import bitsandbytes as bnb
+
+    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+
+
+def _plain_linear(weight: Any, bias: Any) -> Any:
+    import torch
+
+    out_features, in_features = weight.shape
+    with torch.device("meta"):
+        linear = torch.nn.Linear(in_features, out_features, bias=bias is not None)
+    linear.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)
+    if bias is not None:
+        linear.bias = torch.nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
+def cast_in_place(model: Any, dtype: Any) -> None:
+    """Cast the floating-point parameters one tensor at a time (never a second full copy).
+
+    Buffers keep their dtype: they are not saved (rotary frequencies, for one, are rebuilt in float32
+    on load), so casting them would make the verification see a model no reload reproduces."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def non_finite_weights(model: Any) -> list[str]:
+    """Names of parameters holding NaN or inf, checked in slices (`isfinite` makes input-sized temporaries)."""
+    import torch
+
+    bad = []
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not all(bool(torch.isfinite(part).all())
+                                                 for part in param.detach().reshape(-1).split(_CHECK_SLICE)):
+            bad.append(name)
+    return bad
+
+
+def model_bytes(model: Any) -> int:
+    """Bytes the model's parameters and buffers take in memory (tied weights counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
