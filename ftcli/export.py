@@ -33,15 +33,15 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from ftcli import __version__
 from ftcli.console import console
 from ftcli.errors import ConfigError, ModelError, OutputError, RunFailed
+from ftcli.merge import model_bytes
+from ftcli.modelcard import export_record, write_model_card
 from ftcli.runfolder import MANIFEST, PROBE, check_writable
-from ftcli.system import process_alive
+from ftcli.system import format_bytes, process_alive
 
 DTYPES = ("float32", "float16", "bfloat16")
 MERGE_TARGETS = ("auto", "dequantized", "original")
@@ -125,7 +125,7 @@ def export_model(opts: ExportOptions) -> ExportResult:
     with _sigterm_as_interrupt(), staging_folder(out, opts.overwrite) as stage:
         model, comparison, effect = build_model(src, merge_into, dtype_name, device, tokenizer, opts.verify,
                                                 base_is_4bit=_is_4bit(base_config))
-        size = _model_bytes(model)
+        size = model_bytes(model)
         model.save_pretrained(str(stage.path), max_shard_size=_shard_size(opts.max_shard_size))
         del model  # the weights are on disk; free them before the small files
         tokenizer.save_pretrained(str(stage.path))
@@ -136,7 +136,7 @@ def export_model(opts: ExportOptions) -> ExportResult:
         stage.commit()
     files = sorted(p.name for p in out.iterdir())
     shards = [f for f in files if f.endswith(".safetensors")]
-    console.print(f"exported {len(shards)} safetensors shard(s), {_format_bytes(size)} of {dtype_name} weights, "
+    console.print(f"exported {len(shards)} safetensors shard(s), {format_bytes(size)} of {dtype_name} weights, "
                   f"to {out}")
     return ExportResult(out, dtype_name, merge_into, comparison, effect, size, files)
 
@@ -494,144 +494,16 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-# --- the record and the model card ---------------------------------------------------------------------------------
-
-
-def export_record(src: ExportSource, opts: ExportOptions, merge_into: str, dtype_name: str, comparison: Any,
-                  effect: float | None, files: list[str]) -> dict[str, Any]:
-    from ftcli.system import library_versions
-
-    manifest = src.manifest or {}
-    return {
-        "ftcli_version": __version__,
-        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": str(src.path.absolute()),
-        "source_kind": "run" if src.manifest else "adapter",
-        "method": src.method,
-        "base_model": src.base if src.kind == "adapter" else (manifest.get("config", {}).get("model")),
-        "merge_into": merge_into,
-        "dtype": dtype_name,
-        "max_shard_size": opts.max_shard_size,
-        "verification": None if comparison is None else {
-            "max_logit_difference": comparison.max_difference, "tolerance": comparison.tolerance,
-            "adapter_effect": effect, "passed": comparison.ok},
-        "lora": _lora_shape(src),
-        "run": {k: manifest.get(k) for k in ("config", "resolved", "data", "metrics", "versions", "command")}
-        if manifest else None,
-        "versions": library_versions(),
-        "files": files,
-    }
-
-
-def _lora_shape(src: ExportSource) -> dict[str, Any] | None:
-    ac = src.adapter_config
-    if not ac:
-        return None
-    targets = ac.get("target_modules")
-    # peft records every targeted module by its full path; the card names the layer kinds.
-    targets = sorted({t.rsplit(".", 1)[-1] for t in targets}) if isinstance(targets, list) else targets
-    return {"r": ac.get("r"), "alpha": ac.get("lora_alpha"), "dropout": ac.get("lora_dropout"),
-            "target_modules": targets}
-
-
-def write_model_card(path: Path, src: ExportSource, record: dict[str, Any], title: str) -> None:
-    """README.md: how the model was trained (from the run manifest) and how it was exported."""
-    from ftcli.models import resolve_model_source
-
-    base = record["base_model"] or ""
-    try:
-        hub_base = base and resolve_model_source(base).kind == "hub"
-    except ModelError:
-        hub_base = False
-    tags = ["ftcli", src.method if src.method != "adapter" else "lora"] + (["merged"] if src.kind == "adapter" else [])
-    front = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
-    if hub_base:
-        front += [f"base_model: {base}", "base_model_relation: finetune"]
-    front += ["tags:", *[f"- {t}" for t in tags], "---", ""]
-    lines = [*front, f"# {title}", ""]
-    lines += [f"Fine-tuned from `{base}` and exported as a standalone model with ftcli {__version__} "
-              "(`ftcli export`). It loads with plain transformers; peft is not needed.", ""]
-    lines += ["## Training", "", "| | |", "|---|---|", *_training_rows(src, record), ""]
-    verification = record["verification"]
-    if verification:
-        vs = "base + adapter" if src.kind == "adapter" else "the run's probe logits"
-        check = (f"largest logit difference vs {vs}: {verification['max_logit_difference']:.3g} "
-                 f"(tolerance {verification['tolerance']:.3g})")
-    else:
-        check = "not run (--no-verify, or no probe to compare with)"
-    merged = {"dequantized": "the dequantised 4-bit NF4 base weights the adapter was trained against",
-              "original": "the base model's original weights", "none": "nothing to merge (full fine-tune, re-saved)"}
-    lines += ["## Export", "", "| | |", "|---|---|",
-              f"| adapter merged into | {merged[record['merge_into']]} |",
-              f"| dtype | {record['dtype']} |",
-              f"| max shard size | {record['max_shard_size']} |",
-              f"| verification | {check} |",
-              f"| exported | {record['exported_at']} with ftcli {__version__}, transformers "
-              f"{record['versions'].get('transformers')}, peft {record['versions'].get('peft')} |", ""]
-    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")",
-              "tokenizer = AutoTokenizer.from_pretrained(\"path/to/this/folder\")", "```", ""]
-    path.write_text("\n".join(lines), encoding="utf-8")
-
-
-def _training_rows(src: ExportSource, record: dict[str, Any]) -> list[str]:
-    run = record["run"]
-    rows = []
-    if run:
-        config, metrics, data = run.get("config") or {}, run.get("metrics") or {}, run.get("data") or {}
-        versions, resolved = run.get("versions") or {}, run.get("resolved") or {}
-        rows += [f"| method | {config.get('method')} |", f"| base model | `{config.get('model')}` |",
-                 f"| dataset | `{config.get('dataset')}` ({data.get('rows_used', '?')} examples, "
-                 f"{data.get('tokens', '?')} tokens, {data.get('fingerprint', 'no fingerprint')}) |",
-                 f"| steps | {metrics.get('steps')} (batch size {config.get('batch_size')}, gradient accumulation "
-                 f"{config.get('gradient_accumulation_steps')}, sequence length {config.get('seq_length')}) |",
-                 f"| learning rate | {config.get('learning_rate')} |",
-                 f"| final train loss | {_fmt(metrics.get('train_loss'))} |",
-                 f"| training precision | {resolved.get('dtype', config.get('dtype'))} on "
-                 f"{resolved.get('device', '?')} ({resolved.get('processes', 1)} process(es)) |"]
-        if run.get("command"):
-            rows.append(f"| command | `{' '.join(map(str, run['command']))}` |")
-        rows.append(f"| trained with | ftcli {versions.get('ftcli')}, transformers {versions.get('transformers')}, "
-                    f"trl {versions.get('trl')}, peft {versions.get('peft')}, torch {versions.get('torch')} |")
-    else:
-        rows.append(f"| training record | none: `{src.path}` is an adapter folder without an ftcli run manifest |")
-    lora = record["lora"]
-    if lora:
-        targets = lora["target_modules"]
-        targets = ", ".join(targets) if isinstance(targets, list) else targets
-        rows.append(f"| LoRA | r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, targets: {targets} |")
-    return rows
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
 # --- small helpers ---------------------------------------------------------------------------------------------------
 
 
 def _quiet_libraries() -> None:
-    """Keep the terminal for the export's own lines: no library progress bars or advice."""
+    """Keep the terminal for the export's own lines: the training run's quieting, plus peft's advice."""
     import logging
     import warnings
 
-    for name in ("bitsandbytes", "accelerate", "peft"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    import transformers
+    from ftcli.train import quiet_libraries
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    quiet_libraries()
+    logging.getLogger("peft").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="peft")
-    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning)
-
-
-def _model_bytes(model: Any) -> int:
-    from ftcli.merge import model_bytes
-
-    return model_bytes(model)
-
-
-def _format_bytes(n: int) -> str:
-    from ftcli.system import format_bytes
-
-    return format_bytes(n)
