@@ -50,6 +50,7 @@ QUANTIZED_TARGETS = ("quantized", "quantised", "4bit", "nf4", "int4")
 DEFAULT_SHARD_SIZE = "5GB"
 EXPORT_RECORD = "ftcli_export.json"
 CARD = "README.md"
+NARROWED = ".ftcli-narrowed"  # inside the staging folder: the base cast to the output dtype, removed after loading
 ADAPTER_CONFIG = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 _SHARD_SIZE = re.compile(r"^\d+(\.\d+)?\s*([KMG]i?B)?$", re.IGNORECASE)
@@ -123,8 +124,10 @@ def export_model(opts: ExportOptions) -> ExportResult:
     return_freed_memory_promptly()
     tokenizer = _load_tokenizer(src)
     with _sigterm_as_interrupt(), staging_folder(out, opts.overwrite) as stage:
+        scratch = stage.path / NARROWED
         model, comparison, effect = build_model(src, merge_into, dtype_name, device, tokenizer, opts.verify,
-                                                base_is_4bit=_is_4bit(base_config))
+                                                base_is_4bit=_is_4bit(base_config), scratch=scratch)
+        shutil.rmtree(scratch, ignore_errors=True)  # loaded (and still mapped) weights outlive the files
         size = model_bytes(model)
         model.save_pretrained(str(stage.path), max_shard_size=_shard_size(opts.max_shard_size))
         del model  # the weights are on disk; free them before the small files
@@ -141,8 +144,8 @@ def export_model(opts: ExportOptions) -> ExportResult:
     return ExportResult(out, dtype_name, merge_into, comparison, effect, size, files)
 
 
-def build_model(src: ExportSource, merge_into: str, dtype_name: str, device: str, tokenizer: Any,
-                verify: bool, base_is_4bit: bool = False) -> tuple[Any, Any, float | None]:
+def build_model(src: ExportSource, merge_into: str, dtype_name: str, device: str, tokenizer: Any, verify: bool,
+                base_is_4bit: bool = False, scratch: Path | None = None) -> tuple[Any, Any, float | None]:
     """Load, take the reference logits, merge in place, cast, check: (model, comparison or None, adapter effect)."""
     import torch
 
@@ -154,7 +157,7 @@ def build_model(src: ExportSource, merge_into: str, dtype_name: str, device: str
     probe = src.path / PROBE
     load = dict(device=device, revision=src.revision, trust_remote_code=src.trust_remote_code)
     if src.kind == "model":
-        model = load_model(str(src.path), dtype=dtype_name, **load)
+        model = load_model(_narrowed(str(src.path), dtype_name, scratch), dtype=dtype_name, **load)
         ref, inputs = _probe_reference(probe) if verify else (None, [])
         effect = None
     else:
@@ -165,7 +168,7 @@ def build_model(src: ExportSource, merge_into: str, dtype_name: str, device: str
             base = load_model(src.base, dtype=compute, quantization_config=quant, **load)
             merge.release_file_mapping(base)
         else:
-            base = load_model(src.base, dtype=dtype_name, **load)
+            base = load_model(_narrowed(src.base, dtype_name, scratch), dtype=dtype_name, **load)
         model = merge.attach_adapter(base, src.path)
         # The same 4-bit kernel as training on CPU (see ftcli.methods.qlora); a no-op without 4-bit layers.
         qlora.keep_cpu_inference_in_compute_dtype(model)
@@ -208,6 +211,19 @@ def verify_logits(model: Any, inputs: list[Any], ref: list[Any], effect: float |
         console.print(f"[yellow]note:[/] the adapter changes the logits by at most {effect:.3g}, within the "
                       "tolerance: it may be untrained, and the check cannot tell a merged adapter from a lost one")
     return comparison
+
+
+def _narrowed(ref: str, dtype_name: str, scratch: Path | None) -> str:
+    """`ref`, or a copy of its checkpoint cast to the 16-bit output dtype when it stores wider floats (local only)."""
+    from ftcli import merge
+    from ftcli.models import resolve_model_source
+
+    source = resolve_model_source(ref)
+    folder = Path(source.path)
+    if scratch is None or source.kind == "hub" or not merge.needs_narrowing(folder, dtype_name):
+        return ref
+    merge.narrow_checkpoint(folder, scratch, dtype_name)
+    return str(scratch)
 
 
 def _probe_reference(probe: Path) -> tuple[list[Any] | None, list[Any]]:
@@ -498,12 +514,18 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _quiet_libraries() -> None:
-    """Keep the terminal for the export's own lines: the training run's quieting, plus peft's advice."""
+    """Keep the terminal for the export's own lines: no library progress bars or advice.
+
+    Not `train.quiet_libraries`: that one imports `datasets` (pyarrow, pandas), about 80 MiB the
+    export never uses, on a command whose peak memory is the point."""
     import logging
     import warnings
 
-    from ftcli.train import quiet_libraries
+    for name in ("bitsandbytes", "accelerate", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import transformers
 
-    quiet_libraries()
-    logging.getLogger("peft").setLevel(logging.ERROR)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", module="peft")
+    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning)

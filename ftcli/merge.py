@@ -265,3 +265,110 @@ def model_bytes(model: Any) -> int:
         seen.add(tensor.data_ptr())
         total += tensor.numel() * tensor.element_size()
     return total
+
+
+# ---- narrowing a checkpoint before it is loaded -----------------------------------------------------------------------
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_NARROWER = {"float16", "bfloat16"}
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(offset of the data, header) of a .safetensors file, read without mapping the file."""
+    import json
+    import struct
+
+    with open(path, "rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        return 8 + size, json.loads(fh.read(size))
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's weight files: those its index names, or `model.safetensors` (not e.g. a probe file)."""
+    import json
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
+        return [folder / n for n in names]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def needs_narrowing(folder: Path, dtype_name: str) -> bool:
+    """Whether the checkpoint in `folder` stores float tensors wider than the 16-bit `dtype_name`."""
+    if dtype_name not in _NARROWER:
+        return False
+    for file in weight_files(folder):
+        _, header = read_safetensors_header(file)
+        if any(v.get("dtype") in ("F32", "F64") for k, v in header.items() if k != "__metadata__"):
+            return True
+    return False
+
+
+def narrow_checkpoint(src: Path, dst: Path, dtype_name: str) -> int:
+    """Copy the checkpoint in `src` to `dst` with its wider float tensors cast to `dtype_name`, one tensor at a time.
+
+    Loading a float32 checkpoint as bfloat16 maps the whole float32 file while the bfloat16 model is
+    built (transformers keeps its checkpoint files mapped until loading ends): about three times the
+    exported model in resident memory. Reading each tensor with a plain read (the page cache is not
+    the process's memory), casting it and writing it out at once keeps this step near one tensor, and
+    the load that follows maps a file of the exported size. Returns the bytes written."""
+    import shutil
+
+    import torch
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():  # config, generation config, index: everything small the loader reads
+        if item.is_file() and item.suffix == ".json":
+            shutil.copy2(item, dst / item.name)
+    target = getattr(torch, dtype_name)
+    written = 0
+    for file in weight_files(src):
+        written += _narrow_file(file, dst / file.name, target)
+    return written
+
+
+def _narrow_file(src: Path, dst: Path, target: Any) -> int:
+    import json
+
+    import torch
+
+    start, header = read_safetensors_header(src)
+    names = [k for k in header if k != "__metadata__"]
+    names.sort(key=lambda k: header[k]["data_offsets"][0])
+    out_header: dict[str, Any] = {"__metadata__": header["__metadata__"]} if "__metadata__" in header else {}
+    sizes: dict[str, tuple[str, int]] = {}
+    for name in names:
+        info = header[name]
+        stored = info["dtype"]
+        cast = stored in ("F32", "F64")
+        dtype = "BF16" if cast and target == torch.bfloat16 else "F16" if cast else stored
+        begin, end = info["data_offsets"]
+        nbytes = (end - begin) // _itemsize(stored) * _itemsize(dtype) if cast else end - begin
+        sizes[name] = (dtype, nbytes)
+    offset = 0
+    for name in names:
+        dtype, nbytes = sizes[name]
+        out_header[name] = {"dtype": dtype, "shape": header[name]["shape"],
+                            "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(out_header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        fout.write(len(blob).to_bytes(8, "little") + blob)
+        for name in names:
+            info = header[name]
+            begin, end = info["data_offsets"]
+            fin.seek(start + begin)
+            raw = bytearray(fin.read(end - begin))
+            if info["dtype"] in ("F32", "F64"):
+                source = getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]])
+                tensor = torch.frombuffer(raw, dtype=source) if raw else torch.empty(0, dtype=source)
+                raw = tensor.to(target).view(torch.uint8).numpy().tobytes()
+            fout.write(raw)
+    return offset
+
+
+def _itemsize(code: str) -> int:
+    return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}[code]

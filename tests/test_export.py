@@ -251,6 +251,13 @@ def test_full_fine_tune_is_resaved(full_run: Path, cli, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     assert "verify: largest logit difference vs the run's probe logits" in flat(result.stdout)
     assert tensor_dtypes(out) == {"model.safetensors": {"BF16"}}
+    # The float32 checkpoint is cast tensor by tensor before loading: every weight is exactly its bfloat16 cast.
+    trained, exported = load_file(str(full_run / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert trained["lm_head.weight"].dtype == torch.float32
+    assert exported.keys() == trained.keys()
+    for name, tensor in trained.items():
+        assert torch.equal(exported[name], tensor.to(torch.bfloat16)), name
+    assert not any(p.name.startswith(".") for p in out.iterdir())  # the cast copy is gone
     assert "| method | full |" in (out / "README.md").read_text()
     [(got, _)] = reload_without_peft([out], probe_ids(full_run), tmp_path)
     saved = load_file(str(full_run / "probe.safetensors"))["logits"]
