@@ -40,7 +40,7 @@ from ftcli.console import console
 from ftcli.errors import ConfigError, ModelError, OutputError, RunFailed
 from ftcli.merge import model_bytes
 from ftcli.modelcard import export_record, write_model_card
-from ftcli.runfolder import MANIFEST, PROBE, check_writable
+from ftcli.runfolder import MANIFEST, PROBE, check_writable, read_json_object
 from ftcli.system import format_bytes, process_alive
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -295,13 +295,7 @@ def _adapter_source(path: Path, opts: ExportOptions, manifest: dict[str, Any] | 
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {path}: {exc}", hint="the folder looks damaged; export another copy") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path} does not hold a JSON object", hint="the folder looks damaged; export another copy")
-    return data
+    return read_json_object(path, hint="the folder looks damaged; export another copy")
 
 
 def _load_base_config(src: ExportSource) -> Any:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcli.errors import ConfigError, DataError, ModelError
-from ftcli.runfolder import MANIFEST, METRICS
+from ftcli.runfolder import MANIFEST, METRICS, read_json_object
 
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
@@ -118,11 +118,8 @@ def inspect_model(target: str, options: InspectOptions) -> dict[str, Any]:
 
 def adapter_summary(folder: Path) -> dict[str, Any]:
     """An adapter's config and its tensors, counted from the safetensors header (no weights loaded)."""
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {folder / 'adapter_config.json'}: {exc}",
-                         hint="the adapter folder is damaged; retrain or copy it again") from None
+    config = read_json_object(folder / "adapter_config.json",
+                              hint="the adapter folder is damaged; retrain or copy it again")
     weights = folder / "adapter_model.safetensors"
     parameters, tensors = None, None
     if weights.is_file():
@@ -170,11 +167,7 @@ def inspect_adapter(target: str, options: InspectOptions) -> dict[str, Any]:
 
 def inspect_run(target: str, options: InspectOptions) -> dict[str, Any]:
     folder = Path(target).expanduser()
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read the run manifest {folder / MANIFEST}: {exc}",
-                         hint="the run folder is damaged or was not written by ftcli") from None
+    manifest = read_json_object(folder / MANIFEST, hint="the run folder is damaged or was not written by ftcli")
     resolved = manifest.get("resolved", {})
     log_dir = Path(resolved.get("log_dir") or folder / "logs")
     if not log_dir.is_dir():  # recorded relative to where the run started, or the run folder was moved
@@ -258,11 +251,7 @@ def loss_curve(folder: Path, log_dir: Path) -> dict[str, Any]:
 def inspect_compile_cache(target: str, options: InspectOptions) -> dict[str, Any]:
     """A `<ftcli home>/compile/<key>` folder left by `ftcli warmup` / `train --compile`: what it was built for."""
     folder = Path(target).expanduser()
-    try:
-        report = json.loads((folder / "warmup.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {folder / 'warmup.json'}: {exc}",
-                         hint="delete the folder; the next `ftcli warmup` rebuilds it") from None
+    report = read_json_object(folder / "warmup.json", hint="delete the folder; the next `ftcli warmup` rebuilds it")
     artifacts = folder / "artifacts.bin"
     return {"compile_cache": {
         "key": report.get("key"), "shapes": report.get("shapes"), "compile_s": report.get("compile_s"),

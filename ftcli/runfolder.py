@@ -101,3 +101,16 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / MANIFEST).read_text(encoding="utf-8"))
+
+
+def read_json_object(path: Path, hint: str) -> dict[str, Any]:
+    """A JSON object ftcli wrote (manifest, adapter config, marker): a ModelError naming the file if damaged."""
+    from ftcli.errors import ModelError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}", hint=hint) from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} does not hold a JSON object", hint=hint)
+    return data
