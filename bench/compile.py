@@ -26,7 +26,7 @@ from pathlib import Path
 REPORT = """
 import json, sys
 from ftcli.cli import run_config_from_flags
-from ftcli.warmup import run_warmup
+from ftcli.training.warmup import run_warmup
 flags = json.loads(sys.argv[1])
 report = run_warmup(run_config_from_flags(flags))
 print("REPORT " + json.dumps({k: report[k] for k in ("cache", "compile_s", "step_s", "shapes",

@@ -57,7 +57,7 @@ def status():
             fields[key] = int(value.split()[0]) * 1024
     return fields
 import torch, transformers, peft, bitsandbytes  # noqa: E401
-import ftcli.export, ftcli.merge, ftcli.cli
+import ftcli.export.run, ftcli.export.merge, ftcli.cli
 now = status()
 baseline, anon_baseline, anon_peak = now["VmRSS"], now["RssAnon"], [now["RssAnon"]]
 try:

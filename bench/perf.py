@@ -292,7 +292,7 @@ def micro(model_dir: Path, data: Path, rows: int, dtype: str, steps: int) -> lis
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftcli import batching
+    from ftcli.training import batching
     from ftcli.config import build_run_config
     from ftcli.data import load_training_dataset
     from ftcli.models import apply_pad_policy, load_tokenizer

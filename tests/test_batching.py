@@ -9,7 +9,7 @@ import torch
 
 from conftest import losses, read_manifest
 
-from ftcli import batching
+from ftcli.training import batching
 
 TINY = ["--model", "builtin:tiny-llama", "--dataset", "builtin:alpaca-sample"]
 

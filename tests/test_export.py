@@ -289,12 +289,12 @@ def test_non_empty_output_is_refused_and_overwrite_replaces_it(lora_run: Path, c
 
 def test_a_failure_part_way_leaves_no_folder(lora_run: Path, cli, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import ftcli.export
+    import ftcli.export.run
 
     def fail(*args, **kwargs):
         raise OSError("disk full")  # after the shards and the tokenizer are written
 
-    monkeypatch.setattr(ftcli.export, "write_model_card", fail)
+    monkeypatch.setattr(ftcli.export.run, "write_model_card", fail)
     out = tmp_path / "broken"
     with pytest.raises(OSError, match="disk full"):
         cli("export", lora_run, "--output", out)
@@ -310,7 +310,7 @@ def test_a_failure_part_way_leaves_no_folder(lora_run: Path, cli, tmp_path: Path
     def terminate(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)  # ends the export like Ctrl-C: exit 130, temp folder removed
 
-    monkeypatch.setattr(ftcli.export, "write_model_card", terminate)
+    monkeypatch.setattr(ftcli.export.run, "write_model_card", terminate)
     handler = signal.getsignal(signal.SIGTERM)
     result = cli("export", lora_run, "--output", tmp_path / "stopped")
     assert result.exit_code == 130 and "interrupted" in result.stderr
@@ -322,11 +322,11 @@ def test_a_killed_export_leaves_no_folder_and_its_temp_folder_is_cleaned(lora_ru
     out = tmp_path / "killed"
     script = f"""
 import os, signal, sys
-import ftcli.export
+import ftcli.export.run
 from ftcli.cli import app
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)  # no cleanup can run: like a power cut or the OOM killer
-ftcli.export.write_model_card = die
+ftcli.export.run.write_model_card = die
 app(["export", {str(lora_run)!r}, "--output", {str(out)!r}])
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
@@ -347,9 +347,9 @@ app(["export", {str(lora_run)!r}, "--output", {str(out)!r}])
 
 def test_verification_failure_and_no_verify(lora_run: Path, cli, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import ftcli.merge
+    import ftcli.export.merge
 
-    monkeypatch.setitem(ftcli.merge.RELATIVE_TOLERANCE, "float32", -1.0)  # nothing can pass
+    monkeypatch.setitem(ftcli.export.merge.RELATIVE_TOLERANCE, "float32", -1.0)  # nothing can pass
     out = tmp_path / "unverified"
     result = cli("export", lora_run, "--output", out)
     assert result.exit_code == 1

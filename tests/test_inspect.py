@@ -27,7 +27,7 @@ MiB = 1 << 20
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 MEASURE = """
 import json, resource, sys
-from ftcli.train import quiet_libraries
+from ftcli.training.run import quiet_libraries
 quiet_libraries()
 import datasets, peft, torch, transformers, trl  # noqa: F401  (the baseline includes the libraries)
 from ftcli.cli import app
@@ -149,10 +149,10 @@ def test_activation_estimate_matches_the_tensors_autograd_saves(runs: dict, tmp_
 
     from ftcli.config import build_run_config
     from ftcli.data import load_training_dataset
-    from ftcli.estimate import activation_elements_per_token, describe_model
+    from ftcli.inspection.estimate import activation_elements_per_token, describe_model
     from ftcli.methods import METHODS
     from ftcli.models import load_model, load_tokenizer
-    from ftcli.warmup import _warmup_trainer
+    from ftcli.training.warmup import _warmup_trainer
 
     config = build_run_config({"method": "full", "model": str(runs["model"]), "dataset": str(runs["data"]),
                                "batch_size": 8, "seq_length": 256})
@@ -180,7 +180,7 @@ def test_activation_estimate_matches_the_tensors_autograd_saves(runs: dict, tmp_
 
 def test_memory_estimate_against_measured_cpu_peaks(runs: dict) -> None:
     """Whole-process CPU peaks (see the module docstring for the tolerance and why)."""
-    from ftcli.estimate import describe_model, estimate_memory
+    from ftcli.inspection.estimate import describe_model, estimate_memory
 
     info = describe_model(str(runs["model"]))
     measured = {k: v["peak"] - v["baseline"] for k, v in runs["measured"].items()}

@@ -24,7 +24,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import losses, read_manifest
-from ftcli.checkpoints import MARKER, read_marker, resume_command
+from ftcli.training.checkpoints import MARKER, read_marker, resume_command
 
 TINY = ["--model", "builtin:tiny-llama"]
 STEPS = 12

@@ -34,7 +34,7 @@ from ftcli.config import build_run_config
 from ftcli.data import load_training_dataset
 from ftcli.methods import METHODS
 from ftcli.models import load_model, load_tokenizer
-from ftcli.warmup import cache_folder, cache_key_fields, warm_compile_cache
+from ftcli.training.warmup import cache_folder, cache_key_fields, warm_compile_cache
 
 flags, out = json.loads(sys.argv[1]), sys.argv[2]
 config = build_run_config(flags)

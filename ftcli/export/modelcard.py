@@ -14,7 +14,7 @@ from ftcli import __version__
 from ftcli.errors import ModelError
 
 if TYPE_CHECKING:
-    from ftcli.export import ExportOptions, ExportSource
+    from ftcli.export.run import ExportOptions, ExportSource
 
 
 def export_record(src: ExportSource, opts: ExportOptions, merge_into: str, dtype_name: str, comparison: Any,

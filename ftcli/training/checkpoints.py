@@ -4,7 +4,7 @@
     ^C                                   # finishes the step, saves runs/a/checkpoint-N, prints:
     $ ftcli train --method lora --model builtin:tiny-llama --save-steps 50 --output-dir runs/a --resume
 
-    >>> from ftcli.checkpoints import latest_checkpoint
+    >>> from ftcli.training.checkpoints import latest_checkpoint
     >>> latest_checkpoint("runs/a")      # the newest *complete* checkpoint folder, or None
 
 The trainer writes a checkpoint folder (`checkpoint-N`: weights or adapter, optimizer, scheduler,

@@ -1,6 +1,6 @@
 """How examples become batches: length grouping, padding-free rows, packing (see README "Performance").
 
-    >>> from ftcli import batching
+    >>> from ftcli.training import batching
     >>> batching.bucket_length(300, 2048)             # the padded length torch.compile sees
     384
     >>> batching.training_args(config, "cpu")         # SFTConfig arguments

@@ -1,7 +1,7 @@
 """One training run, top to bottom: config -> tokenizer -> data -> model -> method plan -> trainer -> run folder.
 
     >>> from ftcli.config import build_run_config
-    >>> from ftcli.train import run_training
+    >>> from ftcli.training.run import run_training
     >>> result = run_training(build_run_config({"method": "lora", "model": "builtin:tiny-llama",
     ...                                         "dataset": "builtin:alpaca-sample", "max_steps": 5}))
 
@@ -9,7 +9,7 @@ Everything that can fail because of the user's input (flags, data, model, output
 before the run folder is created, so a refused run leaves nothing behind.
 
 Checkpoints (`--save-steps`), `--resume`, Ctrl-C / SIGTERM and the non-finite guard go through the
-trainer's own checkpoint machinery, made safe by ftcli.checkpoints: `_train` runs the trainer under that
+trainer's own checkpoint machinery, made safe by ftcli.training.checkpoints: `_train` runs the trainer under that
 guard and records in the manifest how the run ended (finished, interrupted at step N, failed and why).
 
 Under a launcher (torchrun, or `ftcli train --method fsdp` starting its own ranks) every rank runs
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcli import __version__
-from ftcli.checkpoints import (
+from ftcli.training.checkpoints import (
     NonFiniteError, RunInterrupted, StopRequest, check_compatible, complete_checkpoints, guarded_trainer_class,
     latest_checkpoint, prune_for_resume, read_marker, restore_metrics, resolve_resume, resume_command, run_guard_class,
     run_identity,
@@ -38,7 +38,7 @@ from ftcli.checkpoints import (
 from ftcli.config import RunConfig
 from ftcli.console import console
 from ftcli.errors import EXIT_INTERRUPTED, ConfigError, RunFailed
-from ftcli.runfolder import (
+from ftcli.training.runfolder import (
     CONFIG_COPY, MANIFEST, METRICS, PROBE, check_output_dir, create_run_dir, default_output_dir, write_json_atomic,
 )
 
@@ -126,7 +126,7 @@ def run_training(config: RunConfig, command: list[str] | None = None) -> RunResu
         manifest["resumed_from"] = resumed
         write_json_atomic(out / MANIFEST, manifest)
     if config.compile:
-        from ftcli.warmup import warm_compile_cache
+        from ftcli.training.warmup import warm_compile_cache
 
         try:
             warm_compile_cache(config, plan, tokenizer, dataset, device)
@@ -311,8 +311,8 @@ def _build_trainer(config: RunConfig, plan: Any, tokenizer: Any, dataset: Any, o
     from transformers.integrations import TensorBoardCallback
     from trl import SFTConfig, SFTTrainer
 
-    from ftcli import batching
-    from ftcli.progress import TrainingDisplay
+    from ftcli.training import batching
+    from ftcli.training.progress import TrainingDisplay
 
     model = plan.model
     kwargs: dict[str, Any] = dict(

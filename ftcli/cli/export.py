@@ -51,7 +51,7 @@ def export(
     """Merge a LoRA/QLoRA adapter into its base (or re-save a full fine-tune) as one verified model folder."""
 
     def go() -> None:
-        from ftcli.export import ExportOptions, export_model
+        from ftcli.export.run import ExportOptions, export_model
 
         export_model(ExportOptions(source=source, output=str(output), base=base, revision=revision,
                                    trust_remote_code=trust_remote_code, dtype=dtype, merge_into=merge_into,

@@ -1,7 +1,7 @@
 """Merging LoRA adapters into their base weights in place, and checking the result against the unmerged model.
 
-    >>> from ftcli.merge import attach_adapter, compare, forward_logits, merge_into_weights, reference_logits
-    >>> from ftcli.merge import verification_inputs
+    >>> from ftcli.export.merge import attach_adapter, compare, forward_logits, merge_into_weights, reference_logits
+    >>> from ftcli.export.merge import verification_inputs
     >>> model = attach_adapter(base, "runs/lora-1")            # base + adapter (peft), unmerged
     >>> inputs = verification_inputs(tokenizer, probe_path=None)
     >>> ref = reference_logits(model, inputs)                   # logits of what was trained

@@ -58,7 +58,7 @@ def inspect(
         import json
         import sys
 
-        from ftcli.inspection import InspectOptions, inspect_target, render
+        from ftcli.inspection.views import InspectOptions, inspect_target, render
 
         options = InspectOptions(batch_size=batch_size, seq_length=seq_length,
                                  gradient_checkpointing=gradient_checkpointing, nproc=nproc, gpu_memory=gpu_memory,

@@ -1,6 +1,6 @@
 """The run folder: what `ftcli train` leaves behind, and the rules for writing it.
 
-    >>> from ftcli.runfolder import check_output_dir, write_json_atomic
+    >>> from ftcli.training.runfolder import check_output_dir, write_json_atomic
     >>> out = check_output_dir("runs/lora-1", overwrite=False)   # refuses a non-empty folder
     >>> out = check_output_dir("runs/lora-1", overwrite=False, resume=True)   # accepts a run folder
 
@@ -9,7 +9,7 @@ works), `ftcli_run.json` (the manifest: config, versions, data fingerprint, timi
 status), `ftcli_config.yaml` (the resolved config, reusable with `--config`), `metrics.jsonl`
 (one line per logging step), `probe.safetensors` (logits of the final model on a fixed input),
 `logs/` (TensorBoard events) unless `--log-dir` points elsewhere, and `checkpoint-N/` folders
-(see ftcli.checkpoints) when checkpoints are saved.
+(see ftcli.training.checkpoints) when checkpoints are saved.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def check_output_dir(path: str | Path, overwrite: bool, resume: bool = False) ->
     """Refuse a file, or a non-empty folder unless `overwrite` or `resume`; never create anything here.
 
     With `resume` a non-empty folder is accepted when it is an ftcli run folder (its manifest is there):
-    whether its checkpoint fits this run is checked once the data is loaded (ftcli.checkpoints)."""
+    whether its checkpoint fits this run is checked once the data is loaded (ftcli.training.checkpoints)."""
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise OutputError(f"--output-dir {out} is a file", hint="pass a folder path")
@@ -66,7 +66,7 @@ def check_writable(out: Path, flag: str, beside: bool = False) -> None:
 
 
 def _non_empty_hint(out: Path) -> str:
-    from ftcli.checkpoints import latest_checkpoint
+    from ftcli.training.checkpoints import latest_checkpoint
 
     checkpoint = latest_checkpoint(out)
     if checkpoint is not None:

@@ -1,6 +1,6 @@
 """`ftcli inspect TARGET`: tell what TARGET is and show it, before trusting it with hours of GPU time.
 
-    >>> from ftcli.inspection import InspectOptions, inspect_target
+    >>> from ftcli.inspection.views import InspectOptions, inspect_target
     >>> report = inspect_target("builtin:tiny-llama", InspectOptions(batch_size=4, seq_length=512))
     >>> report["kind"], report["model"]["parameters"]
     ('model', 301120)
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcli.errors import ConfigError, DataError, ModelError
-from ftcli.runfolder import MANIFEST, METRICS, read_json_object
+from ftcli.training.runfolder import MANIFEST, METRICS, read_json_object
 
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
@@ -88,7 +88,7 @@ def inspect_target(target: str, options: InspectOptions | None = None) -> dict[s
 
 def inspect_model(target: str, options: InspectOptions) -> dict[str, Any]:
     from ftcli.config import METHOD_DEFAULTS, METHODS
-    from ftcli.estimate import describe_model, estimate_memory, fits, parse_size
+    from ftcli.inspection.estimate import describe_model, estimate_memory, fits, parse_size
 
     info = describe_model(target)
     gpu = parse_size(options.gpu_memory) if options.gpu_memory else None
@@ -200,7 +200,7 @@ def inspect_run(target: str, options: InspectOptions) -> dict[str, Any]:
 
 def run_checkpoints(folder: Path) -> list[dict[str, Any]]:
     """`checkpoint-N` folders, oldest first; complete only once their marker file exists."""
-    from ftcli.checkpoints import MARKER, PREFIX
+    from ftcli.training.checkpoints import MARKER, PREFIX
 
     found = []
     for path in folder.glob(f"{PREFIX}*"):

@@ -3,7 +3,7 @@
     $ ftcli export runs/lora-1 --output models/lora-1
     $ ftcli export runs/qlora-1 --output models/qlora-1 --dtype bfloat16 --max-shard-size 2GB
 
-    >>> from ftcli.export import ExportOptions, export_model
+    >>> from ftcli.export.run import ExportOptions, export_model
     >>> result = export_model(ExportOptions(source="runs/lora-1", output="models/lora-1"))
     >>> result.comparison.max_difference   # merged vs base + adapter, largest logit difference
 
@@ -15,7 +15,7 @@ card) with nothing to merge. The steps, in the order that keeps one copy of the 
 1. check everything the user can get wrong (source, base, options, output folder) before loading;
 2. load the base in the output dtype (QLoRA: in 4-bit, as trained) and attach the adapter;
 3. run the fixed prompts through base + adapter: the reference logits;
-4. merge in place (`ftcli.merge`), cast, check every weight is finite, run the prompts again and
+4. merge in place (`ftcli.export.merge`), cast, check every weight is finite, run the prompts again and
    compare with a tolerance suited to the dtype;
 5. save shards, config, generation config, tokenizer + chat template and a model card into a
    temporary folder next to DIR, then rename it to DIR. A failed or interrupted export leaves no DIR.
@@ -38,9 +38,9 @@ from typing import Any, Iterator
 
 from ftcli.console import console
 from ftcli.errors import ConfigError, ModelError, OutputError, RunFailed
-from ftcli.merge import model_bytes
-from ftcli.modelcard import export_record, write_model_card
-from ftcli.runfolder import MANIFEST, PROBE, check_writable, read_json_object
+from ftcli.export.merge import model_bytes
+from ftcli.export.modelcard import export_record, write_model_card
+from ftcli.training.runfolder import MANIFEST, PROBE, check_writable, read_json_object
 from ftcli.system import format_bytes, process_alive
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -95,7 +95,7 @@ class ExportResult:
     output: Path
     dtype: str
     merge_into: str
-    comparison: Any  # ftcli.merge.Comparison, or None when not verified
+    comparison: Any  # ftcli.export.merge.Comparison, or None when not verified
     adapter_effect: float | None
     model_bytes: int
     files: list[str] = field(default_factory=list)
@@ -119,7 +119,7 @@ def export_model(opts: ExportOptions) -> ExportResult:
         console.print("[yellow]note:[/] no run manifest: if this adapter was trained with QLoRA, "
                       "pass --merge-into dequantized to merge into the 4-bit weights it was trained against")
     _quiet_libraries()
-    from ftcli.merge import return_freed_memory_promptly
+    from ftcli.export.merge import return_freed_memory_promptly
 
     return_freed_memory_promptly()
     tokenizer = _load_tokenizer(src)
@@ -149,7 +149,7 @@ def build_model(src: ExportSource, merge_into: str, dtype_name: str, device: str
     """Load, take the reference logits, merge in place, cast, check: (model, comparison or None, adapter effect)."""
     import torch
 
-    from ftcli import merge
+    from ftcli.export import merge
     from ftcli.methods import qlora
     from ftcli.models import load_model
 
@@ -195,7 +195,7 @@ def build_model(src: ExportSource, merge_into: str, dtype_name: str, device: str
 def verify_logits(model: Any, inputs: list[Any], ref: list[Any], effect: float | None, dtype_name: str,
                   src: ExportSource) -> Any:
     """Run the prompts through the finished model and compare with the reference; fail beyond the tolerance."""
-    from ftcli import merge
+    from ftcli.export import merge
 
     comparison = merge.compare(merge.forward_logits(model, inputs), ref, dtype_name)
     what = "base + adapter" if src.kind == "adapter" else "the run's probe logits"
@@ -215,7 +215,7 @@ def verify_logits(model: Any, inputs: list[Any], ref: list[Any], effect: float |
 
 def _narrowed(ref: str, dtype_name: str, scratch: Path | None) -> str:
     """`ref`, or a copy of its checkpoint cast to the 16-bit output dtype when it stores wider floats (local only)."""
-    from ftcli import merge
+    from ftcli.export import merge
     from ftcli.models import resolve_model_source
 
     source = resolve_model_source(ref)
@@ -227,7 +227,7 @@ def _narrowed(ref: str, dtype_name: str, scratch: Path | None) -> str:
 
 
 def _probe_reference(probe: Path) -> tuple[list[Any] | None, list[Any]]:
-    from ftcli.merge import read_probe
+    from ftcli.export.merge import read_probe
 
     if not probe.is_file():
         return None, []

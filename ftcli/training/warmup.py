@@ -1,6 +1,6 @@
 """`ftcli warmup`: compile ahead of the run, without touching the weights.
 
-    >>> from ftcli.warmup import warm_compile_cache
+    >>> from ftcli.training.warmup import warm_compile_cache
     >>> warm_compile_cache(config, plan, tokenizer, dataset, "cpu")   # what `train --compile` calls
 
 The model is compiled exactly as the trainer will compile it (the trainer's own
@@ -72,7 +72,7 @@ def model_fingerprint(path: str | Path) -> str:
 
 def cache_key_fields(config: Any, dataset: Any, device: str, torch_dtype: Any) -> dict[str, Any]:
     """What the compiled code depends on; two runs with equal fields share one cache folder."""
-    from ftcli.batching import bucket_length
+    from ftcli.training.batching import bucket_length
     from ftcli.models import resolve_attn_implementation, resolve_model_source
     from ftcli.system import library_versions
 
@@ -194,7 +194,7 @@ def run_warmup(config: Any) -> dict[str, Any]:
     from ftcli.errors import ConfigError
     from ftcli.methods import METHODS
     from ftcli.models import load_model, load_model_config, load_tokenizer, resolve_device
-    from ftcli.train import quiet_libraries
+    from ftcli.training.run import quiet_libraries
 
     if config.method == "fsdp":
         raise ConfigError("ftcli warmup runs in one process, and --method fsdp compiles after sharding, in the run",
@@ -298,7 +298,7 @@ def _warmup_trainer(config: Any, plan: Any, tokenizer: Any, dataset: Any, tmp: P
 
     from transformers import TrainerCallback
 
-    from ftcli.train import _build_trainer
+    from ftcli.training.run import _build_trainer
 
     # A run's guard callback only acts in `trainer.train()`, which warmup never calls: a plain callback stands in.
     extra = [TrainerCallback()] if "guard" in inspect.signature(_build_trainer).parameters else []

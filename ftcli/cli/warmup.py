@@ -16,7 +16,7 @@ def warmup_body(values: dict) -> None:
     and reports compile time, step time, real tokens/s and peak memory (a dry run: does the batch fit?)."""
 
     def go() -> None:
-        from ftcli.warmup import run_warmup
+        from ftcli.training.warmup import run_warmup
 
         run_warmup(run_config_from_flags(values))
 

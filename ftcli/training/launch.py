@@ -58,13 +58,13 @@ def rank_command(argv: list[str], output_dir: Path) -> list[str]:
 def preflight(config: Any) -> Path:
     """What must not race between ranks, done once here: the output-folder check, building a builtin model."""
     from ftcli.models import resolve_model_source
-    from ftcli.runfolder import check_output_dir, default_output_dir
+    from ftcli.training.runfolder import check_output_dir, default_output_dir
 
     out = Path(config.output_dir or default_output_dir(config.method)).expanduser()
     if config.node_rank == 0 and not config.rdzv_endpoint:
         out = check_output_dir(out, config.overwrite, resume=bool(config.resume))
         if config.resume:
-            from ftcli.checkpoints import resolve_resume
+            from ftcli.training.checkpoints import resolve_resume
 
             resolve_resume(config.resume, out)
     resolve_model_source(config.model)
@@ -105,8 +105,8 @@ def launch(config: Any, argv: list[str]) -> None:
 
 
 def _interrupted(out: Path, cause: str) -> Exception:
-    from ftcli.checkpoints import RunInterrupted
-    from ftcli.runfolder import MANIFEST, read_manifest
+    from ftcli.training.checkpoints import RunInterrupted
+    from ftcli.training.runfolder import MANIFEST, read_manifest
 
     manifest = read_manifest(out) if (out / MANIFEST).is_file() else {}
     if manifest.get("status") == "interrupted":
@@ -121,7 +121,7 @@ def _interrupted(out: Path, cause: str) -> Exception:
 
 def mark_failed(out: Path, reason: str) -> None:
     """Rank 0 could not finish the manifest (a rank crashed, or it was killed): say failed, and why."""
-    from ftcli.runfolder import MANIFEST, read_manifest, write_json_atomic
+    from ftcli.training.runfolder import MANIFEST, read_manifest, write_json_atomic
 
     if not (out / MANIFEST).is_file():
         return

@@ -91,7 +91,7 @@ def _run(fn, *args, **kwargs):
         # Messages quote paths, library errors and code: `[...]` in them is text, not Rich markup.
         err_console.print(f"[bold red]error:[/] {escape(exc.one_line())}", soft_wrap=True)
         if os.environ.get("TORCHELASTIC_ERROR_FILE"):
-            from ftcli.launch import record_rank_error
+            from ftcli.training.launch import record_rank_error
 
             record_rank_error(exc.one_line())
         raise typer.Exit(exc.exit_code) from None
@@ -221,14 +221,14 @@ def train(
     values = dict(locals())
 
     def go() -> None:
-        from ftcli.launch import launch, needs_launch
+        from ftcli.training.launch import launch, needs_launch
 
         run_config = run_config_from_flags(values)
         if needs_launch(run_config):
             # This process only starts and watches the ranks; each of them reruns this command and trains.
             launch(run_config, sys.argv[1:])
             return
-        from ftcli.train import run_training
+        from ftcli.training.run import run_training
 
         run_training(run_config, command=["ftcli", *sys.argv[1:]])
 
@@ -284,7 +284,7 @@ def parse_columns(text: str) -> dict[str, str]:
 
 
 # The other commands live in their own modules; importing them registers them on `app`.
-from ftcli import cli_prepare, cli_export, cli_warmup, cli_inspect  # noqa: E402,F401
+import ftcli.cli.prepare, ftcli.cli.export, ftcli.cli.warmup, ftcli.cli.inspect  # noqa: E402,F401
 
 
 def entrypoint() -> None:

@@ -1,6 +1,6 @@
 """The live training display: a progress bar on a terminal, plain lines elsewhere.
 
-    >>> from ftcli.progress import TrainingDisplay
+    >>> from ftcli.training.progress import TrainingDisplay
     >>> trainer.add_callback(TrainingDisplay(device="cpu", metrics_path=run_dir / "metrics.jsonl"))
 
 It shows step/total, loss, learning rate, real (non-padding) tokens/s, ETA and peak memory, and

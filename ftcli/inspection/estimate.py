@@ -1,6 +1,6 @@
 """What a model is and how much memory training it takes, from its config alone (no weights loaded).
 
-    >>> from ftcli.estimate import describe_model, estimate_memory
+    >>> from ftcli.inspection.estimate import describe_model, estimate_memory
     >>> info = describe_model("builtin:tiny-llama")
     >>> info.parameters, info.layers, info.hidden_size
     (301120, 2, 64)
