@@ -25,7 +25,7 @@ from pathlib import Path
 
 REPORT = """
 import json, sys
-from ftcli.cli import run_config_from_flags
+from ftcli.cli.common import run_config_from_flags
 from ftcli.training.warmup import run_warmup
 flags = json.loads(sys.argv[1])
 report = run_warmup(run_config_from_flags(flags))

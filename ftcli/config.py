@@ -17,46 +17,17 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ftcli.errors import ConfigError
+from ftcli.methods import METHODS
 
-METHODS = ("full", "lora", "qlora", "fsdp")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
-LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-# The reference scripts' defaults, per method (see README "Reference scripts").
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "full": {
-        "model": "meta-llama/Llama-3.2-3B-Instruct",
-        "batch_size": 8,
-        "learning_rate": 5e-5,
-        "gradient_checkpointing": False,
-        "lora_target_modules": list(LLAMA_PROJECTIONS),
-    },
-    "lora": {
-        "model": "meta-llama/Llama-3.1-8B-Instruct",
-        "batch_size": 4,
-        "learning_rate": 1e-4,
-        "gradient_checkpointing": False,
-        "lora_target_modules": list(LLAMA_PROJECTIONS),
-    },
-    "qlora": {
-        "model": "meta-llama/Llama-3.1-70B-Instruct",
-        "batch_size": 8,
-        "learning_rate": 1e-4,
-        "gradient_checkpointing": False,
-        "lora_target_modules": ["all-linear"],
-    },
-    "fsdp": {
-        "model": "meta-llama/Llama-3.1-70B-Instruct",
-        "batch_size": 4,
-        "learning_rate": 1e-4,
-        "gradient_checkpointing": True,
-        "lora_target_modules": list(LLAMA_PROJECTIONS),
-    },
-}
+# Each method's defaults of the options that depend on the method (the reference scripts'): declared
+# by the method itself (ftcli/methods/), read here and nowhere else.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {name: dict(m.defaults) for name, m in METHODS.items()}
 
 
 class RunConfig(BaseModel):
@@ -64,7 +35,7 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
-    method: Literal["full", "lora", "qlora", "fsdp"] = "full"
+    method: str = "full"  # a name in ftcli.methods.METHODS
     model: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
@@ -74,7 +45,7 @@ class RunConfig(BaseModel):
 
     dataset: str = "tatsu-lab/alpaca"
     dataset_split: str = "train"
-    dataset_size: int | None = Field(default=500, ge=1)
+    dataset_size: int | None = Field(default=None, ge=1)  # None (`all`): every row
     dataset_revision: str | None = None
     format: Literal["auto", "alpaca", "prompt-completion", "chat", "sharegpt", "text"] = "auto"
     columns: dict[str, str] | None = None  # the data's names for the format's fields, e.g. {"instruction": "question"}
@@ -121,16 +92,40 @@ class RunConfig(BaseModel):
     overwrite: bool = False
     compile: bool = False
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHODS:
+            names = [repr(m) for m in METHODS]
+            raise ValueError(f"Input should be {', '.join(names[:-1])} or {names[-1]}")
+        return value
+
+    @field_validator("dataset_size", mode="before")
+    @classmethod
+    def _rows_or_all(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text == "all":
+                return None
+            if not text.isdigit():
+                raise ValueError("must be a number of rows or 'all'")
+            return int(text)
+        return value
+
     @model_validator(mode="after")
     def _fill_method_defaults(self) -> RunConfig:
+        method = METHODS[self.method]
         for key, value in METHOD_DEFAULTS[self.method].items():
             if getattr(self, key) is None:
                 # object.__setattr__ skips re-validation (validate_assignment would recurse here).
                 object.__setattr__(self, key, value)
-        if self.full_parameters and self.method != "fsdp":
-            raise ValueError("full_parameters applies to --method fsdp only (use --method full on one process)")
-        if (self.nproc_per_node > 1 or self.nnodes > 1) and self.method != "fsdp":
-            raise ValueError(f"--method {self.method} runs in one process; use --method fsdp for "
+        sharded = [m for m, facts in METHODS.items() if facts.shards]
+        if self.full_parameters and not method.shards:
+            raise ValueError(f"full_parameters applies to --method {'/'.join(sharded)} only "
+                             "(use --method full on one process)")
+        if (self.nproc_per_node > 1 or self.nnodes > 1) and not method.multi_process:
+            several = "/".join(m for m, facts in METHODS.items() if facts.multi_process)
+            raise ValueError(f"--method {self.method} runs in one process; use --method {several} for "
                              "--nproc-per-node / --nnodes > 1")
         if self.node_rank >= self.nnodes:
             raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes}")

@@ -126,17 +126,28 @@ def load_tokenizer(ref: str, *, revision: str | None = None, trust_remote_code: 
     return tokenizer
 
 
+PAD_POLICY_ATTR = "ftcli_pad_policy"
+
+
 def apply_pad_policy(tokenizer: Any) -> str:
-    """Give the tokenizer a pad token without ever hiding EOS from the loss.
+    """Give the tokenizer a pad token without ever hiding EOS from the loss; returns what was done.
 
     A tokenizer's own pad token is kept. Without one, pad = EOS (as the reference scripts do),
     which is safe here because ftcli builds labels itself and the collator masks padding by
-    position, never by token id, so every example's final EOS stays in the loss.
+    position, never by token id, so every example's final EOS stays in the loss. The decision is
+    remembered on the tokenizer: asking again reports what was done the first time, not the pad
+    token the first call set.
     """
+    done = getattr(tokenizer, PAD_POLICY_ATTR, None)
+    if done is not None:
+        return done
     if tokenizer.pad_token_id is not None:
-        return "own pad token"
-    tokenizer.pad_token = tokenizer.eos_token
-    return "pad = eos (masked by position)"
+        policy = "own pad token"
+    else:
+        tokenizer.pad_token = tokenizer.eos_token
+        policy = "pad = eos (masked by position)"
+    setattr(tokenizer, PAD_POLICY_ATTR, policy)
+    return policy
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -11,6 +11,7 @@ import os
 import platform
 import resource
 import sys
+from datetime import datetime, timezone
 from importlib import metadata
 
 LIBRARIES = ("ftcli", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "tokenizers")
@@ -43,6 +44,11 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+def utc_now() -> str:
+    """The current time as recorded in manifests and cards: ISO 8601, UTC, whole seconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def process_alive(pid: int) -> bool:

@@ -27,7 +27,7 @@ MiB = 1 << 20
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 MEASURE = """
 import json, resource, sys
-from ftcli.training.run import quiet_libraries
+from ftcli.training.setup import quiet_libraries
 quiet_libraries()
 import datasets, peft, torch, transformers, trl  # noqa: F401  (the baseline includes the libraries)
 from ftcli.cli import app
@@ -229,15 +229,34 @@ def test_run_view(cli, runs: dict) -> None:
     assert report["run"]["status"] == "finished" and report["run"]["metrics"]["steps"] == 2
     assert report["config"]["lora_rank"] == 4 and report["config"]["seq_length"] == 256
     checkpoints = {c["name"]: c["complete"] for c in report["checkpoints"]}
-    assert checkpoints["checkpoint-5"] is True and checkpoints["checkpoint-7"] is False
+    # A marker that lists no files is no marker (the rule resume uses): both are incomplete.
+    assert checkpoints["checkpoint-5"] is False and checkpoints["checkpoint-7"] is False
     curve = report["loss_curve"]
     assert curve["source"] == "tensorboard" and curve["steps"] == [1, 2]
     assert curve["loss"] == pytest.approx(losses(run), rel=1e-5)
     assert report["adapter"]["rank"] == 4
     result = cli("inspect", run)
     assert result.exit_code == 0
-    for text in ("finished", "training loss", "checkpoint-7 (incomplete)", "resolved config"):
-        assert text in result.stdout, text
+    shown = " ".join(result.stdout.replace("│", " ").split())  # table cells wrap at 80 columns
+    for text in ("finished", "training loss", "checkpoint-5 (incomplete), checkpoint-7 (incomplete)",
+                 "resolved config"):
+        assert text in shown, text
+
+
+def test_run_view_calls_a_checkpoint_complete_by_the_rule_resume_uses(cli, small_alpaca: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    flags = ["train", "--method", "lora", "--model", "builtin:tiny-llama", "--dataset", small_alpaca,
+             "--batch-size", "4", "--max-steps", "2", "--save-steps", "1", "--output-dir", run]
+    assert cli(*flags).exit_code == 0
+    assert {c["name"]: c["complete"] for c in _inspect_json(cli, run)["checkpoints"]} == \
+        {"checkpoint-1": True, "checkpoint-2": True}
+    # The marker is there, but a file it lists no longer has its recorded size (a cut-off copy, say).
+    with open(run / "checkpoint-1" / "adapter_model.safetensors", "ab") as fh:
+        fh.write(b"\0")
+    assert {c["name"]: c["complete"] for c in _inspect_json(cli, run)["checkpoints"]} == \
+        {"checkpoint-1": False, "checkpoint-2": True}
+    resumed = cli(*flags, "--resume", run / "checkpoint-1")
+    assert resumed.exit_code == 2 and "is not a complete checkpoint" in resumed.stderr
 
 
 def test_run_view_falls_back_to_metrics_and_shows_failures(cli, runs: dict, tmp_path: Path) -> None:
@@ -288,6 +307,18 @@ def test_dataset_file_view_and_the_prepared_folder_it_leaves(cli, small_alpaca: 
         assert text in result.stdout, text
 
 
+def test_a_text_file_is_inspected_as_train_reads_it(cli, tmp_path: Path) -> None:
+    lines = ["The river runs to the sea.", "", "Stones stay where they are.", "Clouds move on."]
+    data = tmp_path / "notes.txt"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    report = _inspect_json(cli, data)
+    assert report["kind"] == "dataset" and report["data"]["format"] == "text"
+    assert report["data"]["rows"] == report["data"]["rows_read"] == 3  # one example per non-blank line
+    shown = {"".join(p["text"] for p in _inspect_json(cli, data, "--example", str(i))["example"]["pieces"])
+             for i in range(3)}
+    assert shown == {f"<s>{line}</s>" for line in lines if line}  # the whole text is trained, EOS once
+
+
 def test_broken_dataset_targets(cli, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "x", "output": "y"}\n{not json\n')
@@ -313,8 +344,8 @@ def test_unknown_and_unreadable_targets(cli, tmp_path: Path) -> None:
     _one_line_error(cli("inspect", "./nope.jsonl"), 2, "does not exist")
     (tmp_path / "empty").mkdir()
     _one_line_error(cli("inspect", tmp_path / "empty"), 2, "cannot tell what")
-    (tmp_path / "notes.txt").write_text("hello")
-    _one_line_error(cli("inspect", tmp_path / "notes.txt"), 2, "cannot tell what")
+    (tmp_path / "notes.md").write_text("hello")  # .txt is data (as for train); other suffixes are not
+    _one_line_error(cli("inspect", tmp_path / "notes.md"), 2, "cannot tell what")
     _one_line_error(cli("inspect", "someone/not-downloaded"), 4, "someone/not-downloaded")
     _one_line_error(cli("inspect", "builtin:gpt-17"), 4, "builtin")
     broken_run = tmp_path / "run"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,45 @@ def test_failed_run_is_recorded(cli, tmp_path: Path, small_alpaca: Path, monkeyp
     manifest = read_manifest(out)
     assert manifest["status"] == "failed" and "simulated crash" in manifest["error"]
     assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_dataset_size_defaults_to_every_row_and_the_data_line_says_so(cli, tmp_path: Path) -> None:
+    rows = [{"instruction": f"Repeat {i}.", "input": "", "output": f"{i}"} for i in range(620)]
+    data = tmp_path / "many.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    common = ["train", "--method", "lora", *TINY, "--dataset", data, "--max-steps", "1", "--seq-length", "64"]
+    every = cli(*common, "--output-dir", tmp_path / "every")
+    assert every.exit_code == 0, every.stderr
+    assert "620 rows read, all of them selected, 620 examples used" in " ".join(every.stdout.split())
+    manifest = read_manifest(tmp_path / "every")
+    assert manifest["config"]["dataset_size"] is None and manifest["data"]["rows_used"] == 620
+    some = cli(*common, "--dataset-size", "500", "--output-dir", tmp_path / "some")
+    assert "620 rows read, the first 500 selected, 500 examples used" in " ".join(some.stdout.split())
+    assert read_manifest(tmp_path / "some")["data"]["rows_used"] == 500
+    (tmp_path / "run.yaml").write_text("dataset_size: all\n")
+    assert cli(*common, "--dataset-size", "all", "--output-dir", tmp_path / "all").exit_code == 0
+    assert read_manifest(tmp_path / "all")["data"]["rows_used"] == 620
+    bad = cli(*common, "--dataset-size", "many", "--output-dir", tmp_path / "bad")
+    assert bad.exit_code == 2 and "--dataset-size: must be a number of rows or 'all'" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+    from ftcli.config import build_run_config
+
+    assert build_run_config({}, config_file=tmp_path / "run.yaml").dataset_size is None
+
+
+def test_pad_policy_records_what_was_done(cli, tmp_path: Path, tiny_model_dir: Path, small_alpaca: Path) -> None:
+    """A tokenizer without a pad token gets pad = EOS, and the manifest says so (it once said "own pad token")."""
+    no_pad = tmp_path / "no-pad"
+    shutil.copytree(tiny_model_dir, no_pad)
+    settings = json.loads((no_pad / "tokenizer_config.json").read_text())
+    settings.pop("pad_token")
+    (no_pad / "tokenizer_config.json").write_text(json.dumps(settings))
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(no_pad)).pad_token is None  # the copy really has none
+    for model, expected in ((no_pad, "pad = eos (masked by position)"), ("builtin:tiny-llama", "own pad token")):
+        out = tmp_path / f"run-{expected[:3]}"
+        result = cli("train", "--method", "full", "--model", model, "--dataset", small_alpaca, "--max-steps", "1",
+                     "--output-dir", out)
+        assert result.exit_code == 0, result.stderr
+        assert read_manifest(out)["resolved"]["pad_policy"] == expected

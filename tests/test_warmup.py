@@ -125,6 +125,19 @@ def test_second_train_compile_finds_the_cache(warmed: dict, tmp_path: Path) -> N
     assert read_manifest(out)["metrics"]["steps"] == 2
 
 
+def test_warmup_command_in_a_fresh_process_prints_its_own_lines_only(warmed: dict) -> None:
+    """`ftcli warmup` as a user runs it: its own output from the first line (no library noise, such as
+    bitsandbytes' note about optional CPU kernels), the data line, and the warm cache found."""
+    flags = {k: v for k, v in FLAGS.items() if k not in ("compile", "max_steps")}
+    cmd = [sys.executable, "-m", "ftcli", "warmup", *_cli_flags(flags), "--dataset", str(warmed["data"])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("ftcli warmup method=full"), proc.stdout[:300]
+    assert proc.stderr.strip() == "", proc.stderr
+    assert "8 rows read, all of them selected, 8 examples used" in proc.stdout
+    assert f"warm: {warmed['folder']}" in " ".join(proc.stdout.split()).replace("│", "")
+
+
 def test_warmup_command_options_and_errors(cli, tmp_path: Path) -> None:
     result = cli("warmup", "--help")
     assert result.exit_code == 0 and "--batch-size" in result.stdout and "--seq-length" in result.stdout

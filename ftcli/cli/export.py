@@ -1,8 +1,8 @@
-"""`ftcli export`: registered on the app by importing this module (see ftcli/cli.py).
+"""`ftcli export`: registered in ftcli/cli/__init__.py.
 
     $ ftcli export runs/lora-1 --output models/lora-1 --dtype bfloat16 --max-shard-size 2GB
 
-The work happens in ftcli/export.py (imported inside the command, so `ftcli --help` stays light).
+The work happens in ftcli/export/ (imported inside the command, so `ftcli --help` stays light).
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from ftcli.cli import _run, app
+from ftcli.cli.common import run_guarded
 
 SOURCE = "Source"
 OUT = "Output"
 
 
-@app.command()
 def export(
     source: Annotated[str, typer.Argument(
         help="A run folder from `ftcli train` or an adapter folder (adapter_config.json).", show_default=False)],
@@ -57,4 +56,7 @@ def export(
                                    trust_remote_code=trust_remote_code, dtype=dtype, merge_into=merge_into,
                                    max_shard_size=max_shard_size, device=device, verify=verify, overwrite=overwrite))
 
-    _run(go)
+    run_guarded(go)
+
+
+command = export

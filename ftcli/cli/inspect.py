@@ -3,7 +3,7 @@
     $ ftcli inspect meta-llama/Llama-3.1-8B-Instruct --seq-length 4096 --gpu-memory 80GB
     $ ftcli inspect runs/lora-20250101-120000 --json
 
-Registered on the app by importing this module (see ftcli/cli.py); heavy imports stay in the body.
+Registered in ftcli/cli/__init__.py; heavy imports stay in the body.
 """
 
 from __future__ import annotations
@@ -12,17 +12,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from ftcli.cli import _run, app
+from ftcli.cli.common import run_guarded
 
 ESTIMATE = "Memory estimate (models)"
 DATA = "Datasets (files, built-in samples, prepared folders)"
 
 
-@app.command()
 def inspect(
     target: Annotated[str, typer.Argument(
         help="A model (hub id, folder, builtin:tiny-llama), a LoRA adapter folder, a run folder, a prepared "
-             "dataset folder or a dataset file (.json/.jsonl/.csv/.parquet).", show_default=False)],
+             "dataset folder or a dataset file (.json/.jsonl/.csv/.parquet/.txt).", show_default=False)],
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
     batch_size: Annotated[Optional[int], typer.Option(
         help="Per-device batch size. [default: each method's default]", rich_help_panel=ESTIMATE, min=1)] = None,
@@ -58,7 +57,8 @@ def inspect(
         import json
         import sys
 
-        from ftcli.inspection.views import InspectOptions, inspect_target, render
+        from ftcli.inspection.detect import InspectOptions, inspect_target
+        from ftcli.inspection.render import render
 
         options = InspectOptions(batch_size=batch_size, seq_length=seq_length,
                                  gradient_checkpointing=gradient_checkpointing, nproc=nproc, gpu_memory=gpu_memory,
@@ -77,4 +77,7 @@ def inspect(
             console.quiet = False
         sys.stdout.write(json.dumps(report, default=str) + "\n")
 
-    _run(go)
+    run_guarded(go)
+
+
+command = inspect

@@ -3,8 +3,8 @@
     $ ftcli prepare --model builtin:tiny-llama --dataset data.jsonl --seq-length 512
     $ ftcli train --method lora --model builtin:tiny-llama --dataset data.jsonl --seq-length 512   # reuses it
 
-Registered on the app by importing this module (see ftcli/cli.py). Heavy imports stay inside
-the command body so `ftcli --help` stays fast.
+Registered in ftcli/cli/__init__.py. Heavy imports stay inside the command body so `ftcli --help`
+stays fast.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ftcli.cli import DATA, _run, app, run_config_from_flags, train
+from ftcli.cli.common import DATA, run_config_from_flags, run_guarded, with_default, with_train_options
 
 
-def prepare(**values: Any) -> None:
+def prepare(values: dict) -> None:
     """Format, tokenize and cache a dataset; `ftcli train` with the same flags reuses it.
 
     Takes the same flags as `train` (only the data, model and --seq-length/--seed/--batch-size ones
@@ -38,7 +38,7 @@ def prepare(**values: Any) -> None:
                                    num_proc=num_proc, use_cache=not config.overwrite)
         print_prepared(prepared, config)
 
-    _run(go)
+    run_guarded(go)
 
 
 def print_prepared(prepared: Any, config: Any) -> None:
@@ -77,17 +77,10 @@ def print_prepared(prepared: Any, config: Any) -> None:
         console.print(f"[yellow]note:[/] {note}")
 
 
-def _signature() -> inspect.Signature:
-    """`train`'s options plus --num-proc."""
-    params = list(inspect.signature(train, eval_str=True).parameters.values())
-    params.append(inspect.Parameter(
-        "num_proc", inspect.Parameter.KEYWORD_ONLY, default=None,
-        annotation=Annotated[Optional[int], typer.Option(
-            help="Tokenizer processes. [default: 1 below 20,000 rows or on 2 cores, else one per core "
-                 "(at most 8); env FTCLI_NUM_PROC]", rich_help_panel=DATA)]))
-    return inspect.Signature(params)
+NUM_PROC = inspect.Parameter(
+    "num_proc", inspect.Parameter.KEYWORD_ONLY, default=None,
+    annotation=Annotated[Optional[int], typer.Option(
+        help=with_default("Tokenizer processes.", default="1 below 20,000 rows or on 2 cores, else one per core "
+                          "(at most 8); env FTCLI_NUM_PROC"), rich_help_panel=DATA)])
 
-
-prepare.__signature__ = _signature()  # type: ignore[attr-defined]
-prepare.__annotations__ = {p.name: p.annotation for p in prepare.__signature__.parameters.values()}  # type: ignore
-app.command()(prepare)
+command = with_train_options(prepare, NUM_PROC)

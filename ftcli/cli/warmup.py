@@ -2,15 +2,15 @@
 
     $ ftcli warmup --method lora --model builtin:tiny-llama --dataset builtin:alpaca-sample --batch-size 8
 
-Takes exactly `train`'s options; registered on the app by importing this module (see ftcli/cli.py).
+Takes exactly `train`'s options; registered in ftcli/cli/__init__.py.
 """
 
 from __future__ import annotations
 
-from ftcli.cli import _run, app, run_config_from_flags, with_train_options
+from ftcli.cli.common import run_config_from_flags, run_guarded, with_train_options
 
 
-def warmup_body(values: dict) -> None:
+def warmup(values: dict) -> None:
     """Compile the model for the run these options describe, ahead of it: forward and backward on every
     batch shape, no optimizer step (the weights are untouched). Caches the compiled code for `train --compile`
     and reports compile time, step time, real tokens/s and peak memory (a dry run: does the batch fit?)."""
@@ -20,7 +20,7 @@ def warmup_body(values: dict) -> None:
 
         run_warmup(run_config_from_flags(values))
 
-    _run(go)
+    run_guarded(go)
 
 
-app.command("warmup")(with_train_options(warmup_body))
+command = with_train_options(warmup)

@@ -28,6 +28,7 @@ from typing import Any
 
 from ftcli import __version__
 from ftcli.errors import DataError
+from ftcli.files import write_json_atomic
 from ftcli.paths import ftcli_home
 from ftcli.system import process_alive
 
@@ -136,9 +137,7 @@ def remove_stale_builds(parent: Path) -> None:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    tmp = folder / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / MANIFEST_NAME)
+    write_json_atomic(folder / MANIFEST_NAME, manifest)
 
 
 def publish(tmp: Path, final: Path, replace: bool = False) -> Path:

@@ -45,7 +45,6 @@ import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -57,6 +56,7 @@ from ftcli.data.pipeline import DROP_EMPTY, DROP_NO_RESPONSE, DROP_TOO_LONG, INV
 from ftcli.data.sources import LoadedRows, load_rows, source_fingerprint
 from ftcli.data.templates import TemplateSpec, resolve_template
 from ftcli.errors import ConfigError, DataError, OutputError
+from ftcli.system import utc_now
 
 MAP_BATCH = 1000
 # Below this many rows another process costs more (start-up, pickling the tokenizer, writing
@@ -307,7 +307,7 @@ def _manifest(config: Any, tokenizer: Any, loaded: LoadedRows, fields: dict[str,
         "layout": cache.LAYOUT_VERSION,
         "complete": True,
         "ftcli_version": __version__,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": utc_now(),
         "key": key,
         "key_fields": fields,
         "options": {"tokenizer": fields["tokenizer"], "seq_length": config.seq_length,

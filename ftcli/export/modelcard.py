@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,17 +13,17 @@ from ftcli import __version__
 from ftcli.errors import ModelError
 
 if TYPE_CHECKING:
-    from ftcli.export.run import ExportOptions, ExportSource
+    from ftcli.export.source import ExportOptions, ExportSource
 
 
 def export_record(src: ExportSource, opts: ExportOptions, merge_into: str, dtype_name: str, comparison: Any,
                   effect: float | None, files: list[str]) -> dict[str, Any]:
-    from ftcli.system import library_versions
+    from ftcli.system import library_versions, utc_now
 
     manifest = src.manifest or {}
     return {
         "ftcli_version": __version__,
-        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "exported_at": utc_now(),
         "source": str(src.path.absolute()),
         "source_kind": "run" if src.manifest else "adapter",
         "method": src.method,

@@ -203,36 +203,36 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
                     gradient_checkpointing: bool = False, nproc: int = 1, dtype: str | None = None,
                     lora_rank: int = 8, lora_targets: list[str] | None = None) -> MemoryEstimate:
     """Peak training memory per process for `method`, from the model's shapes alone."""
-    from ftcli.config import LLAMA_PROJECTIONS
+    from ftcli.methods import METHODS
 
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method}", hint=f"use one of: {', '.join(METHODS)}")
+    facts = METHODS[method]
     dtype = dtype or info.dtype
     if dtype not in DTYPE_BYTES:
         raise ConfigError(f"--dtype {dtype} has no known size", hint=f"use one of: {', '.join(DTYPE_BYTES)}")
     width = DTYPE_BYTES[dtype]
     total = info.parameters
     notes: list[str] = []
-    if method == "full":
+    targets = lora_targets or list(facts.defaults["lora_target_modules"])
+    if not facts.trains_adapter:
         trainable = total
         weights = total * width
         grads = trainable * width
-    elif method in ("lora", "fsdp"):
-        targets = lora_targets or list(LLAMA_PROJECTIONS)
+    elif not facts.loads_4bit:
         trainable = lora_parameters(info, lora_rank, targets)
         weights = total * width + trainable * width
         grads = trainable * width
-    elif method == "qlora":
-        targets = lora_targets or ["all-linear"]
+    else:
         trainable = lora_parameters(info, lora_rank, targets)
         linear = sum(i * o * n for i, o, n in info.linear_layers.values())
         # Linear layers in 4-bit; embeddings, norms and lm_head in --dtype; adapters in bfloat16 (TRL's rule).
         weights = int(linear * NF4_BYTES_PER_PARAM) + (total - linear) * width + trainable * 2
         grads = trainable * 2
         notes.append("linear layers in 4-bit NF4 with double quantisation")
-    else:
-        raise ConfigError(f"unknown method {method}", hint="use full, lora, qlora or fsdp")
     # AdamW keeps two moments per trainable weight in its dtype; the foreach step adds about one more
     # temporary of that size while it runs.
-    state_width = 2 if method == "qlora" else width
+    state_width = 2 if facts.loads_4bit else width
     optimizer = 3 * trainable * state_width
     tokens = batch_size * seq_length
     activations = int(activation_elements_per_token(info, gradient_checkpointing) * tokens * width)
@@ -240,11 +240,12 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
     activations += 2 * min(tokens, LOGIT_TILE_TOKENS) * min(info.vocab_size, LOGIT_TILE_VOCAB) * 4
     # The attention mask SDPA gets with padding: one byte per (query, key) pair of each row.
     activations += batch_size * seq_length * seq_length
-    if method == "fsdp" and nproc > 1:
+    if facts.shards and nproc > 1:
         weights, grads, optimizer = weights // nproc, grads // nproc, optimizer // nproc
         notes.append(f"weights, gradients and optimizer state sharded over {nproc} processes")
     elif nproc > 1:
-        notes.append(f"{method} runs in one process; --nproc applies to fsdp")
+        sharded = "/".join(name for name, m in METHODS.items() if m.shards)
+        notes.append(f"{method} runs in one process; --nproc applies to {sharded}")
     return MemoryEstimate(method=method, trainable_parameters=trainable, weights_bytes=int(weights),
                           gradients_bytes=int(grads), optimizer_bytes=int(optimizer),
                           activations_bytes=int(activations),

@@ -17,6 +17,9 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+from ftcli.methods import full, lora
+from ftcli.methods.base import LLAMA_PROJECTIONS, Method
+
 # Collectives that wait longer than this are a stuck rank, not slow work: fail instead of hanging.
 COLLECTIVE_TIMEOUT_S = 600
 
@@ -48,8 +51,6 @@ def decoder_layer_classes(model: Any) -> list[str]:
 
 
 def plan(config: Any, model: Any) -> Any:
-    from ftcli.methods import full, lora
-
     layers = decoder_layer_classes(model)
     base = full.plan(config, model) if config.full_parameters else lora.plan(config, model)
     base.training_args = {
@@ -113,3 +114,14 @@ def fsdp_trainer_class() -> type:
             self.accelerator.wait_for_everyone()
 
     return FsdpTrainer
+
+
+METHOD = Method(
+    name="fsdp",
+    summary="sharded across processes and machines (LoRA, or --full-parameters)",
+    trains_adapter=True, uses_lora=True, loads_4bit=False, shards=True, multi_process=True,
+    defaults={"model": "meta-llama/Llama-3.1-70B-Instruct", "batch_size": 4, "learning_rate": 1e-4,
+              "gradient_checkpointing": True, "lora_target_modules": list(LLAMA_PROJECTIONS)},
+    plan=plan,
+    load_options=load_options,
+)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from ftcli.errors import ConfigError
+from ftcli.methods.base import LLAMA_PROJECTIONS, Method, MethodPlan, count_parameters
 
 
 def linear_module_names(model: Any) -> list[str]:
@@ -20,8 +21,6 @@ def linear_module_names(model: Any) -> list[str]:
 
 def plan(config: Any, model: Any) -> Any:
     from peft import LoraConfig, get_peft_model
-
-    from ftcli.methods import MethodPlan, count_parameters
 
     available = linear_module_names(model)
     targets = list(config.lora_target_modules)
@@ -45,3 +44,13 @@ def plan(config: Any, model: Any) -> Any:
     peft_model = get_peft_model(model, lora_config)
     trainable, total = count_parameters(peft_model)
     return MethodPlan(model=peft_model, saves="adapter", trainable_parameters=trainable, total_parameters=total)
+
+
+METHOD = Method(
+    name="lora",
+    summary="LoRA adapters on a frozen base",
+    trains_adapter=True, uses_lora=True, loads_4bit=False, shards=False, multi_process=False,
+    defaults={"model": "meta-llama/Llama-3.1-8B-Instruct", "batch_size": 4, "learning_rate": 1e-4,
+              "gradient_checkpointing": False, "lora_target_modules": list(LLAMA_PROJECTIONS)},
+    plan=plan,
+)

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ftcli.methods import lora
+from ftcli.methods.base import Method
+
 
 def quantization_config(torch_dtype: Any) -> Any:
     """NF4 with double quantization; compute and storage in `torch_dtype`."""
@@ -40,8 +43,6 @@ def load_options(config: Any, device: str) -> dict[str, Any]:
 
 def plan(config: Any, model: Any) -> Any:
     from peft import prepare_model_for_kbit_training
-
-    from ftcli.methods import lora
 
     model = prepare_model_for_kbit_training(
         model,
@@ -67,3 +68,14 @@ def keep_cpu_inference_in_compute_dtype(model: Any) -> int:
             module.support_avx512bf16_for_cpu = False
             changed += 1
     return changed
+
+
+METHOD = Method(
+    name="qlora",
+    summary="LoRA adapters on a 4-bit NF4 base",
+    trains_adapter=True, uses_lora=True, loads_4bit=True, shards=False, multi_process=False,
+    defaults={"model": "meta-llama/Llama-3.1-70B-Instruct", "batch_size": 8, "learning_rate": 1e-4,
+              "gradient_checkpointing": False, "lora_target_modules": ["all-linear"]},
+    plan=plan,
+    load_options=load_options,
+)

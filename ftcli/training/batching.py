@@ -102,7 +102,9 @@ def liger_available() -> bool:
 def use_fused_adamw(config: Any, device: str) -> bool:
     """Fused AdamW on CPU and CUDA; FSDP keeps the per-tensor kernel (its sharded parameters are DTensors),
     and so does --compile (with the fused kernel, Inductor's cache stays empty and `ftcli warmup` cannot help)."""
-    return device.split(":")[0] in ("cpu", "cuda") and config.method != "fsdp" and not config.compile
+    from ftcli.methods import METHODS
+
+    return device.split(":")[0] in ("cpu", "cuda") and not METHODS[config.method].shards and not config.compile
 
 
 def training_args(config: Any, device: str) -> dict[str, Any]:

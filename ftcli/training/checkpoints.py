@@ -1,4 +1,4 @@
-"""Checkpoints that can be trusted, exact resume, Ctrl-C / SIGTERM and the non-finite guard.
+"""Checkpoints that can be trusted: completion markers, discovery, rotation and resume checks.
 
     $ ftcli train --method lora --model builtin:tiny-llama --save-steps 50 --output-dir runs/a
     ^C                                   # finishes the step, saves runs/a/checkpoint-N, prints:
@@ -12,67 +12,37 @@ RNG states, trainer state) and resumes from one (`resume_from_checkpoint`: weigh
 scheduler, RNG, and the position in the data, mid-epoch included). ftcli adds what makes that safe:
 
 - a checkpoint counts only once `ftcli_checkpoint.json` exists in it: written last, after every
-  file of the folder is on disk (fsynced), naming each file and its size; discovery, resume and
-  rotation trust nothing else, so a folder half-written by a crash is skipped;
+  file of the folder is on disk (fsynced), naming each file and its size; discovery, resume,
+  rotation and `inspect` trust nothing else (`complete_checkpoints`), so a folder half-written by a
+  crash is skipped;
 - ftcli's own rotation (`--save-total-limit`) counts complete checkpoints only and never deletes
   the newest one;
 - resuming refuses a checkpoint whose method, model, data, batch size, accumulation, seed or number
-  of processes differ from the run's, listing each difference (`--force` resumes anyway);
-- the first SIGINT/SIGTERM stops after the current optimizer step with a checkpoint, all ranks at
-  the same step; a second one stops at once;
-- a non-finite loss or gradient stops the run before the optimizer applies it, so nothing after
-  the last good checkpoint is ever saved;
-- with FSDP, every rank reads the checkpoint's gathered weights and optimizer state and keeps its
-  shards (accelerate's own loader deadlocks there), and each epoch's sampler is set explicitly, as a
-  mid-epoch resume across processes would otherwise replay the first epoch's order.
+  of processes differ from the run's, listing each difference (`--force` resumes anyway).
 
-Two debug environment variables, read here only, let tests hit exact moments: `FTCLI_DEBUG_NAN_AT_STEP=K`
-turns the loss of optimizer step K into NaN; `FTCLI_DEBUG_STEP_DELAY=S` sleeps S seconds after each
-optimizer step, so a test can kill a run between two given steps.
-"""
+Signals, the non-finite guard and FSDP resume loading live in ftcli/training/guard.py."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
-import signal
-import threading
-import time
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ftcli.errors import EXIT_INTERRUPTED, ConfigError, FtcliError, OutputError
+from ftcli.errors import ConfigError, OutputError
+from ftcli.files import fsync_tree, write_json_atomic
 
 MARKER = "ftcli_checkpoint.json"
 METRICS_COPY = "ftcli_metrics.jsonl"  # metrics.jsonl up to this checkpoint, restored on resume
 PREFIX = "checkpoint-"
 MARKER_FORMAT = 1
-NAN_ENV = "FTCLI_DEBUG_NAN_AT_STEP"
-DELAY_ENV = "FTCLI_DEBUG_STEP_DELAY"
 
 # What must not change between a checkpoint and the run that resumes it: each changes what the
 # remaining steps compute (the data order, the examples in an optimizer step, the random draws).
 IDENTITY_FIELDS = ("method", "model", "data_fingerprint", "batch_size", "gradient_accumulation_steps", "seed",
                    "processes")
-
-
-class RunInterrupted(FtcliError):
-    """The run stopped on a signal, after saving a checkpoint it can resume from."""
-
-    exit_code = EXIT_INTERRUPTED
-
-
-class NonFiniteError(Exception):
-    """Raised inside the training loop when a step's loss or gradient is not finite."""
-
-    def __init__(self, step: int, what: str):
-        super().__init__(f"non-finite {what} at step {step}")
-        self.step = step
-        self.what = what
 
 
 def run_identity(config: Any, data_fingerprint: str, processes: int) -> dict[str, Any]:
@@ -170,27 +140,6 @@ def prune_for_resume(out: Path, step: int) -> list[str]:
 
 # ---- writing checkpoints ----
 
-def _fsync_tree(folder: Path) -> dict[str, int]:
-    """fsync every file under `folder` and the folders themselves; return {relative name: size}."""
-    files: dict[str, int] = {}
-    for root, _dirs, names in os.walk(folder):
-        for name in names:
-            path = Path(root) / name
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-            files[str(path.relative_to(folder))] = path.stat().st_size
-        _fsync_dir(Path(root))
-    return files
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def mark_complete(folder: Path, step: int, epoch: float, identity: dict[str, Any],
                   metrics: list[dict[str, Any]]) -> None:
     """Finish a checkpoint the trainer wrote: drop its pickled arguments, add the metrics so far,
@@ -200,15 +149,9 @@ def mark_complete(folder: Path, step: int, epoch: float, identity: dict[str, Any
     (folder / MARKER).unlink(missing_ok=True)
     with open(folder / METRICS_COPY, "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in metrics if r.get("step", 0) <= step)
-    files = _fsync_tree(folder)
+    files = fsync_tree(folder)
     marker = {"format": MARKER_FORMAT, "step": step, "epoch": round(epoch, 6), "run": identity, "files": files}
-    tmp = folder / f".{MARKER}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(marker, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, folder / MARKER)
-    _fsync_dir(folder)
+    write_json_atomic(folder / MARKER, marker, durable=True)
 
 
 def unmark(folder: Path) -> None:
@@ -258,274 +201,3 @@ def resume_command(command: list[str], out: Path) -> str:
             continue
         args.append(arg)
     return shlex.join([*args, "--output-dir", str(out), "--resume"])
-
-
-# ---- signals ----
-
-class StopRequest:
-    """First SIGINT/SIGTERM: ask the run to stop after the current step. Second: stop at once."""
-
-    def __init__(self, announce: Any = None):
-        self.signal: int | None = None
-        self.announce = announce
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signals reach the main thread only; an embedding caller keeps its own handling
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal is None:
-            self.signal = signum
-            if self.announce:
-                self.announce(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-                              "(press Ctrl-C again to stop at once)", soft_wrap=True)
-            return
-        self.restore()
-        raise KeyboardInterrupt
-
-
-# ---- the trainer side: stop flags, non-finite guard, markers ----
-
-def debug_nan_step() -> int | None:
-    value = os.environ.get(NAN_ENV, "").strip()
-    return int(value) if value.isdigit() else None
-
-
-def debug_step_delay() -> float:
-    try:
-        return max(0.0, float(os.environ.get(DELAY_ENV, "0") or 0))
-    except ValueError:
-        return 0.0
-
-
-def guarded_trainer_class(base: type) -> type:
-    """`base` (an SFTTrainer) that records each micro-batch loss for `RunGuard`, and injects the debug NaN."""
-    nan_step = debug_nan_step()
-
-    class Guarded(base):  # type: ignore[misc,valid-type]
-        ftcli_losses: list[Any]
-
-        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
-            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                          num_items_in_batch=num_items_in_batch)
-            if nan_step is not None and self.state.global_step + 1 == nan_step:
-                if isinstance(result, tuple):
-                    return (result[0] * float("nan"), *result[1:])
-                return result * float("nan")
-            return result
-
-        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-            if checkpoint is None or not getattr(self, "is_fsdp_enabled", False):
-                super()._load_optimizer_and_scheduler(checkpoint)
-                return
-            _load_fsdp_optimizer(self, Path(checkpoint))
-
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-            if getattr(self, "is_fsdp_enabled", False):
-                _load_fsdp_weights(model if model is not None else self.model, Path(resume_from_checkpoint))
-                return
-            # peft loads an adapter back in float32 whatever it was saved in; a run whose adapters train in
-            # bfloat16 (4-bit bases) would then continue differently from the uninterrupted run.
-            target = model if model is not None else self.model
-            dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-            for name, param in target.named_parameters():
-                if name in dtypes and param.dtype != dtypes[name]:
-                    param.data = param.data.to(dtypes[name])
-
-        def training_step(self, *args: Any, **kwargs: Any) -> Any:
-            loss = super().training_step(*args, **kwargs)
-            self.__dict__.setdefault("ftcli_losses", []).append(loss.detach())
-            return loss
-
-    Guarded.__name__ = Guarded.__qualname__ = f"Guarded{base.__name__}"
-    return Guarded
-
-
-def _load_fsdp_weights(model: Any, checkpoint: Path) -> None:
-    """Every rank reads the checkpoint's gathered weights and keeps its own shards.
-
-    (accelerate's loader has rank 0 broadcast them, and the other ranks, holding an empty state dict,
-    never join that broadcast: the run deadlocks.)"""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    name = "adapter_model.safetensors" if (checkpoint / "adapter_model.safetensors").is_file() else "model.safetensors"
-    saved = load_file(str(checkpoint / name))
-    wanted = {}
-    for key in model.state_dict():
-        # peft saves adapter weights without the adapter's name (".default").
-        plain = re.sub(r"\.default(?=\.)", "", key)
-        for candidate in (key, plain, plain.removeprefix("base_model.model.")):
-            if candidate in saved:
-                wanted[key] = saved[candidate]
-                break
-    set_model_state_dict(model, wanted, options=StateDictOptions(full_state_dict=True, strict=False))
-
-
-def _load_fsdp_optimizer(trainer: Any, checkpoint: Path) -> None:
-    """Every rank reads the full optimizer state (rank 0 wrote it) and keeps its shards; then the scheduler."""
-    import torch
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    state = torch.load(checkpoint / "optimizer.bin", map_location="cpu", weights_only=True)
-    set_optimizer_state_dict(trainer.model, trainer.optimizer, state,
-                             options=StateDictOptions(full_state_dict=True))
-    trainer.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-
-
-def _world() -> tuple[bool, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return True, dist.get_world_size()
-    return False, 1
-
-
-def _agree(flags: list[float]) -> list[float]:
-    """Element-wise max of `flags` over all ranks (every rank must call this at the same point)."""
-    import torch
-    import torch.distributed as dist
-
-    on, size = _world()
-    if not on or size == 1:
-        return flags
-    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor(flags, dtype=torch.float32, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value.tolist()
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    on, size = _world()
-    if on and size > 1:
-        dist.barrier()
-
-
-def _local_grads_finite(model: Any) -> Any:
-    """Whether every local gradient is finite, in one fused pass: the largest |g| of each tensor is
-    NaN or inf exactly when the tensor holds one (no sum of squares that could overflow)."""
-    import torch
-
-    grads = []
-    for param in model.parameters():
-        grad = param.grad
-        if grad is None:
-            continue
-        local = grad.to_local() if hasattr(grad, "to_local") else grad
-        if local.numel():
-            grads.append(local)
-    if not grads:
-        return torch.tensor(True)
-    largest = torch._foreach_norm(grads, ord=float("inf"))
-    return torch.stack([x.float() for x in largest]).isfinite().all()
-
-
-@lru_cache(maxsize=1)
-def run_guard_class() -> type:
-    """The `RunGuard` trainer callback (built on first use: importing this module must stay light)."""
-    from transformers import TrainerCallback
-
-    class RunGuard(TrainerCallback):  # type: ignore[misc,valid-type]
-        """Once per optimizer step, before the optimizer applies it: are the loss and gradients finite, and
-        has any rank been asked to stop? One all-reduce makes every rank take the same decision."""
-
-        def __init__(self, out: Path, identity: dict[str, Any], stop: StopRequest, *, save_total_limit: int | None,
-                     epoch_saves: bool, display: Any, restored_metrics: list[dict[str, Any]] | None = None):
-            self.out = out
-            self.identity = identity
-            self.stop = stop
-            self.save_total_limit = save_total_limit
-            self.epoch_saves = epoch_saves
-            self.display = display
-            self.restored_metrics = restored_metrics or []
-            self.trainer: Any = None
-            self.stopping = False
-            self.stopped_at: int | None = None
-            self.last_saved: Path | None = None
-            self.last_saved_step: int | None = None
-            self.removed: list[str] = []
-            self.delay = debug_step_delay()
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            # Registered after the display, which has just started metrics.jsonl afresh: put back the steps
-            # the resumed checkpoint had already logged, so the file (and the manifest) covers the whole run.
-            if self.restored_metrics and state.is_world_process_zero:
-                path = self.display.metrics_path
-                if path is not None:
-                    with open(path, "w", encoding="utf-8") as fh:
-                        fh.writelines(json.dumps(r) + "\n" for r in self.restored_metrics)
-                self.display.history = list(self.restored_metrics)
-
-        def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            # On a mid-epoch resume the trainer wraps the loader to skip the batches already seen, and with
-            # several processes its set_epoch no longer reaches the sampler under accelerate's batch-sampler
-            # shard: the epoch would replay epoch 0's order. Set it on every sampler in the chain here.
-            epoch = int(state.epoch or 0)
-            pending, seen = [kwargs.get("train_dataloader")], set()
-            while pending:
-                obj = pending.pop()
-                if obj is None or id(obj) in seen:
-                    continue
-                seen.add(id(obj))
-                if hasattr(obj, "set_epoch") and not hasattr(obj, "dataset"):
-                    obj.set_epoch(epoch)
-                pending += [getattr(obj, name, None) for name in ("batch_sampler", "sampler", "base_dataloader")]
-
-        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            import torch
-
-            losses = getattr(self.trainer, "ftcli_losses", None) or []
-            self.trainer.ftcli_losses = []
-            loss_ok = torch.stack([torch.isfinite(x).all() for x in losses]).all() if losses else torch.tensor(True)
-            grads_ok = _local_grads_finite(kwargs["model"])
-            bad_loss, bad_grad, stop = _agree([float(not bool(loss_ok)), float(not bool(grads_ok)),
-                                               float(self.stop.requested)])
-            step = state.global_step + 1
-            if bad_loss:
-                raise NonFiniteError(step, "loss")
-            if bad_grad:
-                raise NonFiniteError(step, "gradient")
-            if stop and not self.stopping:
-                self.stopping = True
-                self.stopped_at = step
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if self.delay:
-                time.sleep(self.delay)
-            if self.stopping:
-                control.should_save = True
-                control.should_training_stop = True
-            if control.should_save and state.is_world_process_zero:
-                unmark(self.out / f"{PREFIX}{state.global_step}")
-
-        def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if self.epoch_saves and self.last_saved_step != state.global_step and state.global_step > 0:
-                control.should_save = True
-                if state.is_world_process_zero:
-                    unmark(self.out / f"{PREFIX}{state.global_step}")
-
-        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            folder = self.out / f"{PREFIX}{state.global_step}"
-            _barrier()  # every rank's files (RNG states, shards) are written before rank 0 marks the folder
-            if state.is_world_process_zero:
-                mark_complete(folder, state.global_step, state.epoch or 0.0, self.identity, self.display.history)
-                self.removed += rotate(self.out, self.save_total_limit)
-            self.last_saved, self.last_saved_step = folder, state.global_step
-
-    return RunGuard

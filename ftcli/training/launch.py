@@ -33,7 +33,10 @@ def under_launcher() -> bool:
 
 
 def needs_launch(config: Any) -> bool:
-    return config.method == "fsdp" and not under_launcher()
+    """Whether this process starts the ranks (a multi-process method, not already under a launcher)."""
+    from ftcli.methods import METHODS
+
+    return METHODS[config.method].multi_process and not under_launcher()
 
 
 def launcher_args(config: Any) -> list[str]:
@@ -105,7 +108,7 @@ def launch(config: Any, argv: list[str]) -> None:
 
 
 def _interrupted(out: Path, cause: str) -> Exception:
-    from ftcli.training.checkpoints import RunInterrupted
+    from ftcli.training.guard import RunInterrupted
     from ftcli.training.runfolder import MANIFEST, read_manifest
 
     manifest = read_manifest(out) if (out / MANIFEST).is_file() else {}
@@ -121,17 +124,18 @@ def _interrupted(out: Path, cause: str) -> Exception:
 
 def mark_failed(out: Path, reason: str) -> None:
     """Rank 0 could not finish the manifest (a rank crashed, or it was killed): say failed, and why."""
-    from ftcli.training.runfolder import MANIFEST, read_manifest, write_json_atomic
+    from ftcli.files import write_json_atomic
+    from ftcli.system import utc_now
+    from ftcli.training.runfolder import MANIFEST, read_manifest
 
     if not (out / MANIFEST).is_file():
         return
     manifest = read_manifest(out)
     if manifest.get("status") != "running":
         return
-    from datetime import datetime, timezone
 
     manifest.update(status="failed", error=reason,
-                    ended_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                    ended_at=utc_now())
     write_json_atomic(out / MANIFEST, manifest)
 
 

@@ -1,6 +1,6 @@
 """The run folder: what `ftcli train` leaves behind, and the rules for writing it.
 
-    >>> from ftcli.training.runfolder import check_output_dir, write_json_atomic
+    >>> from ftcli.training.runfolder import check_output_dir
     >>> out = check_output_dir("runs/lora-1", overwrite=False)   # refuses a non-empty folder
     >>> out = check_output_dir("runs/lora-1", overwrite=False, resume=True)   # accepts a run folder
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -86,31 +85,5 @@ def create_run_dir(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON so that a reader sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False, default=str)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / MANIFEST).read_text(encoding="utf-8"))
-
-
-def read_json_object(path: Path, hint: str) -> dict[str, Any]:
-    """A JSON object ftcli wrote (manifest, adapter config, marker): a ModelError naming the file if damaged."""
-    from ftcli.errors import ModelError
-
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {path}: {exc}", hint=hint) from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path} does not hold a JSON object", hint=hint)
-    return data

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcli.console import console
+from ftcli.files import write_atomic
 from ftcli.paths import ftcli_home
 
 MARKER = "warmup.json"
@@ -93,7 +94,9 @@ def cache_key_fields(config: Any, dataset: Any, device: str, torch_dtype: Any) -
         "attn_implementation": resolve_attn_implementation(config.attn_implementation, device, torch_dtype),
         "versions": {k: versions[k] for k in ("python", "torch", "transformers", "trl", "peft", "ftcli")},
     }
-    if config.method in ("lora", "qlora", "fsdp"):
+    from ftcli.methods import METHODS
+
+    if METHODS[config.method].uses_lora:
         fields["lora"] = {"rank": config.lora_rank, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
                           "targets": sorted(config.lora_target_modules or [])}
     return fields
@@ -149,27 +152,18 @@ def save_artifacts(folder: Path, report: dict[str, Any]) -> None:
     saved = torch.compiler.save_cache_artifacts()
     data = saved[0] if saved is not None else b""
     report["artifacts"] = _count_artifacts(saved[1]) if saved is not None else 0
-    _write_atomic(folder / ARTIFACTS, data)
-    _write_atomic(folder / MARKER, (json.dumps(report, indent=2, default=str) + "\n").encode())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(folder / ARTIFACTS, data)
+    write_atomic(folder / MARKER, json.dumps(report, indent=2, default=str) + "\n")
 
 
 def warm_compile_cache(config: Any, plan: Any, tokenizer: Any, dataset: Any, device: str) -> dict[str, Any]:
     """Called by `train --compile` before the trainer is built: load the key's cache if it is warm,
     otherwise warm it up first (forward + backward on the run's shapes, no optimizer step)."""
-    if config.method == "fsdp":
+    from ftcli.methods import METHODS
+
+    if METHODS[config.method].shards:
         # The sharded model is compiled after `fully_shard`, inside the trainer; it compiles in the run.
-        console.print("compile: fsdp compiles during the run (no ahead-of-time warmup across processes)")
+        console.print(f"compile: {config.method} compiles during the run (no ahead-of-time warmup across processes)")
         return {"cache": "none"}
     fields = cache_key_fields(config, dataset, device, plan.model.dtype)
     folder = cache_folder(fields)
@@ -188,39 +182,26 @@ def warm_compile_cache(config: Any, plan: Any, tokenizer: Any, dataset: Any, dev
 
 def run_warmup(config: Any) -> dict[str, Any]:
     """`ftcli warmup`: load like `train`, then compile and measure (dry run) with the key's cache."""
-    from transformers import set_seed
-
-    from ftcli.data import load_training_dataset
     from ftcli.errors import ConfigError
     from ftcli.methods import METHODS
-    from ftcli.models import load_model, load_model_config, load_tokenizer, resolve_device
-    from ftcli.training.run import quiet_libraries
+    from ftcli.training.setup import set_up
 
-    if config.method == "fsdp":
-        raise ConfigError("ftcli warmup runs in one process, and --method fsdp compiles after sharding, in the run",
+    if METHODS[config.method].shards:
+        raise ConfigError(f"ftcli warmup runs in one process, and --method {config.method} compiles after sharding, "
+                          "in the run",
                           hint="warm up with --method lora (same model and shapes) or use train --compile directly")
-    quiet_libraries()
     # Warmup compiles whether or not the options say --compile: the trainer is built as `train --compile` builds it.
     config = config.model_copy(update={"compile": True})
-    device = resolve_device(config.device)
-    console.print(f"[bold]ftcli warmup[/] method={config.method} model={config.model} dataset={config.dataset}")
-    load_model_config(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
-    tokenizer = load_tokenizer(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
-    dataset, data_report = load_training_dataset(config, tokenizer)
-    set_seed(config.seed)
-    method = METHODS[config.method]
-    model = load_model(config.model, dtype=config.dtype, device=device, attn_implementation=config.attn_implementation,
-                       revision=config.revision, trust_remote_code=config.trust_remote_code,
-                       **method.load_options(config, device))
-    plan = method.plan(config, model)
+    ready = set_up(config, "warmup")
+    plan, dataset, device = ready.plan, ready.dataset, ready.device
     fields = cache_key_fields(config, dataset, device, plan.model.dtype)
     folder = cache_folder(fields)
     use_cache_folder(folder)
     warm = is_warm(folder)
     loaded = load_artifacts(folder) if warm else 0
-    report = dry_run(config, plan, tokenizer, dataset, device)
+    report = dry_run(config, plan, ready.tokenizer, dataset, device)
     report.update(cache="warm" if warm else "cold", folder=str(folder), key=fields, artifacts_loaded=loaded,
-                  rows=data_report.rows_used, trainable_parameters=plan.trainable_parameters)
+                  rows=ready.report.rows_used, trainable_parameters=plan.trainable_parameters)
     if not warm:
         save_artifacts(folder, report)
     print_report(report)
@@ -293,16 +274,12 @@ def dry_run(config: Any, plan: Any, tokenizer: Any, dataset: Any, device: str) -
 
 
 def _warmup_trainer(config: Any, plan: Any, tokenizer: Any, dataset: Any, tmp: Path, device: str) -> Any:
-    """The trainer `train` builds, with its arguments, collator and trainer class, writing only into `tmp`."""
-    import inspect
+    """The trainer `train` builds, with its arguments, collator and trainer class, writing only into `tmp`.
 
-    from transformers import TrainerCallback
+    Without the run's guard: it only acts in `trainer.train()`, which warmup never calls."""
+    from ftcli.training.trainer import build_trainer
 
-    from ftcli.training.run import _build_trainer
-
-    # A run's guard callback only acts in `trainer.train()`, which warmup never calls: a plain callback stands in.
-    extra = [TrainerCallback()] if "guard" in inspect.signature(_build_trainer).parameters else []
-    trainer, _ = _build_trainer(config, plan, tokenizer, dataset, tmp, tmp / "logs", device, *extra)
+    trainer, _ = build_trainer(config, plan, tokenizer, dataset, tmp, tmp / "logs", device)
     return trainer
 
 

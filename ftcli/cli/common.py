@@ -1,0 +1,320 @@
+"""What every command shares: the error wrapper, the help panels and `train`'s option set.
+
+    >>> from ftcli.cli.common import run_guarded, with_train_options, run_config_from_flags
+    >>> def warmup(values: dict) -> None:
+    ...     "Compile ahead of the run."
+    ...     run_guarded(lambda: run_warmup(run_config_from_flags(values)))
+    >>> command = with_train_options(warmup)   # a Typer command with exactly `train`'s flags
+
+Command modules import from here and never from each other. Heavy libraries are imported only
+inside command bodies, so `ftcli --help` stays fast and free of torch. Help texts show each
+option's default, generated from the config and the methods' declared defaults; a
+`[default: ...]` note is escaped, or Rich would read it as markup and drop it.
+"""
+
+import inspect
+import os
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.markup import escape
+
+from ftcli.config import METHOD_DEFAULTS, RunConfig
+from ftcli.methods import METHODS
+from ftcli.methods.base import LLAMA_PROJECTIONS
+
+DATA = "Data"
+MODEL = "Model"
+TRAIN = "Training"
+LORA = "LoRA"
+OUTPUT = "Output"
+DIST = "Processes and machines"
+
+state = {"debug": False}
+
+
+def _hide_switch_types(command: Any, ctx: Any) -> None:
+    """A switch (`--overwrite`, `--help`) takes no value: show no `<bool>` type placeholder next to it."""
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+
+
+class FtcliCommand(typer.core.TyperCommand):
+    """Every ftcli command: its help shows no type placeholder on switches."""
+
+    def format_help(self, ctx, formatter) -> None:
+        _hide_switch_types(self, ctx)
+        super().format_help(ctx, formatter)
+
+
+class FtcliGroup(typer.core.TyperGroup):
+    """The command group, letting `--resume` stand alone: a bare `--resume` (last, or followed by another
+    option) means `--resume latest`. Click options take a value or none, never an optional one."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, bare_resume_to_latest(args))
+
+    def format_help(self, ctx, formatter) -> None:
+        _hide_switch_types(self, ctx)
+        super().format_help(ctx, formatter)
+
+
+def bare_resume_to_latest(args: list[str]) -> list[str]:
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return out + args[i:]
+        out.append(arg)
+        if arg == "--resume" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append("latest")
+    return out
+
+
+def run_guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a command body; a user-caused `FtcliError` becomes one line on stderr and its exit code."""
+    from ftcli.console import err_console
+    from ftcli.errors import EXIT_INTERRUPTED, FtcliError
+
+    try:
+        return fn(*args, **kwargs)
+    except FtcliError as exc:
+        if state["debug"]:
+            raise
+        # Messages quote paths, library errors and code: `[...]` in them is text, not Rich markup.
+        err_console.print(f"[bold red]error:[/] {escape(exc.one_line())}", soft_wrap=True)
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            from ftcli.training.launch import record_rank_error
+
+            record_rank_error(exc.one_line())
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+# ---- defaults in help texts -------------------------------------------------------------------------
+
+
+def format_default(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        if value and abs(value) < 1e-3:
+            mantissa, exponent = f"{value:e}".split("e")
+            return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        if tuple(value) == LLAMA_PROJECTIONS:
+            return "the seven Llama projections"
+        return ",".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+def default_text(key: str) -> str:
+    """`8 full/qlora, 4 lora/fsdp` for a per-method option, else RunConfig's own default."""
+    if key in next(iter(METHOD_DEFAULTS.values())):
+        groups: dict[str, list[str]] = {}
+        for method, defaults in METHOD_DEFAULTS.items():
+            groups.setdefault(format_default(defaults[key]), []).append(method)
+        if len(groups) == 1:
+            return next(iter(groups))
+        return ", ".join(f"{value} {'/'.join(methods)}" for value, methods in groups.items())
+    return format_default(RunConfig.model_fields[key].default)
+
+
+def with_default(text: str, key: str | None = None, default: str | None = None) -> str:
+    """`text [default: ...]`, the note escaped so that Rich prints it instead of reading it as markup."""
+    note = default if default is not None else default_text(key or "")
+    return f"{text} {escape(f'[default: {note}]')}"
+
+
+def method_help() -> str:
+    listing = "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
+    return with_default(f"{' | '.join(METHODS)}. {listing}.", "method")
+
+
+# ---- train's options (shared by train, prepare, warmup) ---------------------------------------------
+
+
+def train_options(
+    method: Annotated[Optional[str], typer.Option(help=method_help(), rich_help_panel=TRAIN)] = None,
+    model: Annotated[Optional[str], typer.Option(
+        help=with_default("Hub id, local folder or builtin:tiny-llama.", "model"), rich_help_panel=MODEL)] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) of the model.",
+                                                    rich_help_panel=MODEL)] = None,
+    trust_remote_code: Annotated[Optional[bool], typer.Option(
+        "--trust-remote-code", help=with_default("Run code shipped with the model.", "trust_remote_code"),
+        rich_help_panel=MODEL)] = None,
+    dtype: Annotated[Optional[str], typer.Option(
+        help=with_default("auto | float32 | float16 | bfloat16. auto: bfloat16 on CUDA, float32 on CPU.", "dtype"),
+        rich_help_panel=MODEL)] = None,
+    device: Annotated[Optional[str], typer.Option(help=with_default("auto | cpu | cuda | cuda:N.", "device"),
+                                                  rich_help_panel=MODEL)] = None,
+    attn_implementation: Annotated[Optional[str], typer.Option(
+        help=with_default("auto | sdpa | eager | flash_attention_2. auto: FlashAttention 2 when installed on CUDA, "
+                          "else SDPA.", "attn_implementation"), rich_help_panel=MODEL)] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help=with_default("Hub id, local .jsonl/.json/.csv/.parquet/.txt file, folder, glob, builtin:alpaca-sample "
+                          "or a prepared folder.", "dataset"), rich_help_panel=DATA)] = None,
+    dataset_split: Annotated[Optional[str], typer.Option(help=with_default("Split of a hub dataset.", "dataset_split"),
+                                                         rich_help_panel=DATA)] = None,
+    dataset_size: Annotated[Optional[str], typer.Option(
+        metavar="N|all", help=with_default("Use the first N rows (or all), then shuffle with --seed.",
+                                           default="all"), rich_help_panel=DATA)] = None,
+    dataset_revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) of the dataset.",
+                                                            rich_help_panel=DATA)] = None,
+    format: Annotated[Optional[str], typer.Option(
+        "--format", help=with_default("auto | alpaca | prompt-completion | chat | sharegpt | text. auto: detected "
+                                      "from the columns.", "format"), rich_help_panel=DATA)] = None,
+    columns: Annotated[Optional[str], typer.Option(
+        help="Map the format's fields to your column names, e.g. instruction=question,output=answer.",
+        rich_help_panel=DATA)] = None,
+    template: Annotated[Optional[str], typer.Option(
+        help=with_default("auto | alpaca | model (the model's chat template) | path to a Jinja file. auto: Alpaca "
+                          "template for Alpaca data, the model's chat template for chat data.", "template"),
+        rich_help_panel=DATA)] = None,
+    train_on_inputs: Annotated[Optional[bool], typer.Option(
+        "--train-on-inputs", help=with_default("Put the prompt in the loss too (the reference scripts' behaviour).",
+                                               default="off: only the response and its EOS"),
+        rich_help_panel=DATA)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=with_default("Per-device batch size.", "batch_size"),
+                                                      rich_help_panel=TRAIN)] = None,
+    seq_length: Annotated[Optional[int], typer.Option(help=with_default("Maximum tokens per example.", "seq_length"),
+                                                      rich_help_panel=TRAIN)] = None,
+    num_epochs: Annotated[Optional[float], typer.Option(help=with_default("Epochs.", "num_epochs"),
+                                                        rich_help_panel=TRAIN)] = None,
+    max_steps: Annotated[Optional[int], typer.Option(
+        help=with_default("Stop after N optimizer steps (overrides epochs).", default="none: --num-epochs"),
+        rich_help_panel=TRAIN)] = None,
+    gradient_accumulation_steps: Annotated[Optional[int], typer.Option(
+        help=with_default("Micro-batches per optimizer step.", "gradient_accumulation_steps"),
+        rich_help_panel=TRAIN)] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(
+        "--learning-rate", "--lr", help=with_default("Peak learning rate.", "learning_rate"),
+        rich_help_panel=TRAIN)] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help=with_default("Recompute activations to save memory.", "gradient_checkpointing"),
+        rich_help_panel=TRAIN)] = None,
+    seed: Annotated[Optional[int], typer.Option(help=with_default("Seed for shuffling and training.", "seed"),
+                                                rich_help_panel=TRAIN)] = None,
+    group_by_length: Annotated[Optional[bool], typer.Option(
+        "--group-by-length/--no-group-by-length",
+        help=with_default("Batch examples of similar length together (less padding).", "group_by_length"),
+        rich_help_panel=TRAIN)] = None,
+    padding_free: Annotated[Optional[bool], typer.Option(
+        "--padding-free/--no-padding-free", help=with_default(
+            "Concatenate each batch into one padding-free row.", default="on with flash_attention_2, else off"),
+        rich_help_panel=TRAIN)] = None,
+    packing: Annotated[Optional[bool], typer.Option(
+        "--packing/--no-packing",
+        help=with_default("Pack several examples into each --seq-length row (no cross-attention).", "packing"),
+        rich_help_panel=TRAIN)] = None,
+    compile: Annotated[Optional[bool], typer.Option(
+        "--compile", help=with_default("torch.compile the model (compiles during the first steps; no throw-away "
+                                       "training).", "compile"), rich_help_panel=TRAIN)] = None,
+    lora_rank: Annotated[Optional[int], typer.Option(help=with_default("LoRA rank r.", "lora_rank"),
+                                                     rich_help_panel=LORA)] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(help=with_default("LoRA alpha.", "lora_alpha"),
+                                                        rich_help_panel=LORA)] = None,
+    lora_dropout: Annotated[Optional[float], typer.Option(help=with_default("LoRA dropout.", "lora_dropout"),
+                                                          rich_help_panel=LORA)] = None,
+    lora_target_modules: Annotated[Optional[str], typer.Option(
+        help=with_default("Comma-separated module names, or all-linear.", "lora_target_modules"),
+        rich_help_panel=LORA)] = None,
+    full_parameters: Annotated[Optional[bool], typer.Option(
+        "--full-parameters", help=with_default("fsdp: train every weight instead of LoRA adapters.",
+                                               "full_parameters"), rich_help_panel=DIST)] = None,
+    nproc_per_node: Annotated[Optional[int], typer.Option(
+        help=with_default("fsdp: processes to start on this machine (one per GPU).", "nproc_per_node"),
+        rich_help_panel=DIST)] = None,
+    nnodes: Annotated[Optional[int], typer.Option(help=with_default("fsdp: number of machines.", "nnodes"),
+                                                  rich_help_panel=DIST)] = None,
+    node_rank: Annotated[Optional[int], typer.Option(
+        help=with_default("fsdp: rank of this machine, 0..nnodes-1.", "node_rank"), rich_help_panel=DIST)] = None,
+    master_addr: Annotated[Optional[str], typer.Option(help=with_default("fsdp: address of machine 0.", "master_addr"),
+                                                       rich_help_panel=DIST)] = None,
+    master_port: Annotated[Optional[int], typer.Option(help=with_default("fsdp: port on machine 0.", "master_port"),
+                                                       rich_help_panel=DIST)] = None,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option(
+        help="fsdp: host:port of a c10d rendezvous (instead of --master-addr/--master-port).",
+        rich_help_panel=DIST)] = None,
+    save_steps: Annotated[Optional[int], typer.Option(
+        help=with_default("Save a checkpoint every N optimizer steps and at the end of each epoch.",
+                          default="none; Ctrl-C / SIGTERM always save one"), rich_help_panel=OUTPUT)] = None,
+    save_total_limit: Annotated[Optional[int], typer.Option(
+        help=with_default("Keep at most N checkpoints (the newest complete one is never deleted).",
+                          default="keep all"), rich_help_panel=OUTPUT)] = None,
+    resume: Annotated[Optional[str], typer.Option(
+        metavar="[PATH]",
+        help="Resume from the latest complete checkpoint in --output-dir (bare `--resume`) or from PATH "
+        "(a checkpoint-N folder or a run folder). Refused when the method, model, data, batch size, "
+        "accumulation or seed differ, unless --force.", rich_help_panel=OUTPUT)] = None,
+    force: Annotated[Optional[bool], typer.Option(
+        "--force", help="Resume even though the config differs from the checkpoint's.", rich_help_panel=OUTPUT)] = None,
+    output_dir: Annotated[Optional[Path], typer.Option(
+        help=with_default("Run folder: model/adapter, tokenizer, manifest, logs.", default="runs/<method>-<time>"),
+        rich_help_panel=OUTPUT)] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a non-empty --output-dir.",
+                                                      rich_help_panel=OUTPUT)] = None,
+    log_dir: Annotated[Optional[Path], typer.Option(help=with_default("TensorBoard folder.", default="<output-dir>/logs"),
+                                                    rich_help_panel=OUTPUT)] = None,
+    logging_steps: Annotated[Optional[int], typer.Option(help=with_default("Log every N steps.", "logging_steps"),
+                                                         rich_help_panel=OUTPUT)] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="YAML file with the same keys as these flags (snake_case); flags override it.",
+        rich_help_panel=OUTPUT)] = None,
+) -> None:
+    """The option set of `train` (and of every command that takes train's options); never run itself."""
+
+
+TRAIN_SIGNATURE = inspect.signature(train_options)
+
+
+def with_train_options(body: Callable[[dict], Any], *extra: inspect.Parameter) -> Callable[..., Any]:
+    """A command function with exactly `train`'s options (plus `extra`), calling `body(values)` with them.
+
+    `values` maps each option name to what was given (None when not given); turn it into a
+    RunConfig with `run_config_from_flags(values)`. The command's help is `body`'s docstring."""
+    def command(**values: Any) -> Any:
+        return body(values)
+
+    signature = TRAIN_SIGNATURE.replace(parameters=[*TRAIN_SIGNATURE.parameters.values(), *extra])
+    command.__signature__ = signature  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+    command.__doc__ = body.__doc__
+    command.__name__ = body.__name__
+    return command
+
+
+def run_config_from_flags(values: dict) -> RunConfig:
+    """The `train` options as given (None = not given) + `--config` file -> a validated RunConfig."""
+    from ftcli.config import build_run_config
+
+    flags = {k: v for k, v in values.items() if k != "config" and v is not None}
+    if "columns" in flags:
+        flags["columns"] = parse_columns(flags["columns"])
+    if "lora_target_modules" in flags:
+        flags["lora_target_modules"] = [m.strip() for m in flags["lora_target_modules"].split(",") if m.strip()]
+    for key in ("output_dir", "log_dir"):
+        if key in flags:
+            flags[key] = str(flags[key])
+    return build_run_config(flags, config_file=values.get("config"))
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """`instruction=question,output=answer` -> {"instruction": "question", "output": "answer"}."""
+    from ftcli.errors import ConfigError
+
+    mapping: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        field, sep, column = part.partition("=")
+        if not sep or not field.strip() or not column.strip():
+            raise ConfigError(f"--columns: '{part}' is not FIELD=COLUMN",
+                              hint="write e.g. --columns instruction=question,output=answer")
+        mapping[field.strip()] = column.strip()
+    return mapping

@@ -1,0 +1,201 @@
+"""Drawing an `inspect` report (the plain dict of ftcli/inspection/views.py) with Rich.
+
+    >>> from ftcli.inspection.detect import inspect_target
+    >>> from ftcli.inspection.render import render
+    >>> render(inspect_target("builtin:tiny-llama"))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def render(report: dict[str, Any]) -> None:
+    """Draw a report with Rich on the ftcli console."""
+    from ftcli.console import console
+
+    kind = report["kind"]
+    console.print(f"[bold]{report['target']}[/]: {kind}")
+    {"model": _render_model, "adapter": _render_adapter, "run": _render_run, "prepared": _render_data,
+     "dataset": _render_data, "compile_cache": _render_compile_cache}[kind](report)
+
+
+def _kv_table(title: str, rows: list[tuple[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    for key, value in rows:
+        table.add_row(key, "-" if value is None else str(value))
+    return table
+
+
+def _render_model(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from ftcli.console import console
+    from ftcli.system import format_bytes
+
+    m = report["model"]
+    console.print(_kv_table("model (from its config; no weights loaded)", [
+        ("architecture", f"{m['architecture']} ({m['model_type']})"),
+        ("parameters", f"{m['parameters']:,}"),
+        ("layers", m["layers"]), ("hidden size", m["hidden_size"]),
+        ("intermediate size", m["intermediate_size"]),
+        ("attention heads / kv heads", f"{m['heads']} / {m['kv_heads']} (head dim {m['head_dim']})"),
+        ("vocabulary", f"{m['vocab_size']:,}"), ("context length", m["context_length"]),
+        ("dtype (config)", m["dtype"]), ("tied embeddings", m["tied_embeddings"]),
+        ("chat template", "yes" if m["chat_template"] else "no"),
+    ]))
+    mem = report["memory"]
+    gpu = mem["gpu_memory_bytes"]
+    title = (f"training memory per process, estimated: seq length {mem['seq_length']}, {mem['dtype']}, "
+             f"{mem['nproc']} process(es)" + (f", GPU {format_bytes(gpu)}" if gpu else ""))
+    table = Table(title=title, title_justify="left")
+    for column in ("method", "batch", "grad ckpt", "trainable", "weights", "gradients", "optimizer",
+                   "activations", "total"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    if gpu:
+        table.add_column("fits")
+    for est in mem["methods"]:
+        row = [est["method"], str(est["batch_size"]), "on" if est["gradient_checkpointing"] else "off",
+               f"{est['trainable_parameters']:,}", format_bytes(est["weights_bytes"]),
+               format_bytes(est["gradients_bytes"]), format_bytes(est["optimizer_bytes"]),
+               format_bytes(est["activations_bytes"]), f"[bold]{format_bytes(est['total_bytes'])}"]
+        if gpu:
+            row.append("[green]yes" if est["fits"] else "[red]no")
+        table.add_row(*row)
+    console.print(table)
+    console.print("AdamW, weights in the given dtype; qlora: NF4 base. The verdict keeps 10% + 1 GiB for the CUDA "
+                  "context and allocator slack. `ftcli warmup` measures the real peak.")
+
+
+def _render_compile_cache(report: dict[str, Any]) -> None:
+    from ftcli.console import console
+    from ftcli.system import format_bytes
+
+    c = report["compile_cache"]
+    key = c.get("key") or {}
+    console.print(_kv_table("compile cache (ftcli warmup)", [
+        ("method, batch size, seq length", f"{key.get('method')}, {key.get('batch_size')}, {key.get('seq_length')}"),
+        ("dtype, device", f"{key.get('dtype')}, {key.get('device')}"),
+        ("model fingerprint", key.get("model")),
+        ("torch", (key.get("versions") or {}).get("torch")),
+        ("shapes warmed", ", ".join("x".join(map(str, s)) for s in c.get("shapes") or [])),
+        ("cold compile time", f"{c['compile_s']:.2f} s" if c.get("compile_s") is not None else None),
+        ("steady step time", f"{c['step_s'] * 1000:.1f} ms" if c.get("step_s") is not None else None),
+        ("portable artefacts", format_bytes(c["artifacts_bytes"]) if c.get("artifacts_bytes") is not None else None),
+        ("Inductor cache", format_bytes(c["inductor_bytes"])),
+    ]))
+
+
+def _render_adapter(report: dict[str, Any]) -> None:
+    from ftcli.console import console
+
+    console.print(_adapter_table(report["adapter"]))
+
+
+def _adapter_table(a: dict[str, Any]) -> Any:
+    from ftcli.system import format_bytes
+
+    trainable = a["trainable_parameters"]
+    return _kv_table("adapter", [
+        ("base model", a["base_model"]), ("type", a["peft_type"]), ("rank", a["rank"]), ("alpha", a["alpha"]),
+        ("dropout", a["dropout"]), ("target modules", ", ".join(a["target_modules"] or [])),
+        ("trainable parameters", f"{trainable:,} in {a['tensors']} tensors" if trainable is not None else None),
+        ("size on disk", format_bytes(a["size_bytes"])),
+    ])
+
+
+def _render_run(report: dict[str, Any]) -> None:
+    from ftcli.console import console
+    from ftcli.system import format_bytes
+
+    run = report["run"]
+    colour = {"finished": "green", "interrupted": "yellow", "failed": "red"}.get(run["status"], "cyan")
+    rows: list[tuple[str, Any]] = [("status", f"[{colour}]{run['status']}[/]"
+                                    + (f": {run['error']}" if run.get("error") else ""))]
+    cfg = report.get("config") or {}
+    rows += [("method", cfg.get("method")), ("model", cfg.get("model")), ("dataset", cfg.get("dataset")),
+             ("started / ended", f"{run['started_at']} / {run['ended_at'] or '-'}"),
+             ("device, dtype", f"{run['device']}, {run['dtype']}"),
+             ("parameters", f"{run['trainable_parameters']:,} trainable of {run['total_parameters']:,}"
+              if run.get("total_parameters") else None),
+             ("data", f"{run['data'].get('rows_used')} examples, {run['data'].get('tokens')} tokens, "
+                      f"{run['data'].get('truncated')} truncated")]
+    metrics = run.get("metrics") or {}
+    for key in ("steps", "train_loss", "train_runtime", "real_tokens_per_second"):
+        if metrics.get(key) is not None:
+            rows.append((key, metrics[key]))
+    if metrics.get("peak_memory_bytes"):
+        rows.append((metrics.get("peak_memory_kind", "peak memory"), format_bytes(metrics["peak_memory_bytes"])))
+    checkpoints = report["checkpoints"]
+    rows.append(("checkpoints", ", ".join(c["name"] + ("" if c["complete"] else " (incomplete)")
+                                          for c in checkpoints) or "none"))
+    console.print(_kv_table("run", rows))
+    console.print(_kv_table("resolved config", [(k, v) for k, v in cfg.items() if v is not None]))
+    if "adapter" in report:
+        console.print(_adapter_table(report["adapter"]))
+    curve = report["loss_curve"]
+    if curve["loss"]:
+        console.print(f"[bold]training loss[/] ({curve['source']}, {len(curve['loss'])} points)")
+        console.print(loss_chart(curve["steps"], curve["loss"]))
+    else:
+        console.print("training loss: no TensorBoard events or metrics.jsonl in this run")
+
+
+def loss_chart(steps: list[int], values: list[float], width: int = 60, height: int = 10) -> str:
+    """A block chart of the loss: one column per group of steps (its mean), `height` rows of eighths."""
+    levels = " ▁▂▃▄▅▆▇█"
+    width = max(1, min(width, len(values)))
+    columns = []
+    for c in range(width):
+        chunk = values[c * len(values) // width:(c + 1) * len(values) // width] or [values[-1]]
+        columns.append(sum(chunk) / len(chunk))
+    low, high = min(columns), max(columns)
+    span = (high - low) or 1.0
+    filled = [round((v - low) / span * (height * 8 - 1)) + 1 for v in columns]
+    lines = []
+    for row in range(height - 1, -1, -1):
+        label = f"{high:8.3f} ┤" if row == height - 1 else f"{low:8.3f} ┤" if row == 0 else " " * 9 + "│"
+        cells = "".join(levels[max(0, min(8, f - row * 8))] for f in filled)
+        lines.append(label + cells)
+    lines.append(" " * 9 + "└" + "─" * width)
+    lines.append(" " * 10 + f"step {steps[0]}".ljust(max(width - 10, 1)) + f"step {steps[-1]}")
+    return "\n".join(lines)
+
+
+def _render_data(report: dict[str, Any]) -> None:
+    from rich.text import Text
+
+    from ftcli.console import console
+
+    d = report["data"]
+    length = d.get("length") or {}
+    dropped = d.get("dropped") or {}
+    padding = d.get("padding") or {}
+    share = (lambda x: f"{x:.1%}" if isinstance(x, (int, float)) else "-")
+    console.print(_kv_table("dataset" if report["kind"] == "dataset" else "prepared dataset", [
+        ("source", f"{d['source']} ({d['source_kind']})"), ("format / template", f"{d['format']} / {d['template']}"),
+        ("tokenizer", d["tokenizer"]), ("rows", f"{d['rows']} kept of {d['rows_read']} read"
+                                        + (f" (dropped: {dropped})" if any(dropped.values()) else "")),
+        ("tokens", f"{d['tokens']:,} ({d['loss_tokens']:,} in the loss, {share(d['loss_token_share'])})"
+         if d.get("tokens") is not None else None),
+        ("length p50 / p90 / p95 / p99 / max", " / ".join(str(length.get(k, "-")) for k in
+                                                        ("p50", "p90", "p95", "p99", "max"))),
+        ("truncated at seq length", f"{d['truncated']} ({share(d['truncated_share'])}) at {d['seq_length']}"),
+        ("EOS trained once", d.get("eos_trained_once")),
+        ("padding (in order / length-grouped)",
+         f"{share(padding.get('in_order'))} / {share(padding.get('length_grouped'))}" if padding else None),
+        ("prepared folder", d["prepared_folder"]),
+    ]))
+    example = report.get("example")
+    if example is None:
+        if report.get("example_note"):
+            console.print(report["example_note"])
+        return
+    console.print(f"[bold]example {example['index']}[/]: {example['tokens']} tokens, {example['loss_tokens']} in the "
+                  "loss ([bold green]green[/] = in the loss, [dim]dim[/] = masked)")
+    text = Text()
+    for piece in example["pieces"]:
+        text.append(piece["text"], style="bold green" if piece["loss"] else "dim")
+    console.print(text)

@@ -1,0 +1,92 @@
+"""Everything a run needs before its trainer: tokenizer, data, model and the method's plan.
+
+    >>> from ftcli.training.setup import set_up
+    >>> ready = set_up(config, "train")     # prints the data and model lines as it goes
+    >>> ready.plan.model, ready.dataset, ready.device
+
+Shared by `train` and `warmup` (and every later command that loads a model for training), so
+both load the same tokenizer, data and model in the same order, with the seed set before the
+method builds anything random.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from ftcli.console import console
+
+
+@dataclass
+class RunSetup:
+    device: str
+    torch_dtype: Any
+    tokenizer: Any
+    pad_policy: str
+    dataset: Any
+    report: Any  # ftcli.data.DataReport
+    method: Any  # ftcli.methods.Method
+    plan: Any  # ftcli.methods.MethodPlan
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for ftcli's own display: library progress bars and advice go quiet."""
+    # Set before the libraries are imported: bitsandbytes warns about optional CPU kernels at import time.
+    for name in ("bitsandbytes", "torch.distributed", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*use_cache=True.*")
+    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="trl")
+
+
+def set_up(config: Any, command: str) -> RunSetup:
+    """Load what `config` describes, printing one line for the data and one for the model."""
+    quiet_libraries()  # first: importing transformers pulls in peft -> bitsandbytes, which warns on import
+    from transformers import set_seed
+
+    from ftcli.data import load_training_dataset
+    from ftcli.methods import METHODS
+    from ftcli.models import apply_pad_policy, load_model, load_model_config, load_tokenizer, resolve_device, \
+        resolve_dtype
+
+    device = resolve_device(config.device)
+    torch_dtype = resolve_dtype(config.dtype, device)
+    console.print(f"[bold]ftcli {command}[/] method={config.method} model={config.model} dataset={config.dataset}")
+    load_model_config(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
+    tokenizer = load_tokenizer(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
+    pad_policy = apply_pad_policy(tokenizer)
+    dataset, report = load_training_dataset(config, tokenizer)
+    print_data_lines(report, config)
+    # Seed before the method builds anything random (LoRA's A matrices): the trainer seeds only later,
+    # and an unseeded torch generator would make every LoRA run start from different adapters.
+    set_seed(config.seed)
+    method = METHODS[config.method]
+    model = load_model(config.model, dtype=config.dtype, device=device, attn_implementation=config.attn_implementation,
+                       revision=config.revision, trust_remote_code=config.trust_remote_code,
+                       **method.load_options(config, device))
+    plan = method.plan(config, model)
+    console.print(f"model: {plan.total_parameters:,} parameters, {plan.trainable_parameters:,} trainable "
+                  f"({config.method}, {str(torch_dtype).removeprefix('torch.')}, {device})")
+    return RunSetup(device, torch_dtype, tokenizer, pad_policy, dataset, report, method, plan)
+
+
+def print_data_lines(report: Any, config: Any) -> None:
+    """How many rows were read and used, the tokens, the truncation, and where the data came from."""
+    selected = "all of them" if report.rows_selected >= report.rows_read else f"the first {report.rows_selected:,}"
+    console.print(f"data: {report.rows_read:,} rows read, {selected} selected, {report.rows_used:,} examples used; "
+                  f"{report.tokens:,} tokens ({report.loss_tokens:,} in the loss), {report.truncated} truncated at "
+                  f"{config.seq_length}", soft_wrap=True)
+    if report.prepared:
+        console.print(f"data: {'reusing prepared data from' if report.reused else 'prepared and cached in'} "
+                      f"{report.prepared}", soft_wrap=True)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")

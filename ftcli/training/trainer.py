@@ -1,0 +1,105 @@
+"""The trainer of a run: TRL's SFTTrainer with ftcli's arguments, batching, guard and display.
+
+    >>> from ftcli.training.trainer import build_trainer
+    >>> trainer, display = build_trainer(config, plan, tokenizer, dataset, out, out / "logs", "cpu", guard)
+    >>> stats = trainer.train()
+
+Importing this module stays light (transformers and TRL load inside `build_trainer`, after the
+libraries have been quieted). Shared by `train` (ftcli/training/run.py) and `warmup` (which compiles this same trainer's model
+and runs its own `training_step`, so the warm cache is the one the run uses).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ftcli.training import batching
+from ftcli.training.distributed import max_over_ranks
+from ftcli.training.guard import guarded_trainer_class
+from ftcli.training.runfolder import METRICS
+
+
+def build_trainer(config: Any, plan: Any, tokenizer: Any, dataset: Any, out: Path, log_dir: Path,
+                  device: str, guard: Any = None) -> tuple[Any, Any]:
+    """The run's trainer and its progress display. `guard` (ftcli.training.guard's RunGuard) watches the steps
+    of a real run; warmup, which never calls `train()`, builds the same trainer without one."""
+    from transformers import PrinterCallback
+    from transformers.integrations import TensorBoardCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from ftcli.training.progress import TrainingDisplay  # a transformers callback: imported with the trainer
+
+
+    model = plan.model
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=config.batch_size,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        optim="adamw_torch",
+        # The trainer writes checkpoint folders; the guard marks them complete and rotates them (the trainer's
+        # own rotation would count a half-written folder as the newest one).
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        save_total_limit=None,
+        seed=config.seed,
+        max_length=config.seq_length,
+        logging_steps=config.logging_steps,
+        activation_checkpointing=bool(config.gradient_checkpointing),
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        torch_compile=config.compile,
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        # ftcli has already tokenized and masked the data; TRL must not re-tokenize or re-append EOS.
+        dataset_kwargs={"skip_prepare_dataset": True},
+        use_cpu=device == "cpu",
+        # Weights train in --dtype. Autocast only where it is a no-op for the weights (bfloat16); TRL's own
+        # default (bf16 autocast always) would silently train float32 weights with bfloat16 matmuls.
+        bf16=str(model.dtype) == "torch.bfloat16",
+        fp16=False,
+        dataloader_pin_memory=device.startswith("cuda"),
+    )
+    kwargs.update(batching.training_args(config, device))
+    # The method's own arguments (e.g. FSDP's) win over ftcli's defaults.
+    args = SFTConfig(**{**kwargs, **plan.training_args})
+    display = TrainingDisplay(device=device, metrics_path=out / METRICS)
+    tensorboard = TensorBoardCallback()
+    # transformers 5 dropped `logging_dir`; the callback reads its folder from this attribute.
+    tensorboard.logging_dir = str(log_dir)
+    trainer_class = guarded_trainer_class(batching.trainer_class(plan.trainer_class or SFTTrainer))
+    callbacks = [display, tensorboard]
+    if guard is not None:
+        guard.display = display
+        # The guard comes after the display: on resume it puts back the metrics the display has just reset.
+        callbacks.append(guard)
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                            data_collator=batching.data_collator(config, tokenizer), callbacks=callbacks)
+    if guard is not None:
+        guard.trainer = trainer
+    # The display replaces the trainer's own printing of raw log dicts.
+    trainer.remove_callback(PrinterCallback)
+    return trainer, display
+
+
+def final_metrics(raw: dict[str, Any], state: Any, device: str) -> dict[str, Any]:
+    from ftcli.system import peak_memory
+
+    runtime = float(raw.get("train_runtime", 0.0)) or 1e-9
+    tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+    kind, peak = peak_memory(device)
+    kind, peak = max_over_ranks(kind, peak)
+    return {
+        "train_runtime": round(runtime, 3),
+        "train_samples_per_second": raw.get("train_samples_per_second"),
+        "train_steps_per_second": raw.get("train_steps_per_second"),
+        "train_loss": raw.get("train_loss"),
+        "steps": state.global_step,
+        "real_tokens": tokens,
+        "real_tokens_per_second": round(tokens / runtime, 2),
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": kind,
+    }
