@@ -201,3 +201,20 @@ def test_top_level_help_names_every_method(cli) -> None:
     assert all(m in head for m in METHODS)
     train_line = commands.split(" prepare ")[0]
     assert all(word in train_line for word in ("full", "LoRA", "QLoRA", "FSDP"))
+
+
+def test_every_default_note_in_a_help_text_reaches_the_screen(cli) -> None:
+    """A `[default: ...]` note written into an option's help must be printed, not eaten as Rich markup."""
+    import typer.main
+
+    from ftcli.cli import COMMANDS, app
+
+    group = typer.main.get_command(app)
+    checked = 0
+    for name, _ in COMMANDS:
+        text = flat(cli(name, "--help").stdout)
+        for param in group.commands[name].params:
+            for note in re.findall(r"\\?\[default: [^\]]*\]", getattr(param, "help", None) or ""):
+                assert flat(note.lstrip("\\")) in text, (name, param.name, note)
+                checked += 1
+    assert checked > 40

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ftcli.cli.common import run_guarded
+from ftcli.cli.common import run_guarded, with_default
 
 SOURCE = "Source"
 OUT = "Output"
@@ -25,7 +25,7 @@ def export(
         "--output", "-o", help="Folder for the standalone model; written next to it, renamed into place when complete.",
         show_default=False, rich_help_panel=OUT)],
     base: Annotated[Optional[str], typer.Option(
-        help="Base model (hub id, folder, builtin:...). [default: the one the run or adapter records]",
+        help=with_default("Base model (hub id, folder, builtin:...).", default="the one the run or adapter records"),
         rich_help_panel=SOURCE)] = None,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision of --base.", rich_help_panel=SOURCE)] = None,
     trust_remote_code: Annotated[Optional[bool], typer.Option(

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ftcli.cli.common import run_guarded
+from ftcli.cli.common import default_text, run_guarded, with_default
 
 ESTIMATE = "Memory estimate (models)"
 DATA = "Datasets (files, built-in samples, prepared folders)"
@@ -24,11 +24,11 @@ def inspect(
              "dataset folder or a dataset file (.json/.jsonl/.csv/.parquet/.txt).", show_default=False)],
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
     batch_size: Annotated[Optional[int], typer.Option(
-        help="Per-device batch size. [default: each method's default]", rich_help_panel=ESTIMATE, min=1)] = None,
+        help=with_default("Per-device batch size.", default=default_text("batch_size")), rich_help_panel=ESTIMATE, min=1)] = None,
     seq_length: Annotated[int, typer.Option(help="Tokens per example.", rich_help_panel=ESTIMATE, min=1)] = 2048,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option(
         "--gradient-checkpointing/--no-gradient-checkpointing",
-        help="Recompute activations. [default: on for fsdp, off otherwise]", rich_help_panel=ESTIMATE)] = None,
+        help=with_default("Recompute activations.", default=default_text("gradient_checkpointing")), rich_help_panel=ESTIMATE)] = None,
     nproc: Annotated[int, typer.Option(help="Processes (fsdp shards weights, gradients and optimizer state "
                                             "over them).", rich_help_panel=ESTIMATE, min=1)] = 1,
     gpu_memory: Annotated[Optional[str], typer.Option(
@@ -43,10 +43,10 @@ def inspect(
     model: Annotated[str, typer.Option(help="Dataset files: the model whose tokenizer (and chat template) counts "
                                             "the tokens.", rich_help_panel=DATA)] = "builtin:tiny-llama",
     format: Annotated[Optional[str], typer.Option(
-        "--format", help="Dataset files: auto | alpaca | prompt-completion | chat | sharegpt | text. [default: auto]",
+        "--format", help=with_default("Dataset files: auto | alpaca | prompt-completion | chat | sharegpt | text.", "format"),
         rich_help_panel=DATA)] = None,
     template: Annotated[Optional[str], typer.Option(
-        help="Dataset files: auto | alpaca | model | path to a Jinja file. [default: auto]",
+        help=with_default("Dataset files: auto | alpaca | model | path to a Jinja file.", "template"),
         rich_help_panel=DATA)] = None,
     train_on_inputs: Annotated[Optional[bool], typer.Option(
         "--train-on-inputs", help="Dataset files: put the prompt in the loss too.", rich_help_panel=DATA)] = None,
