@@ -239,3 +239,37 @@ def _has_safetensors(src: ModelSource) -> bool | None:
     if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").exists():
         return True
     return None
+
+
+def attach_adapter(base: Any, adapter_dir: Path) -> Any:
+    """base + the saved adapter, unmerged and frozen; one clear line when they do not fit together."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"the adapter in {adapter_dir} does not fit its base model: {first[:300]}",
+                         hint="pass the base model it was trained on with --base") from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def load_adapter_tokenizer(folder: Path, base: str, *, revision: str | None = None,
+                           trust_remote_code: bool = False) -> Any:
+    """An adapter's (or run's) own tokenizer when the folder holds one, else its base model's; as saved
+    (no pad policy: what is exported or generated with is the tokenizer the run used)."""
+    from transformers import AutoTokenizer
+
+    here = any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+    where = str(folder) if here else resolve_model_source(base).path
+    try:
+        return AutoTokenizer.from_pretrained(where, revision=None if here else revision,
+                                             trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load the tokenizer from {where}: {first}",
+                         hint="the source or its base needs tokenizer files (tokenizer.json, tokenizer_config.json)"
+                         ) from None
+

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from ftcli import __version__
-from ftcli.cli import export, inspect, prepare, train, warmup
+from ftcli.cli import chat, export, generate, inspect, prepare, train, warmup
 from ftcli.cli.common import FtcliCommand, FtcliGroup, state
 from ftcli.methods import METHODS
 
@@ -25,6 +25,8 @@ COMMANDS = [
     ("prepare", prepare.command),
     ("warmup", warmup.command),
     ("export", export.command),
+    ("generate", generate.command),
+    ("chat", chat.command),
     ("inspect", inspect.command),
 ]
 

@@ -278,10 +278,15 @@ def with_train_options(body: Callable[[dict], Any], *extra: inspect.Parameter) -
 
     `values` maps each option name to what was given (None when not given); turn it into a
     RunConfig with `run_config_from_flags(values)`. The command's help is `body`'s docstring."""
+    return with_options(body, [*TRAIN_SIGNATURE.parameters.values(), *extra])
+
+
+def with_options(body: Callable[[dict], Any], parameters: list[inspect.Parameter]) -> Callable[..., Any]:
+    """A Typer command function taking `parameters` (arguments first), calling `body(values)` with them."""
     def command(**values: Any) -> Any:
         return body(values)
 
-    signature = TRAIN_SIGNATURE.replace(parameters=[*TRAIN_SIGNATURE.parameters.values(), *extra])
+    signature = inspect.Signature(parameters)
     command.__signature__ = signature  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
     command.__doc__ = body.__doc__
@@ -318,3 +323,75 @@ def parse_columns(text: str) -> dict[str, str]:
                               hint="write e.g. --columns instruction=question,output=answer")
         mapping[field.strip()] = column.strip()
     return mapping
+
+
+# ---- generate's and chat's options ------------------------------------------------------------------
+
+GENERATION = "Generation"
+
+
+def generation_options(
+    template: Annotated[Optional[str], typer.Option(
+        help=with_default("auto | alpaca | model (the model's chat template) | path to a Jinja file.",
+                          default="auto: as the run's training rendered its data; a bare model: its chat template "
+                                  "if it has one, else the prompt as is"), rich_help_panel=GENERATION)] = None,
+    system: Annotated[Optional[str], typer.Option(
+        help="System prompt, first in the conversation (chat templates only).", rich_help_panel=GENERATION)] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        help=with_default("Most tokens to generate per answer.", default="256"), rich_help_panel=GENERATION)] = None,
+    temperature: Annotated[Optional[float], typer.Option(
+        help=with_default("Sampling temperature; 0 is greedy.", default="0 for generate, 0.7 for chat"),
+        rich_help_panel=GENERATION)] = None,
+    top_p: Annotated[Optional[float], typer.Option(
+        help=with_default("Nucleus sampling: keep the smallest set of tokens with this much probability.",
+                          default="1 for generate, 0.9 for chat"), rich_help_panel=GENERATION)] = None,
+    top_k: Annotated[Optional[int], typer.Option(
+        help=with_default("Sample among the K most likely tokens; 0 is off.", default="0"),
+        rich_help_panel=GENERATION)] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(
+        help=with_default("Penalty on tokens already generated (1 is none).", default="1"),
+        rich_help_panel=GENERATION)] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        help=with_default("Seed of the sampling (set before each answer).", default="42"),
+        rich_help_panel=GENERATION)] = None,
+    dtype: Annotated[Optional[str], typer.Option(
+        help=with_default("auto | float32 | float16 | bfloat16.", default="auto: the dtype the run trained in; a "
+                          "bare model: bfloat16 on CUDA, float32 on CPU"), rich_help_panel=MODEL)] = None,
+    device: Annotated[Optional[str], typer.Option(help=with_default("auto | cpu | cuda | cuda:N.", "device"),
+                                                  rich_help_panel=MODEL)] = None,
+    base: Annotated[Optional[str], typer.Option(
+        help=with_default("Base model (hub id, folder, builtin:...) for an adapter or --compare-base.",
+                          default="the one the run, adapter or export records"), rich_help_panel=MODEL)] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision of a hub-id TARGET (or of --base).",
+                                                    rich_help_panel=MODEL)] = None,
+    trust_remote_code: Annotated[Optional[bool], typer.Option(
+        "--trust-remote-code", help=with_default("Run code shipped with the model.", default="off, unless the "
+                                                 "run used it"), rich_help_panel=MODEL)] = None,
+) -> None:
+    """The options `generate` and `chat` share; never run itself."""
+
+
+GENERATION_PARAMETERS = list(inspect.signature(generation_options).parameters.values())
+
+
+def target_argument(help_text: str) -> inspect.Parameter:
+    return inspect.Parameter("target", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
+        str, typer.Argument(help=help_text, show_default=False)])
+
+
+def generation_settings(values: dict, temperature: float, top_p: float) -> tuple[Any, Any]:
+    """(Decoding, TargetOptions) from the shared options, with the command's own sampling defaults."""
+    from ftcli.inference.generate import Decoding
+    from ftcli.inference.target import TargetOptions
+
+    def given(key: str, default: Any) -> Any:
+        return default if values.get(key) is None else values[key]
+
+    decoding = Decoding(max_new_tokens=given("max_new_tokens", 256), temperature=given("temperature", temperature),
+                        top_p=given("top_p", top_p), top_k=given("top_k", 0),
+                        repetition_penalty=given("repetition_penalty", 1.0), seed=given("seed", 42))
+    load = TargetOptions(template=given("template", "auto"), dtype=given("dtype", "auto"),
+                         device=given("device", "auto"), revision=values.get("revision"),
+                         trust_remote_code=bool(values.get("trust_remote_code")), base=values.get("base"))
+    return decoding, load
+

@@ -12,7 +12,9 @@ than `seq_length` keeps its start and loses its EOS: the model must not learn to
 text was merely cut.
 
 `encode_batch` is what `datasets.map` runs in each worker process: format -> template ->
-tokenize -> labels, with one `drop` reason per row ("" when kept).
+tokenize -> labels, with one `drop` reason per row ("" when kept). `encode_prompt` is the same
+rendering cut where the response starts: what `ftcli generate` and `ftcli chat` feed the model,
+so inference sees exactly the prompts training did.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ftcli.data.formats import RowError, row_to_example
+from ftcli.data.formats import Example, RowError, row_to_example
 from ftcli.data.templates import example_to_messages, example_to_pair, render_chat
 
 IGNORE = -100
@@ -138,6 +140,47 @@ def encode_chats(chats: list[tuple[str, list[tuple[int, int]]]], tokenizer: Any,
         first = next((i for i, keep in enumerate(trained) if keep), len(ids))
         out.append(_cut(ids, labels, seq_length, first))
     return out
+
+
+def encode_prompt(example: Example, template: Any, tokenizer: Any, system: str | None = None) -> list[int]:
+    """The token ids a trained model sees before its response, rendered and tokenized exactly as
+    `encode_pairs` / `encode_chats` did for training: what generation continues from.
+
+    Pairs (Alpaca, prompt/completion): the tokenizer's special prefix + the prompt's tokens. Chat
+    templates: the conversation (plus `system`, first) rendered with the generation prompt, tokenized
+    without special tokens, as training tokenized the whole conversation. Text: the text itself."""
+    if template.is_chat and example.kind != "text":
+        messages = list(example_to_messages(example))
+        if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+            messages.pop()  # a single-turn example's empty response: the turn to generate
+        if system is not None:
+            messages = [{"role": "system", "content": system}, *(m for m in messages if m["role"] != "system")]
+        if not messages or messages[-1]["role"] == "assistant":
+            raise RowError("the conversation must end with a user turn for the model to answer")
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                 chat_template=template.chat_template)
+        except Exception as exc:  # jinja2 TemplateError, raise_exception(...) in the template, ...
+            raise RowError(f"the chat template fails on this conversation: {exc}") from None
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    prompt = example.response if example.kind == "text" else example_to_pair(example, template)[0]
+    return special_prefix(tokenizer) + list(token_ids(tokenizer, [prompt])[0])
+
+
+def end_of_turn_ids(template: Any, tokenizer: Any) -> list[int]:
+    """The special tokens a chat template closes an assistant turn with (e.g. `<|im_end|>`): what training put
+    in the loss after each answer, so generation stops there. Empty for text templates (they end with EOS)."""
+    if not template.is_chat:
+        return []
+    marker = "ftcli-end-of-turn-probe"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}],
+                                             tokenize=False, chat_template=template.chat_template)
+    except Exception:  # noqa: BLE001 - a template that cannot render this probe: EOS alone stops
+        return []
+    tail = text[text.find(marker) + len(marker):] if marker in text else ""
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return [i for i in tokenizer(tail, add_special_tokens=False)["input_ids"] if i in special][:1]
 
 
 def encode_batch(batch: dict[str, list[Any]], *, fmt: str, keys: dict[str, str] | None, template: Any,

@@ -1,6 +1,7 @@
 """Merging LoRA adapters into their base weights in place, and checking the result against the unmerged model.
 
-    >>> from ftcli.export.merge import attach_adapter, compare, forward_logits, merge_into_weights, reference_logits
+    >>> from ftcli.models import attach_adapter
+    >>> from ftcli.export.merge import compare, forward_logits, merge_into_weights, reference_logits
     >>> from ftcli.export.merge import verification_inputs
     >>> model = attach_adapter(base, "runs/lora-1")            # base + adapter (peft), unmerged
     >>> inputs = verification_inputs(tokenizer, probe_path=None)
@@ -25,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftcli.errors import ModelError
 
 # A few short, fixed prompts: an instruction, code and a fact to complete.
 VERIFY_PROMPTS = (
@@ -105,18 +105,6 @@ def max_difference(a: list[Any], b: list[Any]) -> float:
 def compare(got: list[Any], ref: list[Any], dtype_name: str) -> Comparison:
     scale = max(1.0, max(float(r.abs().max()) for r in ref))
     return Comparison(max_difference(got, ref), RELATIVE_TOLERANCE[dtype_name] * scale)
-
-
-def attach_adapter(base: Any, adapter_dir: Path) -> Any:
-    """base + the saved adapter, unmerged and frozen; one clear line when they do not fit together."""
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"the adapter in {adapter_dir} does not fit its base model: {first[:300]}",
-                         hint="pass the base model it was trained on with --base") from None
 
 
 def merge_into_weights(model: Any) -> Any:

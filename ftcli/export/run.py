@@ -114,7 +114,7 @@ def build_model(src: ExportSource, merge_into: str, dtype_name: str, device: str
 
     from ftcli.export import merge
     from ftcli.methods import qlora  # its 4-bit loading and CPU-kernel rule, as in training
-    from ftcli.models import load_model
+    from ftcli.models import attach_adapter, load_model
 
     dtype = getattr(torch, dtype_name)
     probe = src.path / PROBE
@@ -132,7 +132,7 @@ def build_model(src: ExportSource, merge_into: str, dtype_name: str, device: str
             merge.release_file_mapping(base)
         else:
             base = load_model(_narrowed(src.base, dtype_name, scratch), dtype=dtype_name, **load)
-        model = merge.attach_adapter(base, src.path)
+        model = attach_adapter(base, src.path)
         # The same 4-bit kernel as training on CPU (see ftcli.methods.qlora); a no-op without 4-bit layers.
         qlora.keep_cpu_inference_in_compute_dtype(model)
         inputs = merge.verification_inputs(tokenizer, probe) if verify else []

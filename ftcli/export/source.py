@@ -25,7 +25,6 @@ MERGE_TARGETS = ("auto", "dequantized", "original")
 QUANTIZED_TARGETS = ("quantized", "quantised", "4bit", "nf4", "int4")
 DEFAULT_SHARD_SIZE = "5GB"
 ADAPTER_CONFIG = "adapter_config.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 @dataclass
@@ -190,20 +189,9 @@ def config_dtype(config: Any) -> str:
 
 def load_source_tokenizer(src: ExportSource) -> Any:
     """The run's (or adapter's) own tokenizer when it has one, else the base model's."""
-    from transformers import AutoTokenizer
+    from ftcli.models import load_adapter_tokenizer
 
-    from ftcli.models import resolve_model_source
-
-    here = any((src.path / name).is_file() for name in TOKENIZER_FILES)
-    where = str(src.path) if here else resolve_model_source(src.base).path
-    try:
-        return AutoTokenizer.from_pretrained(where, revision=None if here else src.revision,
-                                             trust_remote_code=src.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load the tokenizer from {where}: {first}",
-                         hint="the source or its base needs tokenizer files (tokenizer.json, tokenizer_config.json)"
-                         ) from None
+    return load_adapter_tokenizer(src.path, src.base, revision=src.revision, trust_remote_code=src.trust_remote_code)
 
 
 def protected_paths(src: ExportSource) -> list[Path]:

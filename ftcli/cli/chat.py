@@ -1,0 +1,39 @@
+"""`ftcli chat TARGET`: talk to a model turn by turn, the history rendered by its chat template each turn.
+
+    $ ftcli chat runs/chat-lora-1 --system "You are terse."
+    $ printf 'Hi\nWhat did I just say?\n' | ftcli chat runs/chat-lora-1      # turns from stdin, one a line
+
+Registered in ftcli/cli/__init__.py; the work happens in ftcli/inference/chat.py.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ftcli.cli.common import GENERATION_PARAMETERS, generation_settings, run_guarded, target_argument, with_options
+
+OUTPUT = inspect.Parameter("output", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+    Optional[Path], typer.Option("--output", "-o", help="Save the conversation to this .jsonl file (one row per "
+                                 "answer: the rendered prompt, the reply, tokens, stop reason).")])
+
+
+def chat(values: dict) -> None:
+    """Chat with a run, adapter, export or model (/reset, /system TEXT, /exit); reads turns from stdin when piped."""
+
+    def go() -> None:
+        from ftcli.inference.chat import ChatOptions, run_chat
+
+        decoding, load = generation_settings(values, temperature=0.7, top_p=0.9)
+        run_chat(ChatOptions(target=values["target"], system=values.get("system"), decoding=decoding, load=load,
+                             output=str(values["output"]) if values.get("output") else None))
+
+    run_guarded(go)
+
+
+TARGET = target_argument("A run folder, an adapter folder, an exported folder, a model folder, a hub id or "
+                         "builtin:tiny-llama (trained with a chat template, or pass --template).")
+command = with_options(chat, [TARGET, *GENERATION_PARAMETERS, OUTPUT])

@@ -1,0 +1,136 @@
+"""`ftcli chat`: a multi-turn conversation with a model, its history rendered by the chat template each turn.
+
+    $ ftcli chat runs/chat-lora-1
+    you> What is the capital of France?
+    Paris.
+    you> /system Answer in French.
+    you> /reset
+    you> /exit                                   (or Ctrl-D)
+
+    $ printf 'Hi\\nAnd then?\\n' | ftcli chat runs/chat-lora-1      # turns from stdin, one per line
+
+The whole conversation so far (with `--system` or `/system` first) goes through the same
+renderer as training (ftcli.data.pipeline.encode_prompt) before every answer, so the model sees
+exactly the text `apply_chat_template` gives for that history. Replies stream on a terminal.
+A target whose training did not use a chat template is refused (its prompts were single turns
+in another format: `ftcli generate` renders those), unless `--template` names a chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from ftcli.console import console, err_console
+from ftcli.errors import ConfigError
+from ftcli.inference.generate import Decoding, check_output_file, complete
+from ftcli.inference.target import TargetOptions, load_target
+
+HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit (or Ctrl-D)"
+
+
+@dataclass
+class ChatOptions:
+    target: str
+    system: str | None = None
+    decoding: Decoding = field(default_factory=lambda: Decoding(temperature=0.7, top_p=0.9))
+    load: TargetOptions = field(default_factory=TargetOptions)
+    output: str | None = None  # a .jsonl transcript: one row per answer
+
+
+@dataclass
+class Conversation:
+    system: str | None = None
+    turns: list[dict[str, str]] = field(default_factory=list)
+    log: list[dict[str, Any]] = field(default_factory=list)  # every answer: rendered prompt, reply, tokens
+
+    def messages(self) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system is not None else []
+        return head + self.turns
+
+
+def run_chat(opts: ChatOptions, lines: Iterable[str] | None = None) -> Conversation:
+    """Chat until /exit or the end of input; returns the conversation (what was said, in order)."""
+    from ftcli.training.setup import quiet_libraries
+
+    opts.decoding.check()
+    if opts.output:
+        check_output_file(opts.output, overwrite=False)
+    quiet_libraries()
+    target = load_target(opts.target, opts.load)
+    if not target.template.is_chat:
+        raise ConfigError(f"{target.ref} was trained on single-turn prompts with the {target.template.name} template, "
+                          "not a chat template", hint="use `ftcli generate` for it, or pass --template model (or a "
+                          "Jinja file) to chat in a template it was not trained on")
+    interactive = lines is None and sys.stdin.isatty()
+    err_console.print(f"[bold]ftcli chat[/] {target.label} on {target.device}", soft_wrap=True)
+    if interactive:
+        err_console.print(f"[dim]{HELP}[/]")
+    conversation = Conversation(system=opts.system)
+    try:
+        for text in (lines if lines is not None else _read_turns(interactive)):
+            if not _handle(text, conversation, target, opts.decoding, interactive):
+                break
+    finally:  # Ctrl-C too: what was said so far is kept
+        if opts.output:
+            from ftcli.files import write_atomic
+
+            write_atomic(Path(opts.output), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in conversation.log))
+    return conversation
+
+
+def _read_turns(interactive: bool) -> Iterator[str]:
+    while True:
+        try:
+            line = console.input("[bold cyan]you>[/] ") if interactive else sys.stdin.readline()
+        except EOFError:
+            return
+        if not interactive and line == "":
+            return
+        yield line.rstrip("\n")
+
+
+def _handle(text: str, conversation: Conversation, target: Any, decoding: Decoding, interactive: bool) -> bool:
+    """One line from the user: a command, or a turn the model answers. False ends the chat."""
+    from ftcli.data.formats import Example
+    from ftcli.inference.prompts import render
+
+    stripped = text.strip()
+    if not stripped:
+        return True
+    if stripped in ("/exit", "/quit"):
+        return False
+    if stripped == "/reset":
+        conversation.turns.clear()
+        err_console.print("[dim](conversation reset)[/]")
+        return True
+    if stripped == "/system" or stripped.startswith("/system "):
+        conversation.system = stripped.removeprefix("/system").strip() or None
+        err_console.print(f"[dim](system prompt {'set' if conversation.system else 'cleared'})[/]")
+        return True
+    if stripped.startswith("/") and not stripped.startswith("//"):
+        err_console.print(f"[yellow]unknown command {stripped.split()[0]}[/]; {HELP}")
+        return True
+    conversation.turns.append({"role": "user", "content": text.removeprefix("/") if stripped.startswith("//")
+                               else text})
+    ids = render(target, Example("chat", messages=conversation.messages()))
+    done = complete(target, ids, decoding, on_text=_print_piece if interactive else None)
+    if interactive:
+        console.print()
+    else:
+        console.print(done.text, markup=False, highlight=False, soft_wrap=True)
+    err_console.print(f"[dim]\\[{len(ids)} prompt tokens, {done.new_tokens} new tokens, "
+                      f"{done.tokens_per_second:,.1f} tokens/s, stop: {done.stop_reason}][/]")
+    conversation.turns.append({"role": "assistant", "content": done.text})
+    conversation.log.append({"turn": len(conversation.log) + 1, "system": conversation.system, "user": text,
+                             "rendered_prompt": target.tokenizer.decode(ids, skip_special_tokens=False),
+                             "assistant": done.text, "completion_ids": done.ids, "prompt_tokens": len(ids),
+                             "new_tokens": done.new_tokens, "stop_reason": done.stop_reason})
+    return True
+
+
+def _print_piece(text: str) -> None:
+    console.print(text, end="", markup=False, highlight=False, soft_wrap=True)

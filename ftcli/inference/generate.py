@@ -1,0 +1,165 @@
+"""Generating a completion: the prompt as training rendered it, transformers' `generate`, the right stops.
+
+    >>> from ftcli.inference.generate import Decoding, complete
+    >>> done = complete(target, render(target, example), Decoding(max_new_tokens=64))
+    >>> done.text, done.stop_reason, done.new_tokens        # ('2 + 3 = 5.', 'eos', 9)
+
+Generation stops at EOS and at the template's end-of-turn token (e.g. `<|im_end|>`: what training
+put in the loss after each answer); the completion is decoded without special tokens. Greedy
+when `temperature` is 0 (the default of `ftcli generate`), sampled otherwise, seeded per prompt so
+a run of the same command gives the same text. The KV cache is on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ftcli.errors import ConfigError, OutputError
+
+
+@dataclass
+class Decoding:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0
+    seed: int = 42
+
+    def check(self) -> None:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"--max-new-tokens must be >= 1 (got {self.max_new_tokens})")
+        if not 0 <= self.temperature < float("inf"):
+            problems.append(f"--temperature must be >= 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"--top-p must be in (0, 1] (got {self.top_p})")
+        if self.top_k < 0:
+            problems.append(f"--top-k must be >= 0 (got {self.top_k})")
+        if not 0 < self.repetition_penalty < float("inf"):
+            problems.append(f"--repetition-penalty must be > 0 (got {self.repetition_penalty})")
+        if problems:
+            raise ConfigError("; ".join(problems), hint="see --help for each option's range")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if self.temperature == 0:
+            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None,
+                    "repetition_penalty": self.repetition_penalty}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": self.top_k or None, "repetition_penalty": self.repetition_penalty}
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    ids: list[int]  # the new tokens, the stop token included when there was one
+    text: str
+    stop_reason: str  # "eos" | "end_of_turn" | "max_new_tokens"
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.ids)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / max(self.seconds, 1e-9)
+
+
+def stop_ids(target: Any) -> tuple[int, list[int]]:
+    """(EOS, end-of-turn ids): the tokens that end an answer for this target's template."""
+    from ftcli.data.pipeline import end_of_turn_ids
+
+    eos = target.tokenizer.eos_token_id
+    return eos, [i for i in end_of_turn_ids(target.template, target.tokenizer) if i != eos]
+
+
+def generate_ids(model: Any, target: Any, prompt_ids: list[int], decoding: Decoding,
+                 on_text: Callable[[str], None] | None = None) -> Completion:
+    """Generate after `prompt_ids` with `model` (the target's, or its base); `on_text` receives text as it comes."""
+    import torch
+    from transformers import set_seed
+
+    eos, turn_end = stop_ids(target)
+    tokenizer = target.tokenizer
+    device = next(model.parameters()).device
+    inputs = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    kwargs: dict[str, Any] = dict(
+        input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=decoding.max_new_tokens,
+        eos_token_id=[eos, *turn_end], pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+        else eos, use_cache=True, **decoding.generate_kwargs())
+    streamer = None
+    if on_text is not None:
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs["streamer"] = streamer
+    set_seed(decoding.seed)
+    start = time.perf_counter()
+    with torch.no_grad():
+        if streamer is None:
+            out = model.generate(**kwargs)
+        else:
+            out = _generate_streaming(model, kwargs, streamer, on_text)
+    seconds = time.perf_counter() - start
+    new = [int(t) for t in out[0, len(prompt_ids):]]
+    reason = "max_new_tokens"
+    if new and new[-1] == eos:
+        reason = "eos"
+    elif new and new[-1] in turn_end:
+        reason = "end_of_turn"
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    return Completion(prompt_ids, new, text, reason, seconds)
+
+
+def _generate_streaming(model: Any, kwargs: dict[str, Any], streamer: Any, on_text: Callable[[str], None]) -> Any:
+    """`generate` in a worker thread while this thread hands the decoded pieces to `on_text`."""
+    import threading
+
+    import torch
+
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            with torch.no_grad():
+                result["out"] = model.generate(**kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
+            result["error"] = exc
+            streamer.end()
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    for piece in streamer:
+        on_text(piece)
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    return result["out"]
+
+
+def complete(target: Any, prompt_ids: list[int], decoding: Decoding, on_text: Callable[[str], None] | None = None,
+             base: bool = False) -> Completion:
+    """One completion by the target (or, with `base`, by its untuned base) for already rendered `prompt_ids`."""
+    if not base:
+        return generate_ids(target.model, target, prompt_ids, decoding, on_text)
+    with target.base_model() as model:
+        return generate_ids(model, target, prompt_ids, decoding, on_text)
+
+
+def check_output_file(path: str, overwrite: bool) -> None:
+    """A `.jsonl` file to write at the end: refused if it exists (unless `overwrite`) or its folder does not."""
+    from pathlib import Path
+
+    out = Path(path)
+    if out.suffix.lower() != ".jsonl":
+        raise ConfigError(f"--output {out} must be a .jsonl file", hint="name it e.g. answers.jsonl")
+    if out.exists() and (out.is_dir() or not overwrite):
+        raise OutputError(f"--output {out} already exists",
+                          hint="pick a new file name" + ("" if out.is_dir() else ", or pass --overwrite"))
+    if not out.parent.is_dir():
+        raise OutputError(f"--output {out}: the folder {out.parent} does not exist", hint="create it first")
+

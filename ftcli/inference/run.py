@@ -1,0 +1,135 @@
+"""`ftcli generate`: completions for one or more prompts, rendered as the target's training rendered them.
+
+    $ ftcli generate runs/lora-1 --prompt "Add 2 and 3." --compare-base
+    $ ftcli generate runs/chat-1 --prompts-file questions.jsonl --output answers.jsonl
+
+    >>> from ftcli.inference.run import GenerateOptions, run_generate
+    >>> rows = run_generate(GenerateOptions(target="runs/lora-1", prompts=["Add 2 and 3."]))
+
+The completions go to stdout (one after another, a blank line between them); what was loaded,
+the rendered prompt (`--show-prompt`) and the token counts and speed go to stderr, so
+`ftcli generate ... > answers.txt` keeps the answers alone. `--output FILE.jsonl` writes one row
+per prompt: prompt, rendered prompt, completion, token counts, stop reason, tokens/s (and the
+base's completion with `--compare-base`), atomically, once every prompt is done.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftcli.console import console, err_console
+from ftcli.errors import ConfigError
+from ftcli.inference.generate import Completion, Decoding, check_output_file, complete
+from ftcli.inference.prompts import Prompt, prompt_example, read_prompts_file, render
+from ftcli.inference.target import TargetOptions, load_target
+
+
+@dataclass
+class GenerateOptions:
+    target: str
+    prompts: list[str] = field(default_factory=list)
+    prompts_file: str | None = None
+    extra_input: str = ""
+    system: str | None = None
+    output: str | None = None
+    overwrite: bool = False
+    compare_base: bool = False
+    show_prompt: bool = False
+    decoding: Decoding = field(default_factory=Decoding)
+    load: TargetOptions = field(default_factory=TargetOptions)
+
+
+def run_generate(opts: GenerateOptions) -> list[dict[str, Any]]:
+    from ftcli.training.setup import quiet_libraries
+
+    _check(opts)
+    quiet_libraries()
+    target = load_target(opts.target, opts.load)
+    prompts = read_prompts_file(Path(opts.prompts_file), target) if opts.prompts_file else \
+        [Prompt(text, prompt_example(target, text, opts.extra_input)) for text in opts.prompts]
+    rendered = [render(target, p.example, opts.system) for p in prompts]  # every prompt checked before any runs
+    err_console.print(f"[bold]ftcli generate[/] {target.label} on {target.device}", soft_wrap=True)
+    rows = []
+    stream = console.is_terminal and not opts.compare_base
+    for number, (prompt, ids) in enumerate(zip(prompts, rendered), 1):
+        if opts.show_prompt:
+            err_console.print(f"[dim]prompt {number}, as rendered:[/]")
+            err_console.print(target.tokenizer.decode(ids, skip_special_tokens=False), markup=False, highlight=False)
+        if number > 1:
+            console.print()
+        tuned = complete(target, ids, opts.decoding, on_text=_print_piece if stream else None)
+        base = complete(target, ids, opts.decoding, base=True) if opts.compare_base else None
+        _show(tuned, base, streamed=stream)
+        rows.append(_row(prompt, target, ids, tuned, base))
+    if opts.output:
+        from ftcli.files import write_atomic
+
+        write_atomic(Path(opts.output), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        err_console.print(f"wrote {len(rows)} row(s) to {opts.output}", soft_wrap=True)
+    return rows
+
+
+def _check(opts: GenerateOptions) -> None:
+    if not opts.prompts and not opts.prompts_file:
+        raise ConfigError("nothing to generate for", hint="pass --prompt TEXT (once or more) or --prompts-file FILE")
+    if any(not text.strip() for text in opts.prompts):
+        raise ConfigError("--prompt is empty", hint="give the text the model should answer")
+    if opts.prompts and opts.prompts_file:
+        raise ConfigError("--prompt and --prompts-file are two ways to give the prompts", hint="pass one")
+    opts.decoding.check()
+    if opts.output:
+        check_output_file(opts.output, opts.overwrite)
+
+
+def _print_piece(text: str) -> None:
+    console.print(text, end="", markup=False, highlight=False, soft_wrap=True)
+
+
+def _stats(done: Completion) -> str:
+    return (f"{len(done.prompt_ids)} prompt tokens, {done.new_tokens} new tokens, "
+            f"{done.tokens_per_second:,.1f} tokens/s, stop: {done.stop_reason}")
+
+
+def _show(tuned: Completion, base: Completion | None, streamed: bool) -> None:
+    if base is None:
+        if streamed:
+            console.print()
+        else:
+            console.print(tuned.text, markup=False, highlight=False, soft_wrap=True)
+        err_console.print(f"[dim]\\[{_stats(tuned)}][/]")
+        return
+    if console.is_terminal:
+        from rich.table import Table
+
+        table = Table(show_lines=True, expand=True)
+        table.add_column("tuned")
+        table.add_column("base")
+        table.add_row(tuned.text, base.text)
+        console.print(table)
+    else:
+        console.print("tuned:", markup=False)
+        console.print(tuned.text, markup=False, highlight=False, soft_wrap=True)
+        console.print("base:", markup=False)
+        console.print(base.text, markup=False, highlight=False, soft_wrap=True)
+    err_console.print(f"[dim]\\[tuned: {_stats(tuned)}][/]")
+    err_console.print(f"[dim]\\[base: {_stats(base)}][/]")
+
+
+def _row(prompt: Prompt, target: Any, ids: list[int], tuned: Completion, base: Completion | None) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "prompt": prompt.source,
+        "rendered_prompt": target.tokenizer.decode(ids, skip_special_tokens=False),
+        "completion": tuned.text,
+        "prompt_tokens": len(ids),
+        "new_tokens": tuned.new_tokens,
+        "completion_ids": tuned.ids,
+        "stop_reason": tuned.stop_reason,
+        "tokens_per_second": round(tuned.tokens_per_second, 2),
+    }
+    if base is not None:
+        row.update(base_completion=base.text, base_new_tokens=base.new_tokens, base_completion_ids=base.ids,
+                   base_stop_reason=base.stop_reason)
+    return row
