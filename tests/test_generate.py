@@ -222,6 +222,14 @@ def test_bad_input_is_one_line_with_an_exit_code(cli, runs, tmp_path) -> None:
     one_line(cli("generate", runs["lora"], "--prompt", "x", "--temperature", "-1"), 2, "--temperature")
     one_line(cli("generate", runs["lora"], "--prompt", "x", "--system", "be kind"), 2, "--system needs a chat template")
     one_line(cli("chat", runs["lora"]), 2, "single-turn prompts", "ftcli generate")
+    no_template = tmp_path / "no-template"  # a bare model without a chat template has nothing to chat in
+    import shutil
+
+    shutil.copytree(runs["full"], no_template, ignore=shutil.ignore_patterns("ftcli_*", "chat_template.jinja"))
+    settings = json.loads((no_template / "tokenizer_config.json").read_text())
+    settings.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(settings))
+    one_line(cli("chat", no_template), 2, "has no chat template")
     shapeless = tmp_path / "shapeless.jsonl"
     shapeless.write_text(json.dumps({"question": "?"}) + "\n")
     one_line(cli("generate", runs["lora"], "--prompts-file", shapeless), 3, "shapeless.jsonl:1", "instruction")

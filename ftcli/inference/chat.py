@@ -61,6 +61,10 @@ def run_chat(opts: ChatOptions, lines: Iterable[str] | None = None) -> Conversat
         check_output_file(opts.output, overwrite=False)
     quiet_libraries()
     target = load_target(opts.target, opts.load)
+    if not target.template.is_chat and target.kind == "model":
+        raise ConfigError(f"{target.ref} has no chat template to render a conversation with",
+                          hint="pass --template FILE.jinja (a chat template), or use `ftcli generate` to continue a "
+                               "prompt")
     if not target.template.is_chat:
         raise ConfigError(f"{target.ref} was trained on single-turn prompts with the {target.template.name} template, "
                           "not a chat template", hint="use `ftcli generate` for it, or pass --template model (or a "
