@@ -62,7 +62,7 @@ def run_generate(opts: GenerateOptions) -> list[dict[str, Any]]:
             console.print()
         tuned = complete(target, ids, opts.decoding, on_text=_print_piece if stream else None)
         base = complete(target, ids, opts.decoding, base=True) if opts.compare_base else None
-        _show(tuned, base, streamed=stream)
+        _show(tuned, base, streamed=stream, title=f"prompt {number}: {_short(prompt.source)}")
         rows.append(_row(prompt, target, ids, tuned, base))
     if opts.output:
         from ftcli.files import write_atomic
@@ -84,6 +84,13 @@ def _check(opts: GenerateOptions) -> None:
         check_output_file(opts.output, opts.overwrite)
 
 
+def _short(source: Any, width: int = 60) -> str:
+    from rich.markup import escape
+
+    text = " ".join((source if isinstance(source, str) else json.dumps(source, ensure_ascii=False)).split())
+    return escape(text if len(text) <= width else text[: width - 1] + "…")
+
+
 def _print_piece(text: str) -> None:
     console.print(text, end="", markup=False, highlight=False, soft_wrap=True)
 
@@ -93,7 +100,7 @@ def _stats(done: Completion) -> str:
             f"{done.tokens_per_second:,.1f} tokens/s, stop: {done.stop_reason}")
 
 
-def _show(tuned: Completion, base: Completion | None, streamed: bool) -> None:
+def _show(tuned: Completion, base: Completion | None, streamed: bool, title: str) -> None:
     if base is None:
         if streamed:
             console.print()
@@ -103,11 +110,12 @@ def _show(tuned: Completion, base: Completion | None, streamed: bool) -> None:
         return
     if console.is_terminal:
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(show_lines=True, expand=True)
+        table = Table(title=title, title_justify="left", show_lines=True, expand=True)
         table.add_column("tuned")
         table.add_column("base")
-        table.add_row(tuned.text, base.text)
+        table.add_row(Text(tuned.text), Text(base.text))  # model output is text, never Rich markup
         console.print(table)
     else:
         console.print("tuned:", markup=False)
