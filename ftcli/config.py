@@ -66,6 +66,15 @@ class RunConfig(BaseModel):
     padding_free: bool | None = None  # None: on where attention is variable-length (FlashAttention 2)
     packing: bool = False
 
+    # Held-out evaluation (see README "Evaluation"): a separate eval set or rows held out of --dataset.
+    eval_dataset: str | None = None
+    eval_split: int | float | None = None  # a fraction (0 < F < 1) or a number of rows (N >= 1)
+    eval_steps: int | None = Field(default=None, ge=1)  # None: at the end of each epoch (and of the run)
+    eval_batch_size: int | None = Field(default=None, ge=1)  # None: --batch-size
+    early_stopping_patience: int | None = Field(default=None, ge=1)
+    early_stopping_threshold: float = Field(default=0.0, ge=0)
+    load_best: bool = False
+
     # Checkpoints and resuming.
     save_steps: int | None = Field(default=None, ge=1)
     save_total_limit: int | None = Field(default=None, ge=1)
@@ -111,6 +120,36 @@ class RunConfig(BaseModel):
                 raise ValueError("must be a number of rows or 'all'")
             return int(text)
         return value
+
+    @field_validator("eval_split", mode="before")
+    @classmethod
+    def _fraction_or_rows(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                value = int(text) if text.isdigit() else float(text)
+            except ValueError:
+                raise ValueError("must be a fraction (0.1) or a number of rows (50)") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) and value is not None:
+            raise ValueError("must be a fraction (0.1) or a number of rows (50)")
+        if isinstance(value, float) and value.is_integer() and value >= 1:
+            value = int(value)
+        if value is not None and (value <= 0 or (isinstance(value, float) and value >= 1)):
+            raise ValueError("must be a fraction between 0 and 1 (0.1) or a number of rows >= 1 (50)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_eval_options(self) -> RunConfig:
+        if self.eval_dataset is not None and self.eval_split is not None:
+            raise ValueError("--eval-dataset and --eval-split both name the eval set: pass one")
+        if self.eval_dataset is None and self.eval_split is None:
+            given = [f"--{name.replace('_', '-')}" for name in ("eval_steps", "eval_batch_size",
+                                                                "early_stopping_patience", "early_stopping_threshold",
+                                                                "load_best")
+                     if name in self.model_fields_set and getattr(self, name) not in (None, False)]
+            if given:
+                raise ValueError(f"{', '.join(given)} need an eval set: add --eval-dataset SOURCE or --eval-split F|N")
+        return self
 
     @model_validator(mode="after")
     def _fill_method_defaults(self) -> RunConfig:

@@ -25,7 +25,7 @@ print(json.dumps({"code": code, "heavy": [m for m in %r if m in sys.modules]}))
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["--version"], ["prepare", "--help"],
                                   ["warmup", "--help"], ["export", "--help"], ["inspect", "--help"], ["generate", "--help"],
-                                  ["chat", "--help"]])
+                                  ["chat", "--help"], ["eval", "--help"]])
 def test_help_does_not_import_heavy_libraries(argv: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-c", PROBE % HEAVY, *argv], capture_output=True, text=True, check=True)
     report = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -16,6 +16,7 @@ import typer
 
 from ftcli import __version__
 from ftcli.cli import chat, export, generate, inspect, prepare, train, warmup
+from ftcli.cli import eval as eval_cmd
 from ftcli.cli.common import FtcliCommand, FtcliGroup, state
 from ftcli.methods import METHODS
 
@@ -28,6 +29,7 @@ COMMANDS = [
     ("generate", generate.command),
     ("chat", chat.command),
     ("inspect", inspect.command),
+    ("eval", eval_cmd.command),
 ]
 
 app = typer.Typer(

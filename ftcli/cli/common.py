@@ -30,6 +30,7 @@ TRAIN = "Training"
 LORA = "LoRA"
 OUTPUT = "Output"
 DIST = "Processes and machines"
+EVAL = "Evaluation"
 
 state = {"debug": False}
 
@@ -215,6 +216,28 @@ def train_options(
     compile: Annotated[Optional[bool], typer.Option(
         "--compile", help=with_default("torch.compile the model (compiles during the first steps; no throw-away "
                                        "training).", "compile"), rich_help_panel=TRAIN)] = None,
+    eval_dataset: Annotated[Optional[str], typer.Option(
+        help="Held-out eval set: anything --dataset accepts, rendered with the same format, template and loss mask.",
+        rich_help_panel=EVAL)] = None,
+    eval_split: Annotated[Optional[str], typer.Option(
+        metavar="F|N", help="Hold out a fraction F (0.1) or N rows (50) of --dataset as the eval set, chosen with "
+        "--seed and never trained on.", rich_help_panel=EVAL)] = None,
+    eval_steps: Annotated[Optional[int], typer.Option(
+        help=with_default("Evaluate every N optimizer steps (and at step 0 and the end of the run).",
+                          default="the end of each epoch"), rich_help_panel=EVAL)] = None,
+    eval_batch_size: Annotated[Optional[int], typer.Option(
+        help=with_default("Examples per eval forward pass (the loss does not depend on it).", default="--batch-size"),
+        rich_help_panel=EVAL)] = None,
+    early_stopping_patience: Annotated[Optional[int], typer.Option(
+        help=with_default("Stop when the eval loss has not improved for N evaluations.", default="off"),
+        rich_help_panel=EVAL)] = None,
+    early_stopping_threshold: Annotated[Optional[float], typer.Option(
+        help=with_default("The least fall of the eval loss that counts as an improvement.",
+                          "early_stopping_threshold"), rich_help_panel=EVAL)] = None,
+    load_best: Annotated[Optional[bool], typer.Option(
+        "--load-best", help=with_default("The run folder's final model is the one with the best eval loss "
+                                         "(a checkpoint is saved at each new best).", "load_best"),
+        rich_help_panel=EVAL)] = None,
     lora_rank: Annotated[Optional[int], typer.Option(help=with_default("LoRA rank r.", "lora_rank"),
                                                      rich_help_panel=LORA)] = None,
     lora_alpha: Annotated[Optional[float], typer.Option(help=with_default("LoRA alpha.", "lora_alpha"),

@@ -37,6 +37,14 @@ def prepare(values: dict) -> None:
         prepared = prepare_dataset(config, tokenizer, output=config.output_dir, overwrite=config.overwrite,
                                    num_proc=num_proc, use_cache=not config.overwrite)
         print_prepared(prepared, config)
+        if config.eval_dataset is not None:
+            from ftcli.console import console
+            from ftcli.data.split import prepare_eval_dataset
+
+            # Into the cache, where `train --eval-dataset` with the same flags finds it.
+            held = prepare_eval_dataset(config, tokenizer)
+            console.print(f"eval: {held.examples:,} examples, {held.loss_tokens:,} loss tokens ({held.source}), "
+                          f"cached in {held.report.prepared}", soft_wrap=True)
 
     run_guarded(go)
 

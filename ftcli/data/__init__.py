@@ -24,10 +24,24 @@ def load_training_dataset(config: Any, tokenizer: Any) -> tuple[Any, DataReport]
 
     The reference recipe for Alpaca data: first `dataset_size` rows, shuffled with the seed,
     the reference Alpaca template. `report.prepared` / `report.reused` say where the data came from."""
+    train, report, _ = load_datasets(config, tokenizer)
+    return train, report
+
+
+def load_datasets(config: Any, tokenizer: Any) -> tuple[Any, DataReport, Any]:
+    """(training data, its report, the eval set or None): `--eval-split` rows held out of the training
+    data, or `--eval-dataset` prepared the same way (see ftcli.data.split)."""
     from ftcli.data.prepare import prepare_dataset
+    from ftcli.data.split import hold_out, prepare_eval_dataset
 
     prepared = prepare_dataset(config, tokenizer)
-    return prepared.dataset, prepared.report
+    dataset, report = prepared.dataset, prepared.report
+    if getattr(config, "eval_split", None) is not None:
+        dataset, eval_set = hold_out(config, dataset, report)
+        return dataset, report, eval_set
+    if getattr(config, "eval_dataset", None) is not None:
+        return dataset, report, prepare_eval_dataset(config, tokenizer)
+    return dataset, report, None
 
 
-__all__ = ["DataReport", "explain_example", "load_training_dataset"]
+__all__ = ["DataReport", "explain_example", "load_datasets", "load_training_dataset"]

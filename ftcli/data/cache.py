@@ -13,7 +13,8 @@ folder without a complete manifest is never used.
 The cache key covers everything that changes the tokens: the data's content fingerprint (file
 bytes, built-in rows or hub revision), the tokenizer (vocabulary, merges, normalisation,
 special tokens, chat template: not its path), format, columns, template (a Jinja file by its
-content), mask options, sequence length, dataset size, seed, the ftcli version and the
+content), mask options, sequence length, dataset size, seed, the `--eval-split` when one is
+given (the rows it holds out are chosen from the prepared folder), the ftcli version and the
 layout version below.
 """
 
@@ -68,7 +69,7 @@ def template_key(template: str) -> str:
 
 
 def key_fields(config: Any, tokenizer_fp: str, source_fp: str) -> dict[str, Any]:
-    return {
+    fields = {
         "layout": LAYOUT_VERSION,
         "ftcli_version": __version__,
         "source": source_fp,
@@ -83,6 +84,10 @@ def key_fields(config: Any, tokenizer_fp: str, source_fp: str) -> dict[str, Any]
         "seed": config.seed,
         "tokenizer": tokenizer_fp,
     }
+    # Only when asked for, so that every run without a held-out split keeps its key.
+    if getattr(config, "eval_split", None) is not None:
+        fields["eval_split"] = config.eval_split
+    return fields
 
 
 def cache_key(fields: dict[str, Any]) -> str:

@@ -141,6 +141,29 @@ def _render_run(report: dict[str, Any]) -> None:
         console.print(loss_chart(curve["steps"], curve["loss"]))
     else:
         console.print("training loss: no TensorBoard events or metrics.jsonl in this run")
+    _render_eval(report, console)
+
+
+def _render_eval(report: dict[str, Any], console: Any) -> None:
+    """The eval curve beside the training curve, and how the evaluation ended (base -> final, best, stop)."""
+    curve = report.get("eval_curve") or {}
+    evaluation = report.get("eval") or {}
+    if not curve.get("loss"):
+        return
+    console.print(f"[bold]eval loss[/] ({curve['source']}, {len(curve['loss'])} evaluations, "
+                  f"steps {', '.join(map(str, curve['steps']))})")
+    console.print(loss_chart(curve["steps"], curve["loss"]))
+    if evaluation:
+        fmt = (lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "-")
+        line = f"eval loss: base {fmt(evaluation.get('base_loss'))} -> final {fmt(evaluation.get('final_loss'))}"
+        best = evaluation.get("best") or {}
+        if best:
+            line += f"; best {fmt(best.get('eval_loss'))} at step {best.get('step')}"
+            line += " (loaded: --load-best)" if best.get("loaded") else ""
+        stopped = evaluation.get("early_stopped")
+        if stopped:
+            line += f"; stopped early at step {stopped['step']}"
+        console.print(line + f" ({evaluation.get('source')})", soft_wrap=True)
 
 
 def loss_chart(steps: list[int], values: list[float], width: int = 60, height: int = 10) -> str:

@@ -149,6 +149,8 @@ def inspect_run(target: str, options: InspectOptions) -> dict[str, Any]:
         "config": manifest.get("config"),
         "checkpoints": run_checkpoints(folder),
         "loss_curve": loss_curve(folder, log_dir),
+        "eval_curve": eval_curve(folder),
+        "eval": manifest.get("eval"),
     }
     if (folder / "adapter_config.json").is_file():
         view["adapter"] = adapter_summary(folder)
@@ -198,6 +200,23 @@ def loss_curve(folder: Path, log_dir: Path) -> dict[str, Any]:
         if steps:
             return {"source": METRICS, "steps": steps, "loss": values}
     return {"source": None, "steps": [], "loss": []}
+
+
+def eval_curve(folder: Path) -> dict[str, Any]:
+    """The eval loss at each eval step (metrics.jsonl), empty for a run without an eval set."""
+    steps: list[int] = []
+    values: list[float] = []
+    metrics = folder / METRICS
+    if metrics.is_file():
+        for line in metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "eval_loss" in record:
+                steps.append(int(record.get("step", 0)))
+                values.append(float(record["eval_loss"]))
+    return {"source": METRICS if steps else None, "steps": steps, "loss": values}
 
 
 # ---- compile caches -------------------------------------------------------------------------------

@@ -45,10 +45,21 @@ IDENTITY_FIELDS = ("method", "model", "data_fingerprint", "batch_size", "gradien
                    "processes")
 
 
-def run_identity(config: Any, data_fingerprint: str, processes: int) -> dict[str, Any]:
-    return {"method": config.method, "model": config.model, "data_fingerprint": data_fingerprint,
-            "batch_size": config.batch_size, "gradient_accumulation_steps": config.gradient_accumulation_steps,
-            "seed": config.seed, "processes": processes}
+# ... and, only in runs that evaluate (a run without an eval set keeps its identity): the held-out split and
+# the eval data, which decide the evaluations and so where early stopping stops and which model is best.
+EVAL_IDENTITY_FIELDS = ("eval_split", "eval_fingerprint")
+
+
+def run_identity(config: Any, data_fingerprint: str, processes: int,
+                 eval_fingerprint: str | None = None) -> dict[str, Any]:
+    identity = {"method": config.method, "model": config.model, "data_fingerprint": data_fingerprint,
+                "batch_size": config.batch_size, "gradient_accumulation_steps": config.gradient_accumulation_steps,
+                "seed": config.seed, "processes": processes}
+    if getattr(config, "eval_split", None) is not None:
+        identity["eval_split"] = config.eval_split
+    if eval_fingerprint is not None:
+        identity["eval_fingerprint"] = eval_fingerprint
+    return identity
 
 
 # ---- finding checkpoints ----
@@ -118,8 +129,9 @@ def resolve_resume(resume: str, out: Path) -> Path:
 def check_compatible(checkpoint: Path, identity: dict[str, Any], force: bool) -> list[str]:
     """The differences `field old -> new` between the checkpoint's run and this one; refused unless `force`."""
     saved = (read_marker(checkpoint) or {}).get("run", {})
-    diffs = [f"{name} {saved.get(name)!r} -> {identity[name]!r}" for name in IDENTITY_FIELDS
-             if saved.get(name) != identity[name]]
+    diffs = [f"{name} {saved.get(name)!r} -> {identity.get(name)!r}" for name in (*IDENTITY_FIELDS,
+                                                                                  *EVAL_IDENTITY_FIELDS)
+             if saved.get(name) != identity.get(name)]
     if diffs and not force:
         raise ConfigError(f"--resume {checkpoint}: this run differs from the checkpoint's: {'; '.join(diffs)}",
                           hint="resume with the checkpoint's settings, or pass --force to resume anyway "
@@ -159,14 +171,16 @@ def unmark(folder: Path) -> None:
     (folder / MARKER).unlink(missing_ok=True)
 
 
-def rotate(out: Path, limit: int | None) -> list[str]:
+def rotate(out: Path, limit: int | None, keep_step: int | None = None) -> list[str]:
     """Keep the newest `limit` complete checkpoints; remove older ones and incomplete leftovers older than
-    the newest complete one. The newest complete checkpoint is never removed."""
+    the newest complete one. The newest complete checkpoint is never removed, nor the one of `keep_step`
+    (--load-best's best model)."""
     done = complete_checkpoints(out)
     if not done:
         return []
     newest = done[-1][0]
     keep = {p for _, p in done[-limit:]} if limit else {p for _, p in done}
+    keep |= {p for step, p in done if step == keep_step}
     removed = []
     for step, path in checkpoint_folders(out):
         if path in keep or step >= newest:

@@ -218,6 +218,7 @@ class RunGuardCallbacks:
         self.last_saved: Path | None = None
         self.last_saved_step: int | None = None
         self.removed: list[str] = []
+        self.keep_checkpoint: int | None = None  # a step whose checkpoint rotation keeps (--load-best's best)
         self.delay = debug_step_delay()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -283,7 +284,7 @@ class RunGuardCallbacks:
         barrier()  # every rank's files (RNG states, shards) are written before rank 0 marks the folder
         if state.is_world_process_zero:
             mark_complete(folder, state.global_step, state.epoch or 0.0, self.identity, self.display.history)
-            self.removed += rotate(self.out, self.save_total_limit)
+            self.removed += rotate(self.out, self.save_total_limit, keep_step=self.keep_checkpoint)
         self.last_saved, self.last_saved_step = folder, state.global_step
 
 

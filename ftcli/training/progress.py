@@ -3,8 +3,9 @@
     >>> from ftcli.training.progress import TrainingDisplay
     >>> trainer.add_callback(TrainingDisplay(device="cpu", metrics_path=run_dir / "metrics.jsonl"))
 
-It shows step/total, loss, learning rate, real (non-padding) tokens/s, ETA and peak memory, and
-writes one JSON line per logging step to `metrics.jsonl`. Only rank 0 draws and writes.
+It shows step/total, loss, learning rate, real (non-padding) tokens/s, ETA and peak memory (and the
+last eval loss when the run evaluates), and writes one JSON line per logging step and per evaluation
+to `metrics.jsonl`. Only rank 0 draws and writes.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ def _fmt_eta(seconds: float) -> str:
 class TrainingDisplay(TrainerCallback):  # type: ignore[misc,valid-type]
     """Live progress and the per-step metrics file (`metrics.jsonl`), drawn by rank 0 only."""
 
-    def __init__(self, device: str, metrics_path: Path | None = None, out: Console | None = None):
+    def __init__(self, device: str, metrics_path: Path | None = None, out: Console | None = None,
+                 evaluates: bool = False):
         self.device = device
+        self.evaluates = evaluates
+        self.last_eval: float | None = None
         self.metrics_path = metrics_path
         self.out = out or console
         self.progress: Any = None
@@ -56,6 +60,7 @@ class TrainingDisplay(TrainerCallback):  # type: ignore[misc,valid-type]
             "tps": f"{tokens / elapsed:,.0f}",
             "eta": _fmt_eta(eta),
             "mem": format_bytes(peak_memory(self.device)[1]),
+            "eval": f"{self.last_eval:.4f}" if self.last_eval is not None else "-",
         }
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -70,7 +75,9 @@ class TrainingDisplay(TrainerCallback):  # type: ignore[misc,valid-type]
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss [cyan]{task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
             TextColumn("[green]{task.fields[tps]} tok/s"), TextColumn("eta {task.fields[eta]}"),
-            TextColumn("mem {task.fields[mem]}"), console=self.out, refresh_per_second=4,
+            TextColumn("mem {task.fields[mem]}"),
+            *([TextColumn("eval [magenta]{task.fields[eval]}")] if self.evaluates else []),
+            console=self.out, refresh_per_second=4,
         )
         self.progress.start()
         self.task = self.progress.add_task("train", total=state.max_steps, **self._fields(state))
@@ -80,6 +87,9 @@ class TrainingDisplay(TrainerCallback):  # type: ignore[misc,valid-type]
             self.progress.update(self.task, completed=state.global_step, **self._fields(state))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if state.is_world_process_zero and logs and "eval_loss" in logs:
+            self._log_eval(state, logs)
+            return
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
         self.last = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
@@ -96,6 +106,27 @@ class TrainingDisplay(TrainerCallback):  # type: ignore[misc,valid-type]
             f = self._fields(state)
             self.out.print(f"step {state.global_step}/{state.max_steps}  loss {f['loss']}  lr {f['lr']}  "
                            f"{f['tps']} tok/s  eta {f['eta']}  mem {f['mem']}")
+
+    def _log_eval(self, state: Any, logs: dict) -> None:
+        values = {k: float(v) for k, v in logs.items() if k.startswith("eval_") and isinstance(v, (int, float))}
+        for key in ("eval_tokens", "eval_examples"):
+            if key in values:
+                values[key] = int(values[key])
+        self.last_eval = values["eval_loss"]
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
+                  "elapsed_s": round(time.perf_counter() - self.start, 3),
+                  "tokens_seen": getattr(state, "num_input_tokens_seen", 0), **values}
+        self.history.append(record)
+        if self.metrics_path is not None:
+            with self.metrics_path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        text = (f"eval step {state.global_step}: loss {values['eval_loss']:.4f}  perplexity "
+                f"{values.get('eval_perplexity', float('nan')):.2f}  {values.get('eval_tokens', 0):,} tokens")
+        if self.progress is not None:
+            self.progress.update(self.task, **self._fields(state))
+            self.progress.console.print(text)
+        else:
+            self.out.print(text)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.close()

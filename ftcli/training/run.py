@@ -36,6 +36,7 @@ from ftcli.training.checkpoints import (
     restore_metrics, resume_command, run_identity,
 )
 from ftcli.training.distributed import is_main_rank, leave_process_group, sharded_fraction, world_size
+from ftcli.training.evalsteps import eval_callback, eval_line, load_best_model
 from ftcli.training.guard import NonFiniteError, RunInterrupted, StopRequest, run_guard_class
 from ftcli.training.runfolder import (
     CONFIG_COPY, MANIFEST, PROBE, check_output_dir, create_run_dir, default_output_dir,
@@ -67,7 +68,9 @@ def run_training(config: RunConfig, command: list[str] | None = None) -> RunResu
     plan, device = ready.plan, ready.device
     loaded = time.time()
 
-    identity = run_identity(config, ready.report.fingerprint, world_size())
+    eval_set = ready.eval_set
+    identity = run_identity(config, ready.report.fingerprint, world_size(),
+                            eval_fingerprint=eval_set.fingerprint if eval_set is not None else None)
     resumed = _check_resume(config, checkpoint, identity, out, main)
     log_dir = Path(config.log_dir).expanduser() if config.log_dir else out / "logs"
     manifest = _start_manifest(config, command, out, log_dir, ready, main)
@@ -79,14 +82,19 @@ def run_training(config: RunConfig, command: list[str] | None = None) -> RunResu
     guard = run_guard_class()(out, identity, StopRequest(announce=console.print if main else None),
                               save_total_limit=config.save_total_limit, epoch_saves=bool(config.save_steps),
                               display=None, restored_metrics=restore_metrics(checkpoint) if checkpoint else None)
+    evaluator = eval_callback(config, eval_set, ready.tokenizer, guard)
     trainer, display, stats = _train(config, plan, ready.tokenizer, ready.dataset, out, log_dir, device, guard,
-                                     checkpoint, manifest, command)
+                                     checkpoint, manifest, command, evaluator)
     trained = time.time()
-    sharded = _save_final(trainer, ready, out, guard, manifest, main)
+    sharded, loaded_best = _save_final(trainer, ready, out, guard, manifest, main, evaluator)
     saved = time.time()
 
     metrics = final_metrics(stats.metrics, trainer.state, device)
     metrics["sharded_parameter_fraction"] = sharded
+    evaluation = evaluator.summary(loaded_best) if evaluator is not None else None
+    if evaluation is not None:
+        metrics.update(eval_loss=evaluation["final_loss"], eval_perplexity=evaluation["final_perplexity"],
+                       base_eval_loss=evaluation["base_loss"])
     leave_process_group()
     if manifest is None:
         return RunResult(out, {"metrics": metrics})
@@ -95,8 +103,10 @@ def run_training(config: RunConfig, command: list[str] | None = None) -> RunResu
     manifest["timings"] = {"load_s": round(loaded - started, 3), "train_s": round(trained - loaded, 3),
                            "save_s": round(saved - trained, 3), "total_s": round(saved - started, 3)}
     manifest["checkpoints"] = [p.name for _, p in complete_checkpoints(out)]
+    if evaluation is not None:
+        manifest["eval"] = evaluation
     _finish(manifest, out, "finished")
-    print_summary(metrics, out, plan.saves)
+    print_summary(metrics, out, plan.saves, evaluation)
     return RunResult(out, manifest)
 
 
@@ -113,9 +123,11 @@ def _warm_compile_cache(config: RunConfig, ready: Any, manifest: dict[str, Any] 
 
 
 def _save_final(trainer: Any, ready: Any, out: Path, guard: Any, manifest: dict[str, Any] | None,
-                main: bool) -> float:
-    """Save the model or adapter, the tokenizer and the probe logits; returns the sharded share of parameters."""
+                main: bool, evaluator: Any = None) -> tuple[float, bool]:
+    """Save the model or adapter (with --load-best: the best evaluated one), the tokenizer and the probe logits;
+    returns the sharded share of parameters and whether the best checkpoint's weights were loaded back."""
     try:
+        loaded_best = load_best_model(trainer, evaluator, out)
         # Measured now: the probe's forward below leaves FSDP's final-norm/lm_head unit gathered on purpose.
         sharded = sharded_fraction(trainer.model)
         # Every rank saves and probes: with FSDP both gather the sharded weights, which takes all ranks.
@@ -131,7 +143,7 @@ def _save_final(trainer: Any, ready: Any, out: Path, guard: Any, manifest: dict[
     finally:
         # Until here a signal waits for the final save (the run is finishing anyway); then the defaults return.
         guard.stop.restore()
-    return sharded
+    return sharded, loaded_best
 
 
 def _check_resume(config: RunConfig, checkpoint: Path | None, identity: dict[str, Any], out: Path,
@@ -152,12 +164,12 @@ def _check_resume(config: RunConfig, checkpoint: Path | None, identity: dict[str
 
 def _train(config: RunConfig, plan: Any, tokenizer: Any, dataset: Any, out: Path, log_dir: Path, device: str,
            guard: Any, checkpoint: Path | None, manifest: dict[str, Any] | None,
-           command: list[str] | None) -> tuple[Any, Any, Any]:
+           command: list[str] | None, evaluator: Any = None) -> tuple[Any, Any, Any]:
     """Train under the guard: Ctrl-C / SIGTERM stop after a step with a checkpoint, a non-finite step fails."""
     guard.stop.install()
     trained = False
     try:
-        trainer, display = build_trainer(config, plan, tokenizer, dataset, out, log_dir, device, guard)
+        trainer, display = build_trainer(config, plan, tokenizer, dataset, out, log_dir, device, guard, evaluator)
         stats = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         trained = True
     except NonFiniteError as exc:
@@ -239,7 +251,7 @@ def _start_manifest(config: RunConfig, command: list[str] | None, out: Path, log
     return manifest
 
 
-def print_summary(metrics: dict[str, Any], out: Path, saves: str) -> None:
+def print_summary(metrics: dict[str, Any], out: Path, saves: str, evaluation: dict[str, Any] | None = None) -> None:
     from rich.table import Table
 
     from ftcli.system import format_bytes
@@ -252,6 +264,8 @@ def print_summary(metrics: dict[str, Any], out: Path, saves: str) -> None:
     table.add_row("real tokens/s (non-padding)", f"{metrics['real_tokens_per_second']:,.1f}")
     table.add_row(metrics["peak_memory_kind"], format_bytes(metrics["peak_memory_bytes"]))
     console.print(table)
+    if evaluation is not None:
+        console.print(eval_line(evaluation), soft_wrap=True)
     console.print(f"saved {saves} to {out}")
 
 

@@ -4,7 +4,8 @@
     >>> ready = set_up(config, "train")     # prints the data and model lines as it goes
     >>> ready.plan.model, ready.dataset, ready.device
 
-Shared by `train` and `warmup` (and every later command that loads a model for training), so
+Shared by `train` and `warmup` (and every later command that loads a model for training; with
+`--eval-split` both get the training part only), so
 both load the same tokenizer, data and model in the same order, with the seed set before the
 method builds anything random.
 """
@@ -29,6 +30,7 @@ class RunSetup:
     report: Any  # ftcli.data.DataReport
     method: Any  # ftcli.methods.Method
     plan: Any  # ftcli.methods.MethodPlan
+    eval_set: Any = None  # ftcli.data.split.EvalSet, when the run evaluates
 
 
 def quiet_libraries() -> None:
@@ -53,7 +55,7 @@ def set_up(config: Any, command: str) -> RunSetup:
     quiet_libraries()  # first: importing transformers pulls in peft -> bitsandbytes, which warns on import
     from transformers import set_seed
 
-    from ftcli.data import load_training_dataset
+    from ftcli.data import load_datasets
     from ftcli.methods import METHODS
     from ftcli.models import apply_pad_policy, load_model, load_model_config, load_tokenizer, resolve_device, \
         resolve_dtype
@@ -64,8 +66,11 @@ def set_up(config: Any, command: str) -> RunSetup:
     load_model_config(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
     tokenizer = load_tokenizer(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
     pad_policy = apply_pad_policy(tokenizer)
-    dataset, report = load_training_dataset(config, tokenizer)
+    dataset, report, eval_set = load_datasets(config, tokenizer)
     print_data_lines(report, config)
+    if eval_set is not None:
+        console.print(f"eval: {eval_set.examples:,} examples, {eval_set.loss_tokens:,} loss tokens "
+                      f"({eval_set.source})", soft_wrap=True)
     # Seed before the method builds anything random (LoRA's A matrices): the trainer seeds only later,
     # and an unseeded torch generator would make every LoRA run start from different adapters.
     set_seed(config.seed)
@@ -76,7 +81,7 @@ def set_up(config: Any, command: str) -> RunSetup:
     plan = method.plan(config, model)
     console.print(f"model: {plan.total_parameters:,} parameters, {plan.trainable_parameters:,} trainable "
                   f"({config.method}, {str(torch_dtype).removeprefix('torch.')}, {device})")
-    return RunSetup(device, torch_dtype, tokenizer, pad_policy, dataset, report, method, plan)
+    return RunSetup(device, torch_dtype, tokenizer, pad_policy, dataset, report, method, plan, eval_set)
 
 
 def print_data_lines(report: Any, config: Any) -> None:

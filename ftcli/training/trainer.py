@@ -21,15 +21,15 @@ from ftcli.training.runfolder import METRICS
 
 
 def build_trainer(config: Any, plan: Any, tokenizer: Any, dataset: Any, out: Path, log_dir: Path,
-                  device: str, guard: Any = None) -> tuple[Any, Any]:
+                  device: str, guard: Any = None, evaluator: Any = None) -> tuple[Any, Any]:
     """The run's trainer and its progress display. `guard` (ftcli.training.guard's RunGuard) watches the steps
-    of a real run; warmup, which never calls `train()`, builds the same trainer without one."""
+    of a real run; warmup, which never calls `train()`, builds the same trainer without one. `evaluator`
+    (ftcli.training.evalsteps) evaluates at the run's eval steps."""
     from transformers import PrinterCallback
     from transformers.integrations import TensorBoardCallback
     from trl import SFTConfig, SFTTrainer
 
     from ftcli.training.progress import TrainingDisplay  # a transformers callback: imported with the trainer
-
 
     model = plan.model
     kwargs: dict[str, Any] = dict(
@@ -66,12 +66,15 @@ def build_trainer(config: Any, plan: Any, tokenizer: Any, dataset: Any, out: Pat
     kwargs.update(batching.training_args(config, device))
     # The method's own arguments (e.g. FSDP's) win over ftcli's defaults.
     args = SFTConfig(**{**kwargs, **plan.training_args})
-    display = TrainingDisplay(device=device, metrics_path=out / METRICS)
+    display = TrainingDisplay(device=device, metrics_path=out / METRICS, evaluates=evaluator is not None)
     tensorboard = TensorBoardCallback()
     # transformers 5 dropped `logging_dir`; the callback reads its folder from this attribute.
     tensorboard.logging_dir = str(log_dir)
     trainer_class = guarded_trainer_class(batching.trainer_class(plan.trainer_class or SFTTrainer))
     callbacks = [display, tensorboard]
+    if evaluator is not None:
+        # Before the guard: a checkpoint the evaluator asks for at a step is unmarked by the guard like its own.
+        callbacks.append(evaluator)
     if guard is not None:
         guard.display = display
         # The guard comes after the display: on resume it puts back the metrics the display has just reset.
@@ -80,6 +83,8 @@ def build_trainer(config: Any, plan: Any, tokenizer: Any, dataset: Any, out: Pat
                             data_collator=batching.data_collator(config, tokenizer), callbacks=callbacks)
     if guard is not None:
         guard.trainer = trainer
+    if evaluator is not None:
+        evaluator.trainer = trainer
     # The display replaces the trainer's own printing of raw log dicts.
     trainer.remove_callback(PrinterCallback)
     return trainer, display

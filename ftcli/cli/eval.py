@@ -1,0 +1,87 @@
+"""`ftcli eval TARGET`: the eval loss and perplexity of a model, adapter, run or exported folder.
+
+    $ ftcli eval runs/lora-1                                   # the run's own eval set, as the run scored it
+    $ ftcli eval runs/lora-1 --dataset dev.jsonl --compare-base
+    $ ftcli eval builtin:tiny-llama --dataset builtin:alpaca-sample --json
+
+Registered in ftcli/cli/__init__.py; the work happens in ftcli/evaluation/run.py.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ftcli.cli.common import DATA, MODEL, parse_columns, run_guarded, with_default
+
+SCORING = "Scoring"
+
+
+def evaluate(
+    target: Annotated[str, typer.Argument(
+        help="A model (hub id, folder, builtin:tiny-llama), a LoRA adapter folder, a run folder (its base, method, "
+             "template and loss mask come from its manifest) or an exported folder.", show_default=False)],
+    dataset: Annotated[Optional[str], typer.Option(
+        help=with_default("The data to score: anything `train --dataset` accepts.",
+                          default="a run folder's own eval set"), rich_help_panel=DATA)] = None,
+    dataset_split: Annotated[Optional[str], typer.Option(
+        help=with_default("Split of a hub dataset.", default="the run's, else train"), rich_help_panel=DATA)] = None,
+    format: Annotated[Optional[str], typer.Option(
+        "--format", help=with_default("auto | alpaca | prompt-completion | chat | sharegpt | text.",
+                                      default="the run's, else auto"), rich_help_panel=DATA)] = None,
+    template: Annotated[Optional[str], typer.Option(
+        help=with_default("auto | alpaca | model | path to a Jinja file.", default="the run's, else auto"),
+        rich_help_panel=DATA)] = None,
+    columns: Annotated[Optional[str], typer.Option(
+        help="Map the format's fields to your column names, e.g. instruction=question,output=answer.",
+        rich_help_panel=DATA)] = None,
+    train_on_inputs: Annotated[Optional[bool], typer.Option(
+        "--train-on-inputs/--no-train-on-inputs",
+        help=with_default("Score the prompt tokens too.", default="the run's, else off"), rich_help_panel=DATA)] = None,
+    seq_length: Annotated[Optional[int], typer.Option(
+        help=with_default("Tokens per example (longer ones are truncated).", default="the run's, else 2048"),
+        rich_help_panel=DATA, min=8)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help=with_default("Examples per forward pass (the loss does not depend on it).",
+                          default="the run's eval batch size, else 8"), rich_help_panel=SCORING, min=1)] = None,
+    dtype: Annotated[Optional[str], typer.Option(
+        help=with_default("auto | float32 | float16 | bfloat16.", default="the run's, else auto"),
+        rich_help_panel=MODEL)] = None,
+    device: Annotated[Optional[str], typer.Option(
+        help=with_default("auto | cpu | cuda | cuda:N.", default="the run's, else auto"), rich_help_panel=MODEL)] = None,
+    compare_base: Annotated[bool, typer.Option(
+        "--compare-base", help="Also score the base model (before fine-tuning) on the same data.",
+        rich_help_panel=SCORING)] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.",
+                                              rich_help_panel=SCORING)] = False,
+) -> None:
+    """Score TARGET on held-out data: loss (token-weighted, as `train` computes it), perplexity, examples and
+    tokens scored; --compare-base shows the base model beside it."""
+
+    def go() -> None:
+        import json
+        import sys
+
+        from ftcli.console import console
+        from ftcli.evaluation.run import EvalOptions, print_report, run_eval
+
+        options = EvalOptions(target=target, dataset=dataset, dataset_split=dataset_split, format=format,
+                              template=template, columns=parse_columns(columns) if columns else None,
+                              train_on_inputs=train_on_inputs, seq_length=seq_length, batch_size=batch_size,
+                              dtype=dtype, device=device, compare_base=compare_base)
+        if not json_output:
+            print_report(run_eval(options))
+            return
+        # With --json, stdout carries the JSON object alone.
+        console.quiet = True
+        try:
+            report = run_eval(options)
+        finally:
+            console.quiet = False
+        sys.stdout.write(json.dumps(report) + "\n")
+
+    run_guarded(go)
+
+
+command = evaluate
