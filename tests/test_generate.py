@@ -68,7 +68,14 @@ def hand_model(kind: str, runs: dict[str, Path], tiny_model_dir: Path):
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32, quantization_config=quant)
+    if kind == "qlora":  # as QLoRA trains: non-quantised weights upcast for k-bit training
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     model = PeftModel.from_pretrained(base, str(runs[kind])).eval()
+    for name, param in model.named_parameters():
+        if kind == "qlora" and "lora_" in name:
+            param.data = param.data.to(torch.bfloat16)  # the adapter computes in bfloat16, as TRL trained it
     for module in model.modules():  # the CPU kernel training used (see ftcli.methods.qlora)
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
@@ -216,7 +223,7 @@ def one_line(result, code: int, *needles: str) -> None:
 
 def test_bad_input_is_one_line_with_an_exit_code(cli, runs, tmp_path) -> None:
     (tmp_path / "empty").mkdir()
-    one_line(cli("generate", tmp_path / "empty", "--prompt", "x"), 4, "is not a model, run, adapter or export")
+    one_line(cli("generate", tmp_path / "empty", "--prompt", "x"), 4, "is not a model, adapter, run or exported folder")
     one_line(cli("generate", runs["lora"], "--prompt", "  "), 2, "--prompt is empty")
     one_line(cli("generate", runs["lora"]), 2, "--prompt")
     one_line(cli("generate", runs["lora"], "--prompt", "x", "--temperature", "-1"), 2, "--temperature")

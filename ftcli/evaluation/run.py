@@ -18,10 +18,7 @@ from typing import Any
 
 from ftcli.console import console
 from ftcli.errors import ConfigError
-from ftcli.evaluation.target import EvalTarget, find_target
-
-# Settings of where and how a run was written, meaningless (or refused) when only reading it.
-RUN_ONLY_KEYS = ("output_dir", "log_dir", "resume", "force", "overwrite")
+from ftcli.targets import RUN_ONLY_KEYS, TargetInfo, find_target, load_target_model
 
 
 @dataclass
@@ -40,7 +37,7 @@ class EvalOptions:
     compare_base: bool = False
 
 
-def eval_config(target: EvalTarget, opts: EvalOptions) -> Any:
+def eval_config(target: TargetInfo, opts: EvalOptions) -> Any:
     """The RunConfig the data is prepared with: the run's own (a run folder) under the flags given."""
     from ftcli.config import build_run_config
 
@@ -75,52 +72,6 @@ def load_eval_set(config: Any, tokenizer: Any) -> Any:
     return load_datasets(config, tokenizer)[2]
 
 
-def load_scored_model(target: EvalTarget, config: Any, device: str, base_only: bool = False) -> Any:
-    """The model to score: the target (with its adapter), or with `base_only` the base before fine-tuning."""
-    from ftcli.methods import METHODS
-    from ftcli.models import load_model
-
-    ref = (target.base or target.model) if base_only else target.model
-    options = METHODS[config.method].load_options(config, device) if target.loads_4bit else {}
-    model = load_model(ref, dtype=config.dtype, device=device, attn_implementation=config.attn_implementation,
-                       revision=target.revision_of(ref), trust_remote_code=target.trust_remote_code, **options)
-    if target.loads_4bit:
-        from peft import prepare_model_for_kbit_training
-
-        from ftcli.methods.qlora import keep_cpu_inference_in_compute_dtype
-
-        # As the run had it: non-quantised weights upcast as for k-bit training, the CPU kernel of training.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        keep_cpu_inference_in_compute_dtype(model)
-    if target.adapter is not None and not base_only:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(target.adapter))
-        _adapter_in_saved_dtype(model, target.adapter)
-    return model
-
-
-def _adapter_in_saved_dtype(model: Any, folder: Path) -> None:
-    """The adapter computes in the dtype it was saved (and trained) in: peft loads a bfloat16 adapter (a 4-bit
-    base's, trained so by TRL) into float32 weights, and the loss would then differ from the run's."""
-    from safetensors import safe_open
-
-    path = folder / "adapter_model.safetensors"
-    if not path.is_file():
-        return
-    with safe_open(str(path), framework="pt") as fh:
-        keys = list(fh.keys())
-        dtypes = {fh.get_slice(k).get_dtype() for k in keys}
-    if len(dtypes) != 1:
-        return
-    import torch
-
-    saved = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(dtypes.pop())
-    for name, param in model.named_parameters():
-        if saved is not None and "lora_" in name and param.dtype != saved:
-            param.data = param.data.to(saved)
-
-
 def run_eval(opts: EvalOptions) -> dict[str, Any]:
     from ftcli.evaluation.loss import evaluate_loss
     from ftcli.models import apply_pad_policy, load_tokenizer, resolve_device
@@ -143,7 +94,7 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
     console.print(f"eval: {eval_set.examples:,} examples, {eval_set.loss_tokens:,} loss tokens ({eval_set.source})",
                   soft_wrap=True)
     batch_size = config.eval_batch_size or config.batch_size
-    model = load_scored_model(target, config, device)
+    model = load_target_model(target, config, device)
     result = evaluate_loss(model, eval_set.dataset, batch_size, pad)
     report: dict[str, Any] = {
         "target": target.ref, "kind": target.kind, "model": target.model,
@@ -153,7 +104,7 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
     }
     if opts.compare_base:
         del model
-        base = evaluate_loss(load_scored_model(target, config, device, base_only=True), eval_set.dataset,
+        base = evaluate_loss(load_target_model(target, config, device, base_only=True), eval_set.dataset,
                              batch_size, pad)
         report["base"] = {"model": target.base, **base.to_dict()}
     return report

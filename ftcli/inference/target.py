@@ -4,27 +4,22 @@
     >>> target = load_target("runs/lora-1", TargetOptions())
     >>> target.kind, target.fmt, target.template.name      # ('run', 'alpaca', 'alpaca')
 
-TARGET is a run folder (`ftcli_run.json`: the base, method, format and template come from its
-manifest; an adapter is attached to its base unmerged, a QLoRA base is loaded in 4-bit as it was
-trained), an adapter folder (`adapter_config.json`), an exported folder (`ftcli_export.json`,
-which carries the run's record), a model folder, a hub id or a `builtin:` name. A bare model
-renders prompts with its chat template when it has one, else uses the prompt as is.
+TARGET is what ftcli.targets finds (the same rules as `ftcli eval`): a run folder (`ftcli_run.json`:
+the base, method, format and template come from its manifest; an adapter is attached to its base
+unmerged, a QLoRA base is loaded in 4-bit as it was trained), an adapter folder
+(`adapter_config.json`), an exported folder (`ftcli_export.json`, which carries the run's record),
+a model folder, a hub id or a `builtin:` name. A bare model renders prompts with its chat template
+when it has one, else uses the prompt as is.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ftcli.errors import ConfigError, ModelError
-from ftcli.files import read_json_object
-
-RUN_MANIFEST = "ftcli_run.json"
-EXPORT_RECORD = "ftcli_export.json"
-ADAPTER_CONFIG = "adapter_config.json"
-DAMAGED = "the folder looks damaged; pass another copy"
+from ftcli.errors import ConfigError
 
 
 @dataclass
@@ -48,7 +43,7 @@ class Target:
     device: str
     base: str | None = None  # the base model (what --compare-base runs)
     adapter: bool = False  # the model is base + an unmerged peft adapter
-    base_load: dict[str, Any] = field(default_factory=dict)  # how to load `base` (dtype, device, revision)
+    load_base: Any = None  # () -> the base model, loaded as the target's model is
     base_model_cache: Any = None
 
     @property
@@ -66,101 +61,42 @@ class Target:
             raise ConfigError(f"--compare-base: {self.ref} is a model of its own, with no base recorded",
                               hint="compare a run, an adapter or an export, or pass --base")
         if self.base_model_cache is None:
-            from ftcli.models import load_model
-
-            self.base_model_cache = _ready(load_model(self.base, **self.base_load))
+            self.base_model_cache = self.load_base()
         yield self.base_model_cache
 
 
 def load_target(ref: str, options: TargetOptions) -> Target:
-    """Load TARGET for generation: model (eval mode, KV cache on), tokenizer, format and template."""
-    from ftcli.models import resolve_device
+    """Load TARGET for generation (ftcli.targets: found and loaded as `eval` does, as it was trained): model in
+    eval mode with the KV cache on, tokenizer, and the format and template its prompts are rendered with."""
+    from ftcli.config import build_run_config
+    from ftcli.models import load_adapter_tokenizer, load_tokenizer, resolve_device
+    from ftcli.targets import find_target, load_target_model
 
+    info = find_target(ref, base=options.base)
     device = resolve_device(options.device)
-    path = Path(ref).expanduser()
-    if path.is_dir() and (path / RUN_MANIFEST).is_file():
-        return _run_target(ref, path, options, device)
-    if path.is_dir() and (path / EXPORT_RECORD).is_file():
-        return _export_target(ref, path, options, device)
-    if path.is_dir() and (path / ADAPTER_CONFIG).is_file():
-        return _adapter_target(ref, path, options, device, manifest=None)
-    if path.exists() and not (path / "config.json").is_file():
-        raise ModelError(f"{ref} is not a model, run, adapter or export folder (no config.json, {RUN_MANIFEST}, "
-                         f"{ADAPTER_CONFIG} or {EXPORT_RECORD})",
-                         hint="pass a run folder from `ftcli train`, an export, an adapter or a model folder")
-    return _model_target(ref, ref, "model", options, device, fmt=None, template=None, base=options.base)
+    recorded = info.run_config
+    dtype = options.dtype if options.dtype != "auto" else (info.trained_dtype or "auto")
+    # What loading needs of the run's config (the method's 4-bit rule, attention); the rest is not read here.
+    config = build_run_config({**{k: recorded[k] for k in ("method", "attn_implementation") if k in recorded},
+                               "model": info.model, "dtype": dtype, "device": device})
+    trust = options.trust_remote_code or info.trust_remote_code
+    info.trust_remote_code = trust
+    if options.revision and info.kind == "model":
+        info.revision = options.revision
+    if info.adapter is not None:
+        tokenizer = load_adapter_tokenizer(info.adapter, info.model, revision=info.revision_of(info.model),
+                                           trust_remote_code=trust)
+    else:
+        tokenizer = load_tokenizer(info.ref, revision=info.revision_of(info.ref), trust_remote_code=trust)
+    fmt, spec = rendering(info.data.get("format"), info.data.get("template"), options.template, tokenizer, ref)
+    model = _ready(load_target_model(info, config, device))
+    kind = "export" if info.exported else info.kind
 
+    def load_base() -> Any:
+        return _ready(load_target_model(info, config, device, base_only=True))
 
-def _run_target(ref: str, path: Path, options: TargetOptions, device: str) -> Target:
-    manifest = read_json_object(path / RUN_MANIFEST, hint=DAMAGED)
-    if manifest.get("status") != "finished":
-        raise ModelError(f"the run in {ref} did not finish (status: {manifest.get('status')})",
-                         hint="try a finished run, or resume this one with `ftcli train --resume`")
-    saves = (manifest.get("resolved") or {}).get("saves")
-    if saves == "adapter":
-        return _adapter_target(ref, path, options, device, manifest=manifest)
-    config, data = manifest.get("config") or {}, manifest.get("data") or {}
-    dtype = options.dtype if options.dtype != "auto" else (manifest.get("resolved") or {}).get("dtype", "auto")
-    return _model_target(ref, str(path), "run", options, device, fmt=data.get("format"),
-                         template=data.get("template"), base=options.base or config.get("model"), dtype=dtype,
-                         base_config=config)
-
-
-def _export_target(ref: str, path: Path, options: TargetOptions, device: str) -> Target:
-    record = read_json_object(path / EXPORT_RECORD, hint=DAMAGED)
-    run = record.get("run") or {}
-    data = run.get("data") or {}
-    return _model_target(ref, str(path), "export", options, device, fmt=data.get("format"),
-                         template=data.get("template"), base=options.base or record.get("base_model"),
-                         base_config=run.get("config") or {})
-
-
-def _model_target(ref: str, folder: str, kind: str, options: TargetOptions, device: str, *, fmt: str | None,
-                  template: str | None, base: str | None, dtype: str | None = None,
-                  base_config: dict[str, Any] | None = None) -> Target:
-    from ftcli.models import load_model, load_tokenizer
-
-    load = dict(dtype=dtype or options.dtype, device=device, revision=options.revision,
-                trust_remote_code=options.trust_remote_code)
-    tokenizer = load_tokenizer(folder, revision=options.revision, trust_remote_code=options.trust_remote_code)
-    fmt, spec = rendering(fmt, template, options.template, tokenizer, ref)
-    model = _ready(load_model(folder, **load))
-    # The base loads like the model (dtype, device), pinned as the run pinned it (a --base: unpinned).
-    recorded = base_config or {}
-    base_load = {**load, "revision": None if options.base else recorded.get("revision"),
-                 "trust_remote_code": bool(recorded.get("trust_remote_code")) or options.trust_remote_code}
-    return Target(ref, kind, model, tokenizer, fmt, spec, device, base=base, base_load=base_load)
-
-
-def _adapter_target(ref: str, path: Path, options: TargetOptions, device: str,
-                    manifest: dict[str, Any] | None) -> Target:
-    from ftcli.methods import METHODS
-    from ftcli.methods.qlora import keep_cpu_inference_in_compute_dtype
-    from ftcli.models import attach_adapter, load_adapter_tokenizer, load_model
-
-    adapter_config = read_json_object(path / ADAPTER_CONFIG, hint=DAMAGED)
-    config, data = (manifest or {}).get("config") or {}, (manifest or {}).get("data") or {}
-    base = options.base or config.get("model") or adapter_config.get("base_model_name_or_path")
-    if not base:
-        raise ModelError(f"the adapter in {ref} does not record its base model", hint="pass it with --base")
-    trained_dtype = ((manifest or {}).get("resolved") or {}).get("dtype", "auto")
-    dtype = options.dtype if options.dtype != "auto" else trained_dtype
-    revision = options.revision if options.base else config.get("revision")
-    trust = options.trust_remote_code or bool(config.get("trust_remote_code"))
-    load: dict[str, Any] = dict(dtype=dtype, device=device, revision=revision, trust_remote_code=trust)
-    method = METHODS.get(config.get("method", ""))
-    if method is not None and method.loads_4bit:
-        # The base the adapter was trained against: loaded in 4-bit exactly as in training.
-        from ftcli.config import RunConfig
-
-        run_config = RunConfig.model_validate({**config, "dtype": dtype})
-        load.update(method.load_options(run_config, device))
-    tokenizer = load_adapter_tokenizer(path, base, revision=revision, trust_remote_code=trust)
-    fmt, spec = rendering(data.get("format"), data.get("template"), options.template, tokenizer, ref)
-    model = attach_adapter(load_model(base, **load), path)
-    keep_cpu_inference_in_compute_dtype(model)  # the 4-bit kernel training used on CPU; no-op otherwise
-    kind = "run" if manifest else "adapter"
-    return Target(ref, kind, _ready(model), tokenizer, fmt, spec, device, base=base, adapter=True)
+    return Target(ref, kind, model, tokenizer, fmt, spec, device, base=info.base,
+                  adapter=info.adapter is not None, load_base=load_base)
 
 
 def _ready(model: Any) -> Any:
