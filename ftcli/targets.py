@@ -105,7 +105,7 @@ def _run_target(ref: str, path: Path) -> TargetInfo:
     if saves not in ("adapter", "model") or method is None or not config.get("model"):
         raise ModelError(f"the manifest in {path} does not say what the run trained and saved",
                          hint="pass a run folder written by `ftcli train`")
-    # The tokenizer the run loaded (its data cache is keyed by it), with the same pad policy applied again.
+    # The tokenizer the run loaded (its data cache is keyed by it); load_tokenizer applies the same pad policy.
     common = dict(base=config["model"], run_config=config, tokenizer=config["model"], revision=config.get("revision"),
                   trust_remote_code=bool(config.get("trust_remote_code")), data=manifest.get("data") or {},
                   trained_dtype=(manifest.get("resolved") or {}).get("dtype"))

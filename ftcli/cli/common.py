@@ -22,7 +22,7 @@ from rich.markup import escape
 
 from ftcli.config import METHOD_DEFAULTS, RunConfig
 from ftcli.methods import METHODS
-from ftcli.methods.base import LLAMA_PROJECTIONS
+from ftcli.methods.base import LLAMA_PROJECTIONS, PER_METHOD_OPTIONS
 
 DATA = "Data"
 MODEL = "Model"
@@ -115,7 +115,7 @@ def format_default(value: Any) -> str:
 
 def default_text(key: str) -> str:
     """`8 full/qlora, 4 lora/fsdp` for a per-method option, else RunConfig's own default."""
-    if key in next(iter(METHOD_DEFAULTS.values())):
+    if key in PER_METHOD_OPTIONS:
         groups: dict[str, list[str]] = {}
         for method, defaults in METHOD_DEFAULTS.items():
             groups.setdefault(format_default(defaults[key]), []).append(method)

@@ -53,14 +53,6 @@ def rank_batches(lengths: list[int], batch_size: int, rank: int, world: int) -> 
     return batches, -(-per_rank // batch_size)
 
 
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _padded(rows: list[tuple[list[int], list[int]]], pad_id: int, device: Any) -> tuple[Any, Any, Any]:
     import torch
 
@@ -102,7 +94,9 @@ def evaluate_loss(model: Any, dataset: Any, batch_size: int, pad_token_id: int |
     import torch
     import torch.distributed as dist
 
-    rank, world = _world()
+    from ftcli.training.distributed import rank_and_world
+
+    rank, world = rank_and_world()
     all_ids, all_labels = list(dataset["input_ids"]), list(dataset["labels"])
     lengths = [len(x) for x in all_ids]
     batches, passes = rank_batches(lengths, max(1, int(batch_size)), rank, world)

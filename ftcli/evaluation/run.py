@@ -74,7 +74,7 @@ def load_eval_set(config: Any, tokenizer: Any) -> Any:
 
 def run_eval(opts: EvalOptions) -> dict[str, Any]:
     from ftcli.evaluation.loss import evaluate_loss
-    from ftcli.models import apply_pad_policy, load_tokenizer, resolve_device
+    from ftcli.models import load_tokenizer, resolve_device
     from ftcli.training.setup import quiet_libraries
 
     quiet_libraries()
@@ -88,7 +88,6 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
                   soft_wrap=True)
     tokenizer = load_tokenizer(target.tokenizer or target.model, revision=target.revision_of(target.tokenizer or ""),
                                trust_remote_code=target.trust_remote_code)
-    apply_pad_policy(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eval_set = load_eval_set(config, tokenizer)
     console.print(f"eval: {eval_set.examples:,} examples, {eval_set.loss_tokens:,} loss tokens ({eval_set.source})",

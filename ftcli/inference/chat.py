@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator
 
 from ftcli.console import console, err_console
 from ftcli.errors import ConfigError
-from ftcli.inference.generate import Decoding, check_output_file, complete
+from ftcli.inference.generate import Decoding, check_output_file, complete, print_piece
 from ftcli.inference.target import TargetOptions, load_target
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit (or Ctrl-D)"
@@ -121,20 +121,15 @@ def _handle(text: str, conversation: Conversation, target: Any, decoding: Decodi
     conversation.turns.append({"role": "user", "content": text.removeprefix("/") if stripped.startswith("//")
                                else text})
     ids = render(target, Example("chat", messages=conversation.messages()))
-    done = complete(target, ids, decoding, on_text=_print_piece if interactive else None)
+    done = complete(target, ids, decoding, on_text=print_piece if interactive else None)
     if interactive:
         console.print()
     else:
         console.print(done.text, markup=False, highlight=False, soft_wrap=True)
-    err_console.print(f"[dim]\\[{len(ids)} prompt tokens, {done.new_tokens} new tokens, "
-                      f"{done.tokens_per_second:,.1f} tokens/s, stop: {done.stop_reason}][/]")
+    err_console.print(f"[dim]\\[{done.summary()}][/]")
     conversation.turns.append({"role": "assistant", "content": done.text})
     conversation.log.append({"turn": len(conversation.log) + 1, "system": conversation.system, "user": text,
                              "rendered_prompt": target.tokenizer.decode(ids, skip_special_tokens=False),
                              "assistant": done.text, "completion_ids": done.ids, "prompt_tokens": len(ids),
                              "new_tokens": done.new_tokens, "stop_reason": done.stop_reason})
     return True
-
-
-def _print_piece(text: str) -> None:
-    console.print(text, end="", markup=False, highlight=False, soft_wrap=True)

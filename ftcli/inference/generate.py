@@ -68,6 +68,18 @@ class Completion:
     def tokens_per_second(self) -> float:
         return self.new_tokens / max(self.seconds, 1e-9)
 
+    def summary(self) -> str:
+        """`14 prompt tokens, 7 new tokens, 215.5 tokens/s, stop: end_of_turn`: what each answer reports."""
+        return (f"{len(self.prompt_ids)} prompt tokens, {self.new_tokens} new tokens, "
+                f"{self.tokens_per_second:,.1f} tokens/s, stop: {self.stop_reason}")
+
+
+def print_piece(text: str) -> None:
+    """Streamed text as it comes, on the ftcli console: model output is never read as Rich markup."""
+    from ftcli.console import console
+
+    console.print(text, end="", markup=False, highlight=False, soft_wrap=True)
+
 
 def stop_ids(target: Any) -> tuple[int, list[int]]:
     """(EOS, end-of-turn ids): the tokens that end an answer for this target's template."""

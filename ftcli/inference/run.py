@@ -22,7 +22,7 @@ from typing import Any
 
 from ftcli.console import console, err_console
 from ftcli.errors import ConfigError
-from ftcli.inference.generate import Completion, Decoding, check_output_file, complete
+from ftcli.inference.generate import Completion, Decoding, check_output_file, complete, print_piece
 from ftcli.inference.prompts import Prompt, prompt_example, read_prompts_file, render
 from ftcli.inference.target import TargetOptions, load_target
 
@@ -60,7 +60,7 @@ def run_generate(opts: GenerateOptions) -> list[dict[str, Any]]:
             err_console.print(target.tokenizer.decode(ids, skip_special_tokens=False), markup=False, highlight=False)
         if number > 1:
             console.print()
-        tuned = complete(target, ids, opts.decoding, on_text=_print_piece if stream else None)
+        tuned = complete(target, ids, opts.decoding, on_text=print_piece if stream else None)
         base = complete(target, ids, opts.decoding, base=True) if opts.compare_base else None
         _show(tuned, base, streamed=stream, title=f"prompt {number}: {_short(prompt.source)}")
         rows.append(_row(prompt, target, ids, tuned, base))
@@ -91,22 +91,13 @@ def _short(source: Any, width: int = 60) -> str:
     return escape(text if len(text) <= width else text[: width - 1] + "…")
 
 
-def _print_piece(text: str) -> None:
-    console.print(text, end="", markup=False, highlight=False, soft_wrap=True)
-
-
-def _stats(done: Completion) -> str:
-    return (f"{len(done.prompt_ids)} prompt tokens, {done.new_tokens} new tokens, "
-            f"{done.tokens_per_second:,.1f} tokens/s, stop: {done.stop_reason}")
-
-
 def _show(tuned: Completion, base: Completion | None, streamed: bool, title: str) -> None:
     if base is None:
         if streamed:
             console.print()
         else:
             console.print(tuned.text, markup=False, highlight=False, soft_wrap=True)
-        err_console.print(f"[dim]\\[{_stats(tuned)}][/]")
+        err_console.print(f"[dim]\\[{tuned.summary()}][/]")
         return
     if console.is_terminal:
         from rich.table import Table
@@ -122,8 +113,8 @@ def _show(tuned: Completion, base: Completion | None, streamed: bool, title: str
         console.print(tuned.text, markup=False, highlight=False, soft_wrap=True)
         console.print("base:", markup=False)
         console.print(base.text, markup=False, highlight=False, soft_wrap=True)
-    err_console.print(f"[dim]\\[tuned: {_stats(tuned)}][/]")
-    err_console.print(f"[dim]\\[base: {_stats(base)}][/]")
+    err_console.print(f"[dim]\\[tuned: {tuned.summary()}][/]")
+    err_console.print(f"[dim]\\[base: {base.summary()}][/]")
 
 
 def _row(prompt: Prompt, target: Any, ids: list[int], tuned: Completion, base: Completion | None) -> dict[str, Any]:

@@ -22,6 +22,15 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes) of the process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _world() -> tuple[bool, int]:
     import torch.distributed as dist
 
