@@ -5,17 +5,52 @@
     >>> write_atomic(folder / "ftcli_checkpoint.json", text, durable=True)     # and on disk before it counts
 
 Every atomic write in ftcli goes through `write_atomic`: a temporary file next to the target,
-renamed over it. `durable=True` also flushes the file and its folder to disk (fsync) around the
-rename, for files whose presence means "complete" (checkpoint markers).
+renamed over it, with the permissions the umask gives any new file (0644 under 022). `durable=True`
+also flushes the file and its folder to disk (fsync) around the rename, for files whose presence
+means "complete" (checkpoint markers).
+
+    >>> with exclusive(Path("runs/a"), "--output-dir"):   # one writer per run folder, cache entry, export
+    ...     ...                                          # a second one refuses, naming this process
+
+`exclusive` locks a target that may not exist yet through `.<name>.ftcli-lock` beside it: an OS
+lock (flock) held for the life of the block and released by the kernel when the process dies, so a
+crashed holder never blocks the next run; the file names the holder (host, pid, command, start).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
 import tempfile
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from ftcli.errors import ConfigError, OutputError
+
+LOCK_SUFFIX = ".ftcli-lock"
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new file gets from open() under the current umask (0644 under 022)."""
+    return 0o666 & ~current_umask()
+
+
+def folder_mode() -> int:
+    """The mode a new folder gets from mkdir() under the current umask (0755 under 022)."""
+    return 0o777 & ~current_umask()
 
 
 def write_atomic(path: Path, data: bytes | str, durable: bool = False) -> None:
@@ -23,6 +58,7 @@ def write_atomic(path: Path, data: bytes | str, durable: bool = False) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())  # mkstemp makes the file private (0600); readers under another user need it
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode("utf-8") if isinstance(data, str) else data)
             if durable:
@@ -73,3 +109,105 @@ def read_json_object(path: Path, hint: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ModelError(f"{path} does not hold a JSON object", hint=hint)
     return data
+
+
+def output_path(value: str | os.PathLike[str] | None, flag: str) -> Path | None:
+    """An output path as given: None stays None (the command's default); an empty or blank one is refused,
+    since it would mean the current folder (an unset `$OUT` in a script)."""
+    if value is None:
+        return None
+    if not str(value).strip():
+        raise ConfigError(f"{flag} is empty", hint=f"pass a folder path to {flag} (an unset shell variable gives \"\")")
+    return Path(value).expanduser()
+
+
+def check_writable(out: Path, flag: str, beside: bool = False) -> None:
+    """Refuse a folder we could not create or write into: tried on its nearest existing ancestor (with
+    `beside`, on its parent's: the folder is written next to `out`, then renamed into place) by creating and
+    removing a probe file there, since os.access approves everything for root, /proc and /sys included."""
+    parent = out.parent if beside or not out.exists() else out
+    while not parent.exists():
+        parent = parent.parent
+    problem = None
+    if not parent.is_dir():
+        problem = f"{parent} is a file"
+    else:
+        try:
+            fd, probe = tempfile.mkstemp(dir=parent, prefix=".ftcli-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+    if problem:
+        raise OutputError(f"{flag} {out} is not writable ({problem}: {parent})",
+                          hint="pick a folder you can write to")
+
+
+def lock_path(target: Path) -> Path:
+    target = Path(target).absolute()
+    return target.parent / f".{target.name}{LOCK_SUFFIX}"
+
+
+def read_lock_holder(target: Path) -> dict[str, Any] | None:
+    """Who holds (or last held) the lock of `target`, as its lock file says; None when there is none."""
+    try:
+        data = json.loads(lock_path(target).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def describe_holder(holder: dict[str, Any] | None) -> str:
+    if not holder:
+        return "another ftcli process"
+    return (f"ftcli pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started_at')}"
+            f" ({holder.get('command')})")
+
+
+@contextmanager
+def exclusive(target: Path, what: str, wait: bool = False, announce: Any = None) -> Iterator[None]:
+    """Hold the lock of `target` (a folder or file that may not exist yet) for the block.
+
+    Busy: an OutputError naming the holder, or with `wait` block until it is free (`announce(text)` told
+    once). The lock file is removed on the way out; its parent folder is created when missing."""
+    import fcntl
+
+    path = lock_path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    announced = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if not wait:
+                raise OutputError(f"{what} {target} is in use by {describe_holder(read_lock_holder(target))}",
+                                  hint="wait for that run to finish, or pick another folder") from None
+            if announce is not None and not announced:
+                announce(f"waiting for {describe_holder(read_lock_holder(target))} to finish with {target}")
+                announced = True
+            time.sleep(0.2)
+            continue
+        # The holder before us may have removed the file after we opened it: lock the file that is there now.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        from ftcli.system import utc_now
+
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": utc_now(),
+                  "command": " ".join(["ftcli", *sys.argv[1:]])}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode("utf-8"), 0)
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        os.close(fd)

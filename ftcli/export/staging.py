@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 from ftcli.errors import OutputError
 from ftcli.system import process_alive
-from ftcli.training.runfolder import check_writable
+from ftcli.files import check_writable
 
 
 def check_export_output(path: str | Path, overwrite: bool, protected: list[Path] = ()) -> Path:

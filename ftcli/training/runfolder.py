@@ -15,13 +15,13 @@ status), `ftcli_config.yaml` (the resolved config, reusable with `--config`), `m
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from ftcli.errors import OutputError
+from ftcli.files import check_writable
 
 MANIFEST = "ftcli_run.json"
 CONFIG_COPY = "ftcli_config.yaml"
@@ -51,17 +51,6 @@ def check_output_dir(path: str | Path, overwrite: bool, resume: bool = False) ->
             raise OutputError(f"--output-dir {out} is not empty", hint=_non_empty_hint(out))
     check_writable(out, "--output-dir")
     return out
-
-
-def check_writable(out: Path, flag: str, beside: bool = False) -> None:
-    """Refuse a folder we could not create or write into: checked on its nearest existing ancestor
-    (with `beside`, on its parent's: the folder is written next to `out`, then renamed into place)."""
-    parent = out.parent if beside or not out.exists() else out
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"{flag} {out} is not writable (no write permission on {parent})",
-                          hint="pick a folder you can write to")
 
 
 def _non_empty_hint(out: Path) -> str:
