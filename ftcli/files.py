@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -86,12 +87,18 @@ def fsync_dir(path: Path) -> None:
 
 
 def fsync_tree(folder: Path) -> dict[str, int]:
-    """fsync every file under `folder` and the folders themselves; return {relative name: size}."""
+    """fsync every file under `folder` and the folders themselves; return {relative name: size}.
+
+    On the way, a file a library wrote private (0600: safetensors does) gets the mode the umask gives,
+    so what ftcli publishes is readable as the umask says (a serving daemon under another user)."""
     files: dict[str, int] = {}
+    wanted = file_mode()
     for root, _dirs, names in os.walk(folder):
         for name in names:
             path = Path(root) / name
             with open(path, "rb") as fh:
+                if stat.S_IMODE(os.fstat(fh.fileno()).st_mode) == 0o600 != wanted:
+                    os.fchmod(fh.fileno(), wanted)
                 os.fsync(fh.fileno())
             files[str(path.relative_to(folder))] = path.stat().st_size
         fsync_dir(Path(root))
@@ -106,6 +113,8 @@ def read_json_object(path: Path, hint: str) -> dict[str, Any]:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read {path}: {exc}", hint=hint) from None
+    except RecursionError:
+        raise ModelError(f"cannot read {path}: its JSON is nested too deeply", hint=hint) from None
     if not isinstance(data, dict):
         raise ModelError(f"{path} does not hold a JSON object", hint=hint)
     return data
@@ -173,10 +182,15 @@ def exclusive(target: Path, what: str, wait: bool = False, announce: Any = None)
     import fcntl
 
     path = lock_path(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(path.parent, what, target)
     announced = False
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+        except OSError as exc:
+            _remove_created(created)
+            raise OutputError(f"{what} {target} is not writable (cannot create {path}: {exc.strerror})",
+                              hint="pick a folder you can write to") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -205,9 +219,42 @@ def exclusive(target: Path, what: str, wait: bool = False, announce: Any = None)
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode("utf-8"), 0)
         yield
+    except BaseException:
+        _remove_created(created, keep=path)
+        raise
     finally:
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+def _make_parents(folder: Path, what: str, target: Path) -> list[Path]:
+    """Create `folder` and its missing parents; return those created, deepest first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    try:
+        for created in reversed(missing):
+            created.mkdir()
+    except OSError as exc:
+        _remove_created(missing)
+        raise OutputError(f"{what} {target} is not writable (cannot create {exc.filename}: {exc.strerror})",
+                          hint="pick a folder you can write to") from None
+    return missing
+
+
+def _remove_created(created: list[Path], keep: Path | None = None) -> None:
+    """Remove the folders `_make_parents` created, where they are still empty (a refused command leaves none)."""
+    for folder in created:
+        try:
+            entries = [p for p in folder.iterdir() if p != keep]
+            if not entries:
+                if keep is not None and keep.parent == folder:
+                    keep.unlink(missing_ok=True)
+                folder.rmdir()
+        except OSError:
+            return
+

@@ -276,9 +276,18 @@ def test_non_empty_output_is_refused_and_overwrite_replaces_it(lora_run: Path, c
     assert "not empty" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
+    # --overwrite replaces only a folder ftcli exported: this one is the user's, and stays as it is.
+    result = cli("export", lora_run, "--output", out, "--overwrite")
+    assert result.exit_code == 5 and "not an ftcli export" in flat(result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and not leftovers(out)
+
+    out = tmp_path / "exported"
+    assert cli("export", lora_run, "--output", out).exit_code == 0
+    (out / "extra.txt").write_text("from the previous export")
     result = cli("export", lora_run, "--output", out, "--overwrite")
     assert result.exit_code == 0, result.stderr
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert not (out / "extra.txt").exists() and (out / "model.safetensors").exists()
     assert not leftovers(out)
 
     # --overwrite never replaces the folder being exported.
@@ -300,12 +309,13 @@ def test_a_failure_part_way_leaves_no_folder(lora_run: Path, cli, tmp_path: Path
         cli("export", lora_run, "--output", out)
     assert not out.exists() and not leftovers(out)
 
-    # With --overwrite, the existing folder survives a failed export untouched.
+    # With --overwrite, the existing export survives a failed export untouched.
     out.mkdir()
     (out / "old.txt").write_text("previous export")
+    (out / "ftcli_export.json").write_text("{}")
     with pytest.raises(OSError):
         cli("export", lora_run, "--output", out, "--overwrite")
-    assert [p.name for p in out.iterdir()] == ["old.txt"] and not leftovers(out)
+    assert sorted(p.name for p in out.iterdir()) == ["ftcli_export.json", "old.txt"] and not leftovers(out)
 
     def terminate(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)  # ends the export like Ctrl-C: exit 130, temp folder removed
@@ -333,7 +343,7 @@ app(["export", {str(lora_run)!r}, "--output", {str(out)!r}])
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not out.exists()
-    stale = leftovers(out)
+    stale = [p for p in leftovers(out) if p.is_dir()]  # (and its lock file, which binds nobody once it died)
     assert len(stale) == 1 and (stale[0] / "model.safetensors").exists()  # it was killed part-way
 
     # A temp folder of an export that still runs is never touched.

@@ -17,7 +17,7 @@ import typer
 from ftcli.cli.common import GENERATION_PARAMETERS, generation_settings, run_guarded, target_argument, with_options
 
 OUTPUT = inspect.Parameter("output", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-    Optional[Path], typer.Option("--output", "-o", help="Save the conversation to this .jsonl file (one row per "
+    Optional[str], typer.Option("--output", "-o", help="Save the conversation to this .jsonl file (one row per "
                                  "answer: the rendered prompt, the reply, tokens, stop reason).")])
 
 
@@ -29,7 +29,7 @@ def chat(values: dict) -> None:
 
         decoding, load = generation_settings(values, temperature=0.7, top_p=0.9)
         run_chat(ChatOptions(target=values["target"], system=values.get("system"), decoding=decoding, load=load,
-                             output=str(values["output"]) if values.get("output") else None))
+                             output=values.get("output")))
 
     run_guarded(go)
 

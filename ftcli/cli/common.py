@@ -12,10 +12,13 @@ option's default, generated from the config and the methods' declared defaults; 
 `[default: ...]` note is escaped, or Rich would read it as markup and drop it.
 """
 
+import errno
+import importlib
 import inspect
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 from rich.markup import escape
@@ -57,9 +60,49 @@ class FtcliGroup(typer.core.TyperGroup):
     def parse_args(self, ctx, args: list[str]) -> list[str]:
         return super().parse_args(ctx, bare_resume_to_latest(args))
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        with one_line_usage_errors():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):
+        with one_line_usage_errors():
+            return super().invoke(ctx)
+
     def format_help(self, ctx, formatter) -> None:
         _hide_switch_types(self, ctx)
         super().format_help(ctx, formatter)
+
+
+def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, all click errors): Typer's own copy of click (newer Typer vendors it) and click's."""
+    usage, every = [], []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        usage.append(module.UsageError)
+        every.append(module.ClickException)
+    return tuple(usage), tuple(every)
+
+
+@contextmanager
+def one_line_usage_errors() -> Iterator[None]:
+    """A usage error (unknown option, bad value, missing argument) as the one line every ftcli error is:
+    `error: <what>; see '<command> --help'`, exit 2, instead of click's boxed multi-line report."""
+    from ftcli.console import err_console
+
+    usage, every = _click_errors()
+    try:
+        yield
+    except every as exc:
+        text = escape(" ".join(exc.format_message().split()))
+        if isinstance(exc, usage):
+            text = text.rstrip(".")
+            where = exc.ctx.command_path if exc.ctx is not None else "ftcli"
+            text += f"; see '{escape(where)} --help'"
+        err_console.print(f"[bold red]error:[/] {text}", soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
 
 
 def bare_resume_to_latest(args: list[str]) -> list[str]:
@@ -93,6 +136,37 @@ def run_guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as exc:
+        problem = out_of_room(exc)
+        if problem is None or state["debug"]:
+            raise
+        from ftcli.errors import EXIT_OUTPUT
+
+        err_console.print(f"[bold red]error:[/] {escape(problem)}; free some space (or write to another disk) and "
+                          "run the command again", soft_wrap=True)
+        raise typer.Exit(EXIT_OUTPUT) from None
+
+
+# The disk cannot take what a command writes: one line, not a traceback. Libraries that write files
+# (safetensors, torch.save) wrap the OS error in their own, with the OS text in the message.
+OUT_OF_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def out_of_room(exc: BaseException) -> str | None:
+    """`no space left on device writing FILE` when `exc` (or what caused it) is the disk being full."""
+    texts = {os.strerror(code): code for code in OUT_OF_ROOM}
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno in OUT_OF_ROOM:
+            where = f" writing {seen.filename}" if seen.filename else ""
+            return os.strerror(seen.errno).lower() + where
+        for text in texts:
+            if text in str(seen):
+                return text.lower()
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 # ---- defaults in help texts -------------------------------------------------------------------------

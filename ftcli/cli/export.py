@@ -7,7 +7,6 @@ The work happens in ftcli/export/ (imported inside the command, so `ftcli --help
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -21,7 +20,7 @@ OUT = "Output"
 def export(
     source: Annotated[str, typer.Argument(
         help="A run folder from `ftcli train` or an adapter folder (adapter_config.json).", show_default=False)],
-    output: Annotated[Path, typer.Option(
+    output: Annotated[str, typer.Option(
         "--output", "-o", help="Folder for the standalone model; written next to it, renamed into place when complete.",
         show_default=False, rich_help_panel=OUT)],
     base: Annotated[Optional[str], typer.Option(
@@ -52,7 +51,7 @@ def export(
     def go() -> None:
         from ftcli.export.run import ExportOptions, export_model
 
-        export_model(ExportOptions(source=source, output=str(output), base=base, revision=revision,
+        export_model(ExportOptions(source=source, output=output, base=base, revision=revision,
                                    trust_remote_code=trust_remote_code, dtype=dtype, merge_into=merge_into,
                                    max_shard_size=max_shard_size, device=device, verify=verify, overwrite=overwrite))
 

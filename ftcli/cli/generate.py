@@ -36,7 +36,7 @@ OWN = [
     _option("prompts_file", Annotated[Optional[Path], typer.Option(
         help=".txt (one prompt a line) or .jsonl in the training data's columns without the answer "
              "(instruction/input, prompt, messages, conversations).", rich_help_panel=PROMPTS)]),
-    _option("output", Annotated[Optional[Path], typer.Option(
+    _option("output", Annotated[Optional[str], typer.Option(
         "--output", "-o", help="Write one JSON row per prompt (prompt, rendered prompt, completion, tokens, stop "
         "reason) to this .jsonl file.", rich_help_panel=PROMPTS)]),
     _option("overwrite", Annotated[Optional[bool], typer.Option(
@@ -61,7 +61,7 @@ def generate(values: dict) -> None:
             target=values["target"], prompts=list(values.get("prompt") or []),
             prompts_file=str(values["prompts_file"]) if values.get("prompts_file") else None,
             extra_input=values.get("input") or "", system=values.get("system"),
-            output=str(values["output"]) if values.get("output") else None, overwrite=bool(values.get("overwrite")),
+            output=values.get("output"), overwrite=bool(values.get("overwrite")),
             compare_base=bool(values.get("compare_base")), show_prompt=bool(values.get("show_prompt")),
             decoding=decoding, load=load))
 

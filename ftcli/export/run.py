@@ -35,17 +35,20 @@ from ftcli.errors import ConfigError, RunFailed
 from ftcli.export.merge import model_bytes
 from ftcli.export.modelcard import export_record, write_model_card
 from ftcli.export.source import (
-    DTYPES, MERGE_TARGETS, QUANTIZED_TARGETS, ExportOptions, ExportSource, config_dtype, find_source, is_4bit, load_base_config, load_source_tokenizer,
-    protected_paths, resolve_merge_target,
+    DTYPES, MERGE_TARGETS, QUANTIZED_TARGETS, ExportOptions, ExportSource, check_weight_files, config_dtype,
+    find_source, is_4bit,
+    load_base_config, load_source_tokenizer, protected_paths, resolve_merge_target,
 )
-from ftcli.export.staging import check_export_output, sigterm_as_interrupt, staging_folder
+from ftcli.export.staging import (
+    EXPORT_RECORD, check_export_output, recover_interrupted, sigterm_as_interrupt, staging_folder,
+)
+from ftcli.files import check_writable, exclusive, output_path
 from ftcli.system import format_bytes
 from ftcli.training.runfolder import PROBE
 
-EXPORT_RECORD = "ftcli_export.json"
 CARD = "README.md"
 NARROWED = ".ftcli-narrowed"  # inside the staging folder: the base cast to the output dtype, removed after loading
-_SHARD_SIZE = re.compile(r"^\d+(\.\d+)?\s*([KMG]i?B)?$", re.IGNORECASE)
+_SHARD_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]i?B)?$", re.IGNORECASE)
 
 ORIGINAL_NOTE = ("merging into the original weights: the adapter was trained against the 4-bit weights, so the "
                  "merged model keeps the base's full precision but loses the adapter's compensation for "
@@ -65,14 +68,23 @@ class ExportResult:
 
 
 def export_model(opts: ExportOptions) -> ExportResult:
+    """Check, then write the export holding its output folder's lock (one export at a time per folder)."""
+    _check_options(opts)
+    target = output_path(opts.output, "--output").absolute()
+    src = find_source(opts)
+    check_weight_files(src)
+    check_writable(target, "--output", beside=True)
+    with exclusive(target, "--output"):
+        recover_interrupted(target, announce=console.print)
+        return _export(opts, src, check_export_output(target, opts.overwrite, protected=protected_paths(src)))
+
+
+def _export(opts: ExportOptions, src: ExportSource, out: Path) -> ExportResult:
     from ftcli.models import resolve_device
 
-    _check_options(opts)
-    src = find_source(opts)
     base_config = load_base_config(src)
     merge_into = resolve_merge_target(src, opts.merge_into, base_config)
     dtype_name = opts.dtype if opts.dtype != "auto" else config_dtype(base_config)
-    out = check_export_output(opts.output, opts.overwrite, protected=protected_paths(src))
     device = resolve_device(opts.device)
     console.print(f"[bold]ftcli export[/] {src.path} -> {out} (base {src.base}, {src.method}, "
                   f"{'merge into ' + merge_into + ' weights' if src.kind == 'adapter' else 're-save'}, {dtype_name})")
@@ -208,8 +220,12 @@ def _check_options(opts: ExportOptions) -> None:
     if opts.merge_into not in MERGE_TARGETS:
         raise ConfigError(f"--merge-into {opts.merge_into} is not a merge target",
                           hint="use auto, dequantized (the 4-bit weights a QLoRA adapter trained against) or original")
-    if not _SHARD_SIZE.match(opts.max_shard_size.strip()):
+    match = _SHARD_SIZE.match(opts.max_shard_size.strip())
+    if not match:
         raise ConfigError(f"--max-shard-size {opts.max_shard_size} is not a size",
+                          hint="write it like 5GB, 500MB or a number of bytes")
+    if float(match.group(1) or 0) <= 0:
+        raise ConfigError(f"--max-shard-size {opts.max_shard_size} must be more than zero",
                           hint="write it like 5GB, 500MB or a number of bytes")
 
 

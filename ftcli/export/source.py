@@ -16,6 +16,7 @@ from typing import Any
 
 from ftcli.errors import ConfigError, ModelError
 from ftcli.files import read_json_object
+from ftcli.training.checkpoints import MARKER, checkpoint_step, latest_checkpoint, read_marker
 from ftcli.training.runfolder import MANIFEST
 
 
@@ -81,10 +82,25 @@ def find_source(opts: ExportOptions) -> ExportSource:
         raise ModelError(f"export source {path} is a file, not a folder", hint=hint)
     if (path / MANIFEST).is_file():
         return _run_source(path, opts)
+    if checkpoint_step(path) is not None and (path.parent / MANIFEST).is_file():
+        return _checkpoint_source(path, opts)
     if (path / ADAPTER_CONFIG).is_file():
         return _adapter_source(path, opts, manifest=None)
     raise ModelError(f"{path} is neither a run folder (no {MANIFEST}) nor an adapter folder (no {ADAPTER_CONFIG})",
-                     hint=hint)
+                     hint=hint + ", or a checkpoint-N folder inside a run folder")
+
+
+def _checkpoint_source(path: Path, opts: ExportOptions) -> ExportSource:
+    """A `checkpoint-N` of a run (finished or not): its weights, with the run's manifest for the base and method."""
+    if read_marker(path) is None:
+        latest = latest_checkpoint(path.parent)
+        raise ModelError(f"{path} is not a complete checkpoint (no valid {MARKER}: its writing was interrupted)",
+                         hint=f"export {latest} instead" if latest else "export a complete checkpoint or a finished run")
+    manifest = _read_json(path.parent / MANIFEST)
+    saves = manifest.get("resolved", {}).get("saves")
+    if saves == "adapter":
+        return _adapter_source(path, opts, manifest)
+    return _model_source(path, opts, manifest)
 
 
 def _run_source(path: Path, opts: ExportOptions) -> ExportSource:
@@ -92,14 +108,20 @@ def _run_source(path: Path, opts: ExportOptions) -> ExportSource:
     status = manifest.get("status")
     if status != "finished":
         raise ModelError(f"the run in {path} did not finish (status: {status})",
-                         hint="export a finished run, or resume this one with `ftcli train --resume`")
+                         hint="export one of its complete checkpoints (SOURCE/checkpoint-N), or resume the run "
+                              "with `ftcli train --resume`")
     saves = manifest.get("resolved", {}).get("saves")
-    config = manifest.get("config", {})
     if saves == "adapter":
         return _adapter_source(path, opts, manifest)
     if saves != "model":
         raise ModelError(f"the manifest in {path} does not say what the run saved (resolved.saves = {saves!r})",
                          hint="export a run folder written by `ftcli train`")
+    return _model_source(path, opts, manifest)
+
+
+def _model_source(path: Path, opts: ExportOptions, manifest: dict[str, Any]) -> ExportSource:
+    """A full fine-tune's weights (a finished run folder, or one of its checkpoints)."""
+    config = manifest.get("config", {})
     if opts.base:
         raise ConfigError(f"--base: {path} is a full fine-tune, a whole model with no base to merge into",
                           hint="drop --base")
@@ -206,3 +228,50 @@ def protected_paths(src: ExportSource) -> list[Path]:
     if base.kind != "hub":
         paths.append(Path(base.path))
     return paths
+
+
+def check_weight_files(src: ExportSource) -> None:
+    """Refuse, before anything loads, a safetensors file of the source or of a local base that cannot be read
+    whole: a header that does not parse, or tensors that do not fill the file exactly (truncated, grown)."""
+    from ftcli.export.merge import weight_files
+    from ftcli.models import resolve_model_source
+
+    files = sorted(src.path.glob("*.safetensors"))
+    try:
+        base = resolve_model_source(src.base)
+    except ModelError:
+        base = None
+    if base is not None and base.kind != "hub" and Path(base.path) != src.path:
+        files += weight_files(Path(base.path))
+    for file in files:
+        problem = safetensors_problem(file)
+        if problem:
+            raise ModelError(f"{file} is damaged: {problem}",
+                             hint="nothing was written; export from an intact copy (or train again)")
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """Why `file` is not a whole safetensors file, or None when its header and size agree."""
+    import json
+    import struct
+
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > size - 8:
+                return f"its header claims {length} bytes, more than the file holds ({size})"
+            header = json.loads(fh.read(length))
+    except (OSError, struct.error, ValueError, RecursionError) as exc:
+        return f"its header does not parse ({type(exc).__name__})"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    try:
+        ends = [int(info["data_offsets"][1]) for name, info in header.items() if name != "__metadata__"]
+    except (KeyError, IndexError, TypeError, ValueError):
+        return "its header lists a tensor without valid data offsets"
+    data = size - 8 - length
+    if max(ends, default=0) != data:
+        return f"its tensors need {max(ends, default=0)} bytes of data, the file holds {data} (truncated or grown)"
+    return None
+

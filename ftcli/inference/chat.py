@@ -57,7 +57,7 @@ def run_chat(opts: ChatOptions, lines: Iterable[str] | None = None) -> Conversat
     from ftcli.training.setup import quiet_libraries
 
     opts.decoding.check()
-    if opts.output:
+    if opts.output is not None:
         check_output_file(opts.output, overwrite=False)
     quiet_libraries()
     target = load_target(opts.target, opts.load)
@@ -79,10 +79,10 @@ def run_chat(opts: ChatOptions, lines: Iterable[str] | None = None) -> Conversat
             if not _handle(text, conversation, target, opts.decoding, interactive):
                 break
     finally:  # Ctrl-C too: what was said so far is kept
-        if opts.output:
+        if opts.output is not None:
             from ftcli.files import write_atomic
 
-            write_atomic(Path(opts.output), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in conversation.log))
+            write_atomic(Path(opts.output).expanduser(), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in conversation.log))
     return conversation
 
 

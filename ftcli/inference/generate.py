@@ -164,9 +164,9 @@ def complete(target: Any, prompt_ids: list[int], decoding: Decoding, on_text: Ca
 
 def check_output_file(path: str, overwrite: bool) -> None:
     """A `.jsonl` file to write at the end: refused if it exists (unless `overwrite`) or its folder does not."""
-    from pathlib import Path
+    from ftcli.files import check_writable, output_path
 
-    out = Path(path)
+    out = output_path(path, "--output")
     if out.suffix.lower() != ".jsonl":
         raise ConfigError(f"--output {out} must be a .jsonl file", hint="name it e.g. answers.jsonl")
     if out.exists() and (out.is_dir() or not overwrite):
@@ -174,4 +174,5 @@ def check_output_file(path: str, overwrite: bool) -> None:
                           hint="pick a new file name" + ("" if out.is_dir() else ", or pass --overwrite"))
     if not out.parent.is_dir():
         raise OutputError(f"--output {out}: the folder {out.parent} does not exist", hint="create it first")
+    check_writable(out, "--output", beside=True)
 

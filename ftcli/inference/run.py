@@ -64,10 +64,10 @@ def run_generate(opts: GenerateOptions) -> list[dict[str, Any]]:
         base = complete(target, ids, opts.decoding, base=True) if opts.compare_base else None
         _show(tuned, base, streamed=stream, title=f"prompt {number}: {_short(prompt.source)}")
         rows.append(_row(prompt, target, ids, tuned, base))
-    if opts.output:
+    if opts.output is not None:
         from ftcli.files import write_atomic
 
-        write_atomic(Path(opts.output), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_atomic(Path(opts.output).expanduser(), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         err_console.print(f"wrote {len(rows)} row(s) to {opts.output}", soft_wrap=True)
     return rows
 
@@ -80,7 +80,7 @@ def _check(opts: GenerateOptions) -> None:
     if opts.prompts and opts.prompts_file:
         raise ConfigError("--prompt and --prompts-file are two ways to give the prompts", hint="pass one")
     opts.decoding.check()
-    if opts.output:
+    if opts.output is not None:
         check_output_file(opts.output, opts.overwrite)
 
 
