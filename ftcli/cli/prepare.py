@@ -9,6 +9,7 @@ stays fast.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Annotated, Any, Optional
 
@@ -101,9 +102,13 @@ NUM_PROC = inspect.Parameter(
         help=with_default("Tokenizer processes.", default="1 below 20,000 rows or on 2 cores, else one per core "
                           "(at most 8); env FTCLI_NUM_PROC"), rich_help_panel=DATA)])
 
+
 def _output_dir_as_text(param: inspect.Parameter) -> inspect.Parameter:
     """`--output-dir` as the text given: typed `Path`, Click turns "" into "." (the current folder)."""
-    option = param.annotation.__metadata__[0]
+    option = copy.copy(param.annotation.__metadata__[0])  # train's own option stays as it is
+    option.metavar = option.metavar or "<path>"
+    option.help = with_default("Prepared-data folder, for `ftcli train --dataset FOLDER`.",
+                               default="the cache, <FTCLI_HOME>/datasets/<key>")
     return param.replace(annotation=Annotated[Optional[str], option])
 
 
