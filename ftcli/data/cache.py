@@ -155,8 +155,12 @@ def new_build_dir(final: Path) -> Path:
             break
         except FileExistsError:
             continue
-    write_json_atomic(build / BUILD_MARKER, {"target": str(final.absolute()), "host": socket.gethostname(),
-                                             "pid": os.getpid(), "created_at": utc_now()})
+    try:
+        write_json_atomic(build / BUILD_MARKER, {"target": str(final.absolute()), "host": socket.gethostname(),
+                                                 "pid": os.getpid(), "created_at": utc_now()})
+    except BaseException:  # a full disk, a signal: the caller never learns the folder's name, so remove it here
+        shutil.rmtree(build, ignore_errors=True)
+        raise
     return build
 
 
