@@ -260,15 +260,15 @@ def publish(build: Path, final: Path) -> Path:
 
     An existing `final` is set aside in `build/old` (removed with the build folder, or given back by
     `remove_stale_builds` if this process dies between the two renames)."""
-    data = build / "data"
+    data, old = build / "data", build / "old"
     fsync_tree(data)
-    if final.exists():
-        os.replace(final, build / "old")
     try:
+        if final.exists():
+            os.replace(final, old)
         os.replace(data, final)
-    except OSError:
-        if (build / "old").exists() and not final.exists():
-            os.replace(build / "old", final)
+    except BaseException:  # an error or a signal between the two renames: the old folder goes back
+        if old.exists() and not final.exists():
+            os.replace(old, final)
         raise
     fsync_dir(final.parent)
     return final
