@@ -98,6 +98,29 @@ def test_a_build_killed_between_its_renames_gives_the_old_folder_back(cli, tmp_p
     assert not build.exists()
 
 
+def test_interrupt_between_the_renames_of_overwrite_keeps_the_old_folder(cli, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import ftcli.data.cache as cache
+
+    data = write_small_alpaca(tmp_path / "small.jsonl")
+    out = tmp_path / "out"
+    assert cli("prepare", *TINY, "--dataset", data, "--output-dir", out).exit_code == 0
+    before = (out / MANIFEST).read_text()
+    real_replace = os.replace
+
+    def interrupted_second_rename(src, dst):
+        if Path(src).name == "data" and Path(dst) == out:
+            raise KeyboardInterrupt  # Ctrl-C / SIGTERM right after the old folder was set aside
+        real_replace(src, dst)
+
+    monkeypatch.setattr(cache.os, "replace", interrupted_second_rename)
+    result = cli("prepare", *TINY, "--dataset", data, "--output-dir", out, "--overwrite", "--seed", "7")
+    monkeypatch.setattr(cache.os, "replace", real_replace)
+    assert result.exit_code == EXIT_INTERRUPTED
+    assert (out / MANIFEST).read_text() == before
+    assert hidden_leftovers(tmp_path, "out") == []
+
+
 # ---- 2. the cache key is the hash of the bytes parsed; entries whose fingerprints disagree are rebuilt ------------
 
 
