@@ -318,7 +318,10 @@ def test_full_disk_leaves_nothing_half_written(cli, tmp_path: Path) -> None:
         assert_one_line_error(result, EXIT_OUTPUT, "no space left", str(mnt / "out"))
         assert list(mnt.iterdir()) == []
     finally:
-        subprocess.run(["umount", str(mnt)], check=False)
+        unmounted = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
+        if unmounted.returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+    assert unmounted.returncode == 0, f"a file on the full disk is still open: {unmounted.stderr}"
 
 
 # ---- 9. byte-order marks --------------------------------------------------------------------------------------

@@ -227,7 +227,7 @@ def _build(job: _Job, loaded: LoadedRows, fields: dict[str, Any], key: str, fina
     selected = ds.select(range(size)) if size < rows_read else ds
     procs = job.num_proc or default_num_proc(size)
     procs = max(1, min(procs, size // MAP_BATCH or 1))
-    build = None
+    build, full = None, False
     try:
         build = cache.new_build_dir(final)
         kept, stats = _tokenize(job, selected, fmt, template, key, procs, build / "work", rows_read, size)
@@ -240,13 +240,15 @@ def _build(job: _Job, loaded: LoadedRows, fields: dict[str, Any], key: str, fina
         cache.write_manifest(build / "data", manifest)  # last: a folder without it is never used
         cache.publish(build, final)
     except OSError as exc:
-        if _no_space(exc):
-            raise OutputError(f"no space left on the device writing the prepared dataset {final}",
-                              hint="free some space, or point --output-dir (or FTCLI_HOME) elsewhere") from None
-        raise
+        if not _no_space(exc):
+            raise
+        full = True  # raised below, outside this handler: the error's frames (and the files they hold open) go
     finally:
         if build is not None:
             shutil.rmtree(build, ignore_errors=True)
+    if full:
+        raise OutputError(f"no space left on the device writing the prepared dataset {final}",
+                          hint="free some space, or point --output-dir (or FTCLI_HOME) elsewhere")
     prepared = _load(final, manifest, reused=False)
     prepared.report.notes[:0] = job.notes
     return prepared
