@@ -482,7 +482,7 @@ def test_killed_prepare_leaves_nothing_that_looks_complete(tmp_path: Path, ftcli
     cmd = [sys.executable, "-m", "ftcli", "prepare", *TINY, "--dataset", str(data), "--dataset-size", "30000"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not list((home / "datasets").glob(".*.tmp-*")):
+    while time.time() < deadline and not list((home / "datasets").glob(".*.ftcli-build.*")):
         assert proc.poll() is None, "prepare finished before it could be killed"
         time.sleep(0.05)
     time.sleep(0.5)

@@ -9,6 +9,7 @@ stays fast.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Annotated, Any, Optional
 
@@ -26,13 +27,17 @@ def prepare(values: dict) -> None:
     num_proc = values.pop("num_proc", None)
 
     def go() -> None:
-        from ftcli.data.prepare import prepare_dataset
+        from ftcli.data.prepare import check_output_dir, prepare_dataset
         from ftcli.errors import ConfigError
+        from ftcli.files import output_path
         from ftcli.models import load_tokenizer
 
         if num_proc is not None and num_proc < 1:
             raise ConfigError(f"--num-proc must be >= 1 (got {num_proc})", hint="pass 1 or more processes")
         config = run_config_from_flags(values)
+        out = output_path(config.output_dir, "--output-dir")
+        if out is not None:  # before the tokenizer loads: a refused folder costs nothing and gets nothing written
+            check_output_dir(out, config.overwrite)
         tokenizer = load_tokenizer(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
         prepared = prepare_dataset(config, tokenizer, output=config.output_dir, overwrite=config.overwrite,
                                    num_proc=num_proc, use_cache=not config.overwrite)
@@ -46,7 +51,13 @@ def prepare(values: dict) -> None:
             console.print(f"eval: {held.examples:,} examples, {held.loss_tokens:,} loss tokens ({held.source}), "
                           f"cached in {held.report.prepared}", soft_wrap=True)
 
-    run_guarded(go)
+    def guarded() -> None:
+        from ftcli.data.prepare import sigterm_as_interrupt
+
+        with sigterm_as_interrupt():
+            go()
+
+    run_guarded(guarded)
 
 
 def print_prepared(prepared: Any, config: Any) -> None:
@@ -91,4 +102,17 @@ NUM_PROC = inspect.Parameter(
         help=with_default("Tokenizer processes.", default="1 below 20,000 rows or on 2 cores, else one per core "
                           "(at most 8); env FTCLI_NUM_PROC"), rich_help_panel=DATA)])
 
+
+def _output_dir_as_text(param: inspect.Parameter) -> inspect.Parameter:
+    """`--output-dir` as the text given: typed `Path`, Click turns "" into "." (the current folder)."""
+    option = copy.copy(param.annotation.__metadata__[0])  # train's own option stays as it is
+    option.metavar = option.metavar or "<path>"
+    option.help = with_default("Prepared-data folder, for `ftcli train --dataset FOLDER`.",
+                               default="the cache, <FTCLI_HOME>/datasets/<key>")
+    return param.replace(annotation=Annotated[Optional[str], option])
+
+
 command = with_train_options(prepare, NUM_PROC)
+command.__signature__ = command.__signature__.replace(parameters=[  # type: ignore[attr-defined]
+    _output_dir_as_text(p) if p.name == "output_dir" else p for p in command.__signature__.parameters.values()])
+command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}

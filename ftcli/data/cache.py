@@ -5,10 +5,15 @@
     >>> read_prepared_manifest(folder)  # None unless the folder is complete
 
 A prepared folder holds the tokenized dataset (`datasets.save_to_disk`: columns `input_ids`,
-`labels`, `length`) and `ftcli_prepared.json` (keys documented in `ftcli.data.prepare`). It is
-built in a temporary folder next to its final place, the manifest is written last and the folder
-is then renamed into place, so a killed `prepare` never leaves a folder that looks complete; a
-folder without a complete manifest is never used.
+`labels`, `length`) and `ftcli_prepared.json` (keys documented in `ftcli.data.prepare`), which
+records every data file's size and sha256. It is built in `.<name>.ftcli-build.<host>.<pid>.<n>/`
+next to its final place (a marker file inside names the target and process), the manifest is
+written last, everything is fsynced, and the folder is then renamed into place: a killed `prepare`
+never leaves a folder that looks complete, and a folder without a complete manifest is never used.
+Only such marked build folders of the target being written, of a process gone on this host, are
+ever removed (and in the cache, ftcli's own folder, those of any entry). A cache entry is built under
+its lock (`ftcli.files.exclusive`); an entry whose files no longer match their record, or whose
+manifest's fingerprints disagree with its key, is rebuilt.
 
 The cache key covers everything that changes the tokens: the data's content fingerprint (file
 bytes, built-in rows or hub revision), the tokenizer (vocabulary, merges, normalisation,
@@ -20,18 +25,21 @@ layout version below.
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import itertools
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
 from ftcli import __version__
-from ftcli.errors import DataError
-from ftcli.files import write_json_atomic
+from ftcli.errors import DataError, OutputError
+from ftcli.files import LOCK_SUFFIX, exclusive, fsync_dir, fsync_tree, write_json_atomic
 from ftcli.paths import ftcli_home
-from ftcli.system import process_alive
+from ftcli.system import process_alive, utc_now
 
 MANIFEST_NAME = "ftcli_prepared.json"
 LAYOUT_VERSION = 1  # bump when the prepared columns or their meaning change
@@ -60,15 +68,17 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def template_key(template: str) -> str:
-    """`--template` for the key: the name, or a Jinja file's content hash."""
+def template_key(template: str, text: str | None = None) -> str:
+    """`--template` for the key: the name, or a Jinja file's content hash (of `text`, when it was read)."""
     path = Path(template).expanduser()
+    if text is not None:
+        return "file-sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
     if template not in ("auto", "alpaca", "model") and path.is_file():
         return "file-sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
     return template
 
 
-def key_fields(config: Any, tokenizer_fp: str, source_fp: str) -> dict[str, Any]:
+def key_fields(config: Any, tokenizer_fp: str, source_fp: str, template_text: str | None = None) -> dict[str, Any]:
     fields = {
         "layout": LAYOUT_VERSION,
         "ftcli_version": __version__,
@@ -77,7 +87,7 @@ def key_fields(config: Any, tokenizer_fp: str, source_fp: str) -> dict[str, Any]
         "revision": config.dataset_revision,
         "format": config.format,
         "columns": dict(sorted((config.columns or {}).items())),
-        "template": template_key(config.template),
+        "template": template_key(config.template, template_text),
         "train_on_inputs": config.train_on_inputs,
         "seq_length": config.seq_length,
         "dataset_size": config.dataset_size,
@@ -121,46 +131,146 @@ def is_prepared_folder(ref: str) -> bool:
     return path.is_dir() and ((path / MANIFEST_NAME).exists() or (path / "state.json").exists())
 
 
-def temp_dir_for(final: Path) -> Path:
-    """A fresh build folder next to `final` (same filesystem, so the last rename is atomic).
+BUILD_TAG = "ftcli-build"
+BUILD_MARKER = "ftcli-build.json"
+_build_numbers = itertools.count()
 
-    Build folders left by killed processes (their pid is gone) are removed on the way."""
+
+def build_prefix(final: Path) -> str:
+    return f".{final.name}.{BUILD_TAG}."
+
+
+def new_build_dir(final: Path) -> Path:
+    """A fresh build folder next to `final` (same filesystem, so publishing is one rename).
+
+    Named `.<name>.ftcli-build.<host>.<pid>.<n>` with a marker inside naming its target, so that
+    only ftcli's own leftovers are ever recognised (`remove_stale_builds`). Inside: `work/` (the
+    tokenizer's scratch), `data/` (what becomes `final`) and, while replacing, `old/` (the old `final`)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_builds(final.parent)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def remove_stale_builds(parent: Path) -> None:
-    for leftover in parent.glob(".*.*-*"):
-        kind, _, pid = leftover.name.rpartition("-")
-        if not kind.endswith((".tmp", ".work", ".old")) or not pid.isdigit() or process_alive(int(pid)):
+    remove_stale_builds(final)
+    while True:
+        build = final.parent / f"{build_prefix(final)}{socket.gethostname()}.{os.getpid()}.{next(_build_numbers)}"
+        try:
+            build.mkdir()
+            break
+        except FileExistsError:
             continue
-        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        write_json_atomic(build / BUILD_MARKER, {"target": str(final.absolute()), "host": socket.gethostname(),
+                                                 "pid": os.getpid(), "created_at": utc_now()})
+    except BaseException:  # a full disk, a signal: the caller never learns the folder's name, so remove it here
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    return build
+
+
+def remove_stale_builds(final: Path) -> list[Path]:
+    """Remove the build folders of `final` whose process is gone (this host only, marker checked).
+
+    A build killed between setting the old `final` aside and putting the new one in place gives the
+    old one back first. Nothing else in the parent folder is looked at."""
+    removed = []
+    prefix = build_prefix(final)
+    for build in final.parent.glob(glob.escape(prefix) + "*"):
+        host, _, rest = build.name[len(prefix):].rpartition(".")[0].rpartition(".")
+        if build.is_symlink() or not build.is_dir() or host != socket.gethostname() or not rest.isdigit() \
+                or process_alive(int(rest)) or not _marked_for(build, final, int(rest)):
+            continue
+        old = build / "old"
+        if old.is_dir() and not final.exists():
+            os.replace(old, final)
+        shutil.rmtree(build, ignore_errors=True)
+        removed.append(build)
+    return removed
+
+
+def sweep_cache() -> None:
+    """Remove what killed prepares left in the cache (ftcli's own folder): their marked build folders and
+    lock files, each entry's under its lock, skipping any entry another live process holds."""
+    root = cache_root()
+    if not root.is_dir():
+        return
+    names = {p.name[1:].split(f".{BUILD_TAG}.")[0] for p in root.glob(f".*.{BUILD_TAG}.*")}
+    names |= {p.name[1:-len(LOCK_SUFFIX)] for p in root.glob(f".*{LOCK_SUFFIX}")}
+    for name in sorted(n for n in names if n):
+        try:
+            with exclusive(root / name, "prepared-data cache entry"):
+                remove_stale_builds(root / name)
+        except OutputError:
+            continue  # in use: its holder is alive and cleans up after itself
+
+
+def _marked_for(build: Path, final: Path, pid: int) -> bool:
+    try:
+        marker = json.loads((build / BUILD_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("target") == str(final.absolute()) and marker.get("pid") == pid
+
+
+def data_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """{name: {size, sha256}} of every file of a prepared folder but its manifest: what `damaged` checks."""
+    out = {}
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        out[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": h.hexdigest()}
+    return out
+
+
+def damaged(folder: Path, manifest: dict[str, Any]) -> str | None:
+    """`FILE: why` for the first data file that is missing or differs from the manifest's record, else None."""
+    recorded = manifest.get("data_files")
+    if not isinstance(recorded, dict):
+        return None  # written before files were recorded: only a failed load tells
+    for name, want in recorded.items():
+        path = Path(folder) / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"{path}: missing"
+        if not isinstance(want, dict) or size != want.get("size"):
+            return f"{path}: {size} bytes, {want.get('size') if isinstance(want, dict) else '?'} when prepared"
+    actual = data_files(folder)
+    for name, want in recorded.items():
+        if actual.get(name, {}).get("sha256") != want.get("sha256"):
+            return f"{Path(folder) / name}: its content changed since it was prepared (checksum differs)"
+    return None
+
+
+def untrusted(manifest: dict[str, Any]) -> str | None:
+    """Why a manifest's key does not follow from what it records (an entry filed under other content), or None."""
+    fields = manifest.get("key_fields")
+    if not isinstance(fields, dict) or cache_key(fields) != manifest.get("key"):
+        return "its key does not match the options it records"
+    source = manifest.get("source")
+    if not isinstance(source, dict) or source.get("fingerprint") != fields.get("source"):
+        return "its data fingerprint does not match its key's"
+    return None
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    write_json_atomic(folder / MANIFEST_NAME, manifest)
+    write_json_atomic(folder / MANIFEST_NAME, manifest, durable=True)
 
 
-def publish(tmp: Path, final: Path, replace: bool = False) -> Path:
-    """Rename the finished build into place. If another process got there first with a complete
-    folder, keep theirs (same key, same content) and drop ours."""
-    if replace and final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-        shutil.rmtree(old, ignore_errors=True)
-    elif final.exists() and read_prepared_manifest(final) is None:
-        # Not ours to trust and not complete: an interrupted older layout; move it out of the way.
-        shutil.rmtree(final, ignore_errors=True)
+def publish(build: Path, final: Path) -> Path:
+    """Put the finished `build/data` in place of `final`, both flushed to disk first (fsync).
+
+    An existing `final` is set aside in `build/old` (removed with the build folder, or given back by
+    `remove_stale_builds` if this process dies between the two renames)."""
+    data, old = build / "data", build / "old"
+    fsync_tree(data)
     try:
-        os.replace(tmp, final)
-    except OSError:
-        if read_prepared_manifest(final) is None:
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(data, final)
+    except BaseException:  # an error or a signal between the two renames: the old folder goes back
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        raise
+    fsync_dir(final.parent)
     return final
 
 

@@ -15,6 +15,9 @@
 | sharegpt | conversations: [{from, value}, ...] | conversation (human -> user, gpt -> assistant) |
 | text | text | the whole text is trained |
 
+One dataset has one format: rows (or whole files of a folder) that lack the detected format's
+fields but fit another one are refused with the files and formats named, never dropped as empty.
+
 `--columns instruction=question,output=answer` names the data's columns for the format's
 fields; `role=...` / `content=...` (chat) and `from=...` / `value=...` (sharegpt) name the keys
 inside each message.
@@ -105,6 +108,37 @@ def detect_format(columns: list[str], requested: str, source: str) -> str:
                     f"{expected_formats()}",
                     hint="rename the columns, map them with --columns (e.g. instruction=question,output=answer) "
                          "or pick --format")
+
+
+def fitting_format(keys: set[str] | frozenset[str]) -> str | None:
+    """The first format (in detection order) whose required fields are all among `keys`."""
+    return next((name for name, (required, _) in FORMATS.items() if all(f in keys for f in required)), None)
+
+
+def check_one_format(shapes: list[Any] | None, renames: dict[str, str], fmt: str, source: str) -> None:
+    """Refuse rows that lack `fmt`'s fields but fit another format (a folder of Alpaca and chat files, say):
+    read as `fmt` they would be dropped as empty. `shapes`: the rows' key sets (sources.RowShape)."""
+    foreign = []
+    for shape in shapes or []:
+        keys = {renames.get(k, k) for k in shape.keys}
+        other = fitting_format(keys)
+        if other is not None and other != fmt and not all(f in keys for f in FORMATS[fmt][0]):
+            foreign.append((shape, other))
+    if not foreign:
+        return
+    kinds: dict[tuple[str, str], list[int]] = {}
+    for shape in shapes or []:
+        keys = {renames.get(k, k) for k in shape.keys}
+        kind = fmt if all(f in keys for f in FORMATS[fmt][0]) else fitting_format(keys)
+        if kind is not None:
+            entry = kinds.setdefault((shape.file, kind), [0, shape.first])
+            entry[0] += shape.rows
+            entry[1] = min(entry[1], shape.first)
+    listing = "; ".join(f"{file}: {count} {kind} row{'s' if count != 1 else ''} (from row {first})"
+                        for (file, kind), (count, first) in kinds.items())
+    raise DataError(f"dataset {source} mixes formats ({listing}); read as {fmt}, the "
+                    f"{'/'.join(sorted({o for _, o in foreign}))} rows would be dropped as empty",
+                    hint="give one dataset one format: convert those rows or files, or pass the files apart")
 
 
 def row_to_example(row: dict[str, Any], fmt: str, keys: dict[str, str] | None = None) -> Example:

@@ -6,8 +6,9 @@
     (['input_ids', 'labels', 'length'], False)
 
 `ftcli train` and `ftcli prepare` both come through here with the same options, so a `prepare`
-run is reused by the `train` run with the same flags (a cache hit reads no raw data at all; the
-key is computed from the files' bytes). `--dataset <prepared folder>` reads that folder after
+run is reused by the `train` run with the same flags (a cache hit parses no raw data; the key is
+computed from the files' bytes, and a build files its rows under the hash of the very bytes it
+parsed, should the files change in between). `--dataset <prepared folder>` reads that folder after
 checking that its manifest matches what is asked.
 
 The manifest, `ftcli_prepared.json` (every key is written on every prepare):
@@ -32,6 +33,8 @@ The manifest, `ftcli_prepared.json` (every key is written on every prepare):
   batches in training order or sorted by length.
 - `columns`: the dataset's columns: `input_ids`, `labels` (-100 = not in the loss), `length`.
 - `build`: `num_proc`, `seconds`, `tokens_per_second`.
+- `data_files`: {name: {`size`, `sha256`}} of every other file of the folder, checked before each use
+  (a damaged cache entry is rebuilt, a damaged `--dataset FOLDER` refused naming the file).
 
 Read a prepared folder with `datasets.load_from_disk(folder)` and
 `cache.read_prepared_manifest(folder)` (None unless complete); show an example with
@@ -40,22 +43,27 @@ Read a prepared folder with `datasets.load_from_disk(folder)` and
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import signal
+import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from ftcli import __version__
 from ftcli.console import console
 from ftcli.data import cache
-from ftcli.data.formats import FORMATS, MESSAGE_KEYS, column_renames, detect_format
-from ftcli.data.pipeline import DROP_EMPTY, DROP_NO_RESPONSE, DROP_TOO_LONG, INVALID, DataReport, encode_batch
+from ftcli.data.formats import FORMATS, MESSAGE_KEYS, check_one_format, column_renames, detect_format
+from ftcli.data.pipeline import DataReport, encode_batch
 from ftcli.data.sources import LoadedRows, load_rows, source_fingerprint
-from ftcli.data.templates import TemplateSpec, resolve_template
+from ftcli.data.stats import all_dropped_hint, drop_summary, measure, raise_first_invalid, shuffled_order
+from ftcli.data.templates import TemplateSpec, read_template, resolve_template, template_file
 from ftcli.errors import ConfigError, DataError, OutputError
+from ftcli.files import check_writable, exclusive, output_path
 from ftcli.system import utc_now
 
 MAP_BATCH = 1000
@@ -92,28 +100,101 @@ def default_num_proc(rows: int) -> int:
 
 def prepare_dataset(config: Any, tokenizer: Any, *, output: str | Path | None = None, overwrite: bool = False,
                     num_proc: int | None = None, use_cache: bool = True) -> Prepared:
-    """The prepared data for `config`: reused from the cache (or a prepared `--dataset` folder), or built."""
+    """The prepared data for `config`: reused from the cache (or a prepared `--dataset` folder), or built.
+
+    A cache entry is built under its lock (a second identical run waits, then reuses it); an explicit
+    `output` folder is locked too, and a second writer is refused."""
     _quiet_datasets()
     if cache.is_prepared_folder(config.dataset):
         return _use_prepared_folder(config, tokenizer)
+    final = output_path(output, "--output-dir") if output is not None else None
+    if final is not None:
+        check_output_dir(final, overwrite)
+    path = template_file(config.template)
+    template_text = read_template(path) if path is not None else None
     tokenizer_fp = cache.tokenizer_fingerprint(tokenizer)
     loaded: LoadedRows | None = None
     source_fp = source_fingerprint(config.dataset, split=config.dataset_split, revision=config.dataset_revision)
     if source_fp is None:  # a hub id: its content is known once datasets has resolved it
         loaded = _read(config)
         source_fp = loaded.fingerprint
-    fields = cache.key_fields(config, tokenizer_fp, source_fp)
-    key = cache.cache_key(fields)
-    final = Path(output).expanduser() if output else cache.cache_dir(key)
-    if output is None and use_cache:
-        manifest = cache.read_prepared_manifest(final)
-        if manifest is not None and manifest.get("key") == key:
-            return _load(final, manifest, config, reused=True)
-    elif output is not None and final.exists() and any(final.iterdir()) and not overwrite:
-        raise OutputError(f"prepared-data folder {final} exists and is not empty",
-                          hint="pass --overwrite to replace it, or choose another --output-dir")
-    loaded = loaded or _read(config)
-    return _build(config, tokenizer, loaded, fields, key, final, overwrite=overwrite, num_proc=num_proc)
+    fields = cache.key_fields(config, tokenizer_fp, source_fp, template_text)
+    job = _Job(config, tokenizer, template_text, num_proc)
+    if final is None:
+        return _cached(job, loaded, fields, use_cache)
+    with exclusive(final, "--output-dir"):
+        cache.remove_stale_builds(final)  # a killed build gives back the folder it had set aside
+        check_output_dir(final, overwrite)  # again, now that no other prepare can be writing it
+        loaded = loaded or _read(config)
+        fields = {**fields, "source": loaded.fingerprint}  # the content parsed, whatever was hashed before
+        return _build(job, loaded, fields, cache.cache_key(fields), final)
+
+
+@dataclass
+class _Job:
+    config: Any
+    tokenizer: Any
+    template_text: str | None
+    num_proc: int | None
+    notes: list[str] = field(default_factory=list)
+
+
+def check_output_dir(final: Path, overwrite: bool) -> None:
+    """Refuse an explicit `--output-dir` that cannot become a prepared folder, before anything is written."""
+    if final.exists() and not final.is_dir():
+        raise OutputError(f"--output-dir {final} is a file", hint="pass a folder path (it is created if missing)")
+    if final.is_dir() and any(final.iterdir()):
+        if not overwrite:
+            raise OutputError(f"prepared-data folder {final} exists and is not empty",
+                              hint="pass --overwrite to replace it, or choose another --output-dir")
+        if not (final / cache.MANIFEST_NAME).is_file():
+            raise OutputError(f"--output-dir {final} holds files that are not a dataset ftcli prepared "
+                              f"(no {cache.MANIFEST_NAME})",
+                              hint="--overwrite replaces only a folder `ftcli prepare` wrote; choose another "
+                                   "--output-dir")
+    check_writable(final, "--output-dir", beside=True)
+
+
+def _cached(job: _Job, loaded: LoadedRows | None, fields: dict[str, Any], use_cache: bool) -> Prepared:
+    """The cache entry of `fields`: a trusted, undamaged hit, or built under the entry's lock."""
+    cache.sweep_cache()
+    while True:
+        key = cache.cache_key(fields)
+        final = cache.cache_dir(key)
+        hit = _cache_hit(job, final, key) if use_cache else None
+        if hit is not None:
+            return hit
+        with exclusive(final, "prepared-data cache entry", wait=True, announce=_announce):
+            hit = _cache_hit(job, final, key, quiet=True) if use_cache else None
+            if hit is not None:  # built by the run we waited for
+                return hit
+            loaded = loaded or _read(job.config)
+            if loaded.fingerprint == fields["source"]:
+                return _build(job, loaded, fields, key, final)
+        # The data changed after it was fingerprinted: file the rows read under their own content.
+        fields = {**fields, "source": loaded.fingerprint}
+
+
+def _cache_hit(job: _Job, final: Path, key: str, quiet: bool = False) -> Prepared | None:
+    """The complete entry at `final`, if its manifest agrees with `key` and its files are intact."""
+    manifest = cache.read_prepared_manifest(final)
+    if manifest is None:
+        return None
+    problem = "a different key" if manifest.get("key") != key else cache.untrusted(manifest) \
+        or cache.damaged(final, manifest)
+    if problem is None:
+        try:
+            return _load(final, manifest, reused=True)
+        except Exception as exc:  # noqa: BLE001 - datasets/pyarrow raise many types for a damaged file
+            problem = f"it cannot be read ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})" \
+                if str(exc).strip() else f"it cannot be read ({type(exc).__name__})"
+    if not quiet:
+        job.notes.append(f"cache entry {final} is damaged ({problem}): rebuilding it")
+    return None
+
+
+def _announce(text: str) -> None:
+    console.print(f"[yellow]note:[/] {text}", soft_wrap=True)
 
 
 def _read(config: Any) -> LoadedRows:
@@ -121,71 +202,91 @@ def _read(config: Any) -> LoadedRows:
         return load_rows(config.dataset, split=config.dataset_split, revision=config.dataset_revision)
 
 
-def _build(config: Any, tokenizer: Any, loaded: LoadedRows, fields: dict[str, Any], key: str, final: Path, *,
-           overwrite: bool, num_proc: int | None) -> Prepared:
+def _build(job: _Job, loaded: LoadedRows, fields: dict[str, Any], key: str, final: Path) -> Prepared:
+    """Tokenize `loaded` into a build folder beside `final`, then publish it there (fsynced, one rename)."""
+    config, tokenizer = job.config, job.tokenizer
     started = time.perf_counter()
     ds = loaded.dataset
     rows_read = len(ds)
     if rows_read == 0:
         raise DataError(f"dataset {config.dataset} is empty (0 rows)",
                         hint="check the file(s): blank lines and header-only CSV files hold no rows")
-    notes: list[str] = []
     renames = column_renames(config.columns, ds.column_names)
     if renames:
         ds = ds.rename_columns(renames)
     fmt = detect_format(ds.column_names, config.format, config.dataset)
-    template = resolve_template(config.template, fmt, tokenizer, model=config.model or "the model")
+    check_one_format(loaded.shapes, renames, fmt, config.dataset)
+    template = resolve_template(config.template, fmt, tokenizer, model=config.model or "the model",
+                                text=job.template_text)
     size = rows_read if config.dataset_size is None else min(config.dataset_size, rows_read)
     if "dataset_size" in config.model_fields_set and config.dataset_size is not None \
             and config.dataset_size > rows_read:
-        notes.append(f"--dataset-size {config.dataset_size} > {rows_read} rows: using all rows")
+        job.notes.append(f"--dataset-size {config.dataset_size} > {rows_read} rows: using all rows")
     needed = [c for c in (*FORMATS[fmt][0], *FORMATS[fmt][1]) if c in ds.column_names]
     ds = ds.select_columns(needed)
     selected = ds.select(range(size)) if size < rows_read else ds
-    procs = num_proc or default_num_proc(size)
+    procs = job.num_proc or default_num_proc(size)
     procs = max(1, min(procs, size // MAP_BATCH or 1))
-    keys = {k: v for k, v in (config.columns or {}).items() if k in MESSAGE_KEYS}
-
-    work = final.parent / f".{final.name}.work-{os.getpid()}"
-    tmp = cache.temp_dir_for(final)
+    build, full = None, False
     try:
-        work.mkdir(parents=True, exist_ok=True)
-        with _map_progress(size, procs):
-            mapped = selected.map(
-                encode_batch, batched=True, batch_size=MAP_BATCH, num_proc=procs if procs > 1 else None,
-                remove_columns=selected.column_names, cache_file_name=str(work / "map.arrow"),
-                new_fingerprint=f"ftcli-{key[:24]}", desc="tokenizing",
-                fn_kwargs=dict(fmt=fmt, keys=keys, template=template, tokenizer=tokenizer,
-                               seq_length=config.seq_length, train_on_inputs=config.train_on_inputs))
-        drops_in_order = mapped.data.column("drop").to_pylist()
-        _raise_first_invalid(drops_in_order, config.dataset)
-        # Shuffle all selected rows, then drop: the order of the rows kept is the reference order.
-        shuffled = mapped.shuffle(seed=config.seed)
-        order = shuffled_order(shuffled)
-        drops = [drops_in_order[i] for i in order]
-        kept_idx = [i for i, d in enumerate(drops) if not d]
-        if not kept_idx:
-            raise DataError(f"every row of {config.dataset} was dropped ({_drop_summary(drops)})",
-                            hint=_all_dropped_hint(drops, config.seq_length))
-        kept = shuffled.select(kept_idx) if len(kept_idx) < len(drops) else shuffled
-        stats = _stats(mapped, [order[i] for i in kept_idx], drops, rows_read, size, config.batch_size)
-        kept = kept.remove_columns(HELPER_COLUMNS)
+        build = cache.new_build_dir(final)
+        kept, stats = _tokenize(job, selected, fmt, template, key, procs, build / "work", rows_read, size)
         with _status(f"writing {len(kept):,} examples"):
-            kept.save_to_disk(str(tmp))
+            kept.save_to_disk(str(build / "data"))
+        del kept
         seconds = time.perf_counter() - started
         manifest = _manifest(config, tokenizer, loaded, fields, key, fmt, template, stats, procs, seconds)
-        cache.write_manifest(tmp, manifest)  # last: a folder without it is never used
-        cache.publish(tmp, final, replace=overwrite)
+        manifest["data_files"] = cache.data_files(build / "data")
+        cache.write_manifest(build / "data", manifest)  # last: a folder without it is never used
+        cache.publish(build, final)
+    except OSError as exc:
+        if not _no_space(exc):
+            raise
+        full = True  # raised below, outside this handler: the error's frames (and the files they hold open) go
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
-    del mapped, shuffled, kept
-    prepared = _load(final, manifest, config, reused=False)
-    prepared.report.notes[:0] = notes
+        if build is not None:
+            shutil.rmtree(build, ignore_errors=True)
+    if full:
+        raise OutputError(f"no space left on the device writing the prepared dataset {final}",
+                          hint="free some space, or point --output-dir (or FTCLI_HOME) elsewhere")
+    prepared = _load(final, manifest, reused=False)
+    prepared.report.notes[:0] = job.notes
     return prepared
 
 
-def _load(folder: Path, manifest: dict[str, Any], config: Any, *, reused: bool) -> Prepared:
+def _no_space(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc)
+
+
+def _tokenize(job: _Job, selected: Any, fmt: str, template: TemplateSpec, key: str, procs: int, work: Path,
+              rows_read: int, size: int) -> tuple[Any, dict[str, Any]]:
+    """Rows -> the kept examples (shuffled with the seed, helper columns gone) and their statistics."""
+    config = job.config
+    keys = {k: v for k, v in (config.columns or {}).items() if k in MESSAGE_KEYS}
+    work.mkdir(parents=True, exist_ok=True)
+    with _map_progress(size, procs):
+        mapped = selected.map(
+            encode_batch, batched=True, batch_size=MAP_BATCH, num_proc=procs if procs > 1 else None,
+            remove_columns=selected.column_names, cache_file_name=str(work / "map.arrow"),
+            new_fingerprint=f"ftcli-{key[:24]}", desc="tokenizing",
+            fn_kwargs=dict(fmt=fmt, keys=keys, template=template, tokenizer=job.tokenizer,
+                           seq_length=config.seq_length, train_on_inputs=config.train_on_inputs))
+    drops_in_order = mapped.data.column("drop").to_pylist()
+    raise_first_invalid(drops_in_order, config.dataset)
+    # Shuffle all selected rows, then drop: the order of the rows kept is the reference order.
+    shuffled = mapped.shuffle(seed=config.seed)
+    order = shuffled_order(shuffled)
+    drops = [drops_in_order[i] for i in order]
+    kept_idx = [i for i, d in enumerate(drops) if not d]
+    if not kept_idx:
+        raise DataError(f"every row of {config.dataset} was dropped ({drop_summary(drops)})",
+                        hint=all_dropped_hint(drops, config.seq_length))
+    kept = shuffled.select(kept_idx) if len(kept_idx) < len(drops) else shuffled
+    stats = measure(mapped, [order[i] for i in kept_idx], drops, rows_read, size, config.batch_size)
+    return kept.remove_columns(HELPER_COLUMNS), stats
+
+
+def _load(folder: Path, manifest: dict[str, Any], *, reused: bool) -> Prepared:
     from datasets import load_from_disk
 
     dataset = load_from_disk(str(folder))
@@ -195,7 +296,15 @@ def _load(folder: Path, manifest: dict[str, Any], config: Any, *, reused: bool) 
 def _use_prepared_folder(config: Any, tokenizer: Any) -> Prepared:
     folder = Path(config.dataset).expanduser()
     manifest = cache.check_prepared(folder, cache.read_prepared_manifest(folder), expected_options(config, tokenizer))
-    prepared = _load(folder, manifest, config, reused=True)
+    problem = cache.untrusted(manifest) or cache.damaged(folder, manifest)
+    hint = "prepare it again (`ftcli prepare ... --output-dir FOLDER --overwrite`)"
+    if problem:
+        raise DataError(f"prepared dataset {folder} is damaged: {problem}", hint=hint)
+    try:
+        prepared = _load(folder, manifest, reused=True)
+    except Exception as exc:  # noqa: BLE001 - datasets/pyarrow raise many types for a damaged file
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise DataError(f"prepared dataset {folder} is damaged: {type(exc).__name__}: {first}", hint=hint) from None
     opts = manifest["options"]
     prepared.report.notes.append(f"using the prepared dataset {folder} ({opts['format']} data, dataset size "
                                  f"{opts['dataset_size']}, seed {opts['seed']})")
@@ -224,13 +333,14 @@ def expected_options(config: Any, tokenizer: Any) -> dict[str, Any]:
 
 
 def _file_identity(path: str) -> str:
-    key = cache.template_key(path)
+    file = template_file(path)
+    key = cache.template_key(path, read_template(file) if file is not None else None)
     return "file:" + key.removeprefix("file-sha256:")[:16] if key.startswith("file-sha256:") else f"file:{path}"
 
 
 def template_identity(spec: TemplateSpec) -> str:
-    if spec.name.startswith("file:"):
-        return _file_identity(spec.name.removeprefix("file:"))
+    if spec.name.startswith("file:") and spec.chat_template is not None:  # the text rendered, not a second read
+        return "file:" + cache.template_key(spec.name, spec.chat_template).removeprefix("file-sha256:")[:16]
     return spec.name
 
 
@@ -244,60 +354,6 @@ def report_from_manifest(manifest: dict[str, Any], folder: Path, reused: bool) -
         truncated=s["truncated"], tokens=s["tokens"], loss_tokens=s["loss_tokens"],
         eos_trained_once=s["eos_trained_once"], max_length=s["length"]["max"], format=manifest["format"],
         template=manifest["template"], prepared=str(folder), reused=reused, stats=s)
-
-
-def shuffled_order(shuffled: Any) -> list[int]:
-    """Row i of the shuffled dataset is row order[i] of the unshuffled one."""
-    indices = shuffled._indices  # datasets keeps a shuffle as an indices mapping until it is flattened
-    return indices.column(0).to_pylist() if indices is not None else list(range(len(shuffled)))
-
-
-def _stats(mapped: Any, kept_rows: list[int], drops: list[str], rows_read: int, rows_selected: int,
-           batch_size: int | None) -> dict[str, Any]:
-    """Statistics of the kept rows (`kept_rows`: their indices in `mapped`, in training order)."""
-    import numpy as np
-
-    def column(name: str) -> Any:
-        return mapped.data.column(name).to_numpy()[kept_rows]
-
-    lengths = column("length").astype(np.int64)
-    loss = int(column("loss_tokens").sum())
-    truncated = int(column("truncated").sum())
-    eos_once = int(column("eos_once").sum())
-    tokens = int(lengths.sum())
-    bs = batch_size or 1
-    pct = {f"p{q}": int(np.percentile(lengths, q, method="higher")) for q in (50, 90, 95, 99)}
-    return {
-        "rows_read": rows_read,
-        "rows_selected": rows_selected,
-        "rows_kept": len(lengths),
-        "dropped": {"empty": drops.count(DROP_EMPTY), "too_long": drops.count(DROP_TOO_LONG),
-                    "no_response": drops.count(DROP_NO_RESPONSE)},
-        "tokens": tokens,
-        "loss_tokens": loss,
-        "loss_token_share": round(loss / tokens, 4) if tokens else 0.0,
-        "truncated": truncated,
-        "truncated_share": round(truncated / len(lengths), 4),
-        "eos_trained_once": eos_once,
-        "length": {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 1), **pct,
-                   "max": int(lengths.max())},
-        "padding": {"batch_size": bs, "in_order": padding_waste(lengths, bs),
-                    "length_grouped": padding_waste(np.sort(lengths)[::-1], bs)},
-    }
-
-
-def padding_waste(lengths: Any, batch_size: int) -> float:
-    """Share of the padded batches (each padded to its longest row) that is padding."""
-    import numpy as np
-
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if len(lengths) == 0:
-        return 0.0
-    padded = 0
-    for start in range(0, len(lengths), batch_size):
-        chunk = lengths[start:start + batch_size]
-        padded += int(chunk.max()) * len(chunk)
-    return round(1 - int(lengths.sum()) / padded, 4)
 
 
 def _manifest(config: Any, tokenizer: Any, loaded: LoadedRows, fields: dict[str, Any], key: str, fmt: str,
@@ -331,26 +387,21 @@ def _manifest(config: Any, tokenizer: Any, loaded: LoadedRows, fields: dict[str,
     }
 
 
-def _raise_first_invalid(drops: list[str], ref: str) -> None:
-    for i, d in enumerate(drops):
-        if d.startswith(INVALID):
-            count = sum(1 for x in drops if x.startswith(INVALID))
-            more = f" ({count - 1} more rows like it)" if count > 1 else ""
-            raise DataError(f"{ref}: row {i + 1}: {d.removeprefix(INVALID)}{more}",
-                            hint="fix the row(s), or pick the right --format / --columns")
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends a prepare like Ctrl-C: the build folder and lock are removed on the way out (exit 130)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
 
-def _drop_summary(drops: list[str]) -> str:
-    names = {DROP_EMPTY: "empty response", DROP_TOO_LONG: "prompt longer than --seq-length",
-             DROP_NO_RESPONSE: "no response left after truncation"}
-    parts = [f"{drops.count(k)} {v}" for k, v in names.items() if drops.count(k)]
-    return ", ".join(parts)
-
-
-def _all_dropped_hint(drops: list[str], seq_length: int) -> str:
-    if drops.count(DROP_EMPTY) == len(drops):
-        return "every response (output, completion, assistant turn or text) is empty; check --format and --columns"
-    return f"raise --seq-length (now {seq_length}) or shorten the prompts"
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _quiet_datasets() -> None:

@@ -14,6 +14,12 @@ sorted order. A folder laid out like a hub dataset repository (a `README.md` or 
 sub-folder, as `hf download --repo-type dataset` leaves it) is read by `datasets.load_dataset`,
 exactly like a hub id, honouring `--dataset-split`.
 
+Text files are UTF-8 (a byte-order mark, as Excel and Notepad write it, is skipped). `load_rows`
+reads each local file once and fingerprints the bytes it parsed; it also records each distinct set of
+keys its rows have (`RowShape`), so that a folder or file mixing formats is refused rather than read
+as one format (`ftcli.data.formats.check_one_format`). Values nested too deeply to store are a
+DataError naming the file and row, like every other malformed input.
+
 The fingerprint changes whenever the content changes: the bytes of every local file (and its
 name relative to the source), the rows of a built-in set, or the hub dataset's resolved files
 and revision. Every failure is a `DataError` naming the file and line (or hub id) and the fix.
@@ -43,6 +49,17 @@ class LoadedRows:
     source_kind: str  # "builtin" | "local" | "hub"
     fingerprint: str  # changes whenever the data's content changes
     files: list[str] | None = None  # the local files read, in order
+    shapes: list[RowShape] | None = None  # local rows by their set of keys (how formats are told apart)
+
+
+@dataclass
+class RowShape:
+    """Rows of one local file that share a set of non-empty keys: `rows` of them, the first is row `first`."""
+
+    file: str
+    first: int
+    rows: int
+    keys: frozenset[str]
 
 
 def source_kind(ref: str) -> str:
@@ -99,14 +116,7 @@ def source_fingerprint(ref: str, *, split: str = "train", revision: str | None =
         return "sha256:" + hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
     if kind == "local":
         files = local_files(ref)
-        if len(files) == 1:
-            return "sha256:" + _file_digest(files[0])
-        h = hashlib.sha256()
-        base = Path(ref).expanduser() if Path(ref).expanduser().is_dir() else None
-        for f in files:
-            name = str(f.relative_to(base)) if base else str(f)
-            h.update(name.encode() + b"\0" + _file_digest(f).encode() + b"\0")
-        return "sha256:" + h.hexdigest()
+        return combined_fingerprint(ref, files, [_file_digest(f) for f in files])
     path = Path(ref).expanduser()
     if path.is_dir():  # a local copy of a hub repository: its files are the content
         h = hashlib.sha256(f"{split}\0".encode())
@@ -115,6 +125,19 @@ def source_fingerprint(ref: str, *, split: str = "train", revision: str | None =
             h.update(str(f.relative_to(path)).encode() + b"\0" + _file_digest(f).encode() + b"\0")
         return "sha256:" + h.hexdigest()
     return None
+
+
+def combined_fingerprint(ref: str, files: list[Path], digests: list[str]) -> str:
+    """The fingerprint of a local source from its files' digests (one file: its digest; several: their
+    names relative to the source and digests)."""
+    if len(files) == 1:
+        return "sha256:" + digests[0]
+    h = hashlib.sha256()
+    base = Path(ref).expanduser() if Path(ref).expanduser().is_dir() else None
+    for f, digest in zip(files, digests):
+        name = str(f.relative_to(base)) if base else str(f)
+        h.update(name.encode() + b"\0" + digest.encode() + b"\0")
+    return "sha256:" + h.hexdigest()
 
 
 def _file_digest(path: Path) -> str:
@@ -126,6 +149,7 @@ def _file_digest(path: Path) -> str:
 
 
 def load_rows(ref: str, *, split: str = "train", revision: str | None = None) -> LoadedRows:
+    """The rows of `ref`. A local file is read once: its fingerprint is the hash of the very bytes parsed."""
     kind = source_kind(ref)
     if kind == "builtin":
         fingerprint = source_fingerprint(ref)
@@ -133,15 +157,47 @@ def load_rows(ref: str, *, split: str = "train", revision: str | None = None) ->
     if kind == "local":
         files = local_files(ref)
         rows: list[dict[str, Any]] = []
+        digests: list[str] = []
+        shapes: list[RowShape] = []
         for f in files:
-            rows.extend(read_local_rows(f))
-        fingerprint = source_fingerprint(ref) or ""
-        return LoadedRows(_dataset_from_rows(rows, ref), "local", fingerprint, [str(f) for f in files])
+            data = _read_bytes(f)
+            digests.append(hashlib.sha256(data).hexdigest())
+            file_rows = parse_local_rows(f, data)
+            shapes.extend(row_shapes(str(f), file_rows))
+            rows.extend(file_rows)
+        counts = [(str(f), sum(sh.rows for sh in shapes if sh.file == str(f))) for f in files]
+        return LoadedRows(_dataset_from_rows(rows, ref, counts), "local", combined_fingerprint(ref, files, digests),
+                          [str(f) for f in files], shapes)
     return _load_hub(ref, split=split, revision=revision)
 
 
-def _dataset_from_rows(rows: list[dict[str, Any]], ref: str) -> Any:
-    """Rows -> Dataset; columns are the union of every row's keys (a missing key reads as None)."""
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except IsADirectoryError:
+        raise DataError(f"dataset file {path} is a folder", hint="pass a data file or the folder itself") from None
+    except OSError as exc:
+        raise DataError(f"cannot read dataset file {path}: {exc.strerror or exc}",
+                        hint="check the file's permissions") from None
+
+
+def row_shapes(file: str, rows: list[dict[str, Any]]) -> list[RowShape]:
+    """Each distinct set of non-empty keys among `rows`, with the first row that has it and how many do."""
+    found: dict[frozenset[str], RowShape] = {}
+    for i, row in enumerate(rows, start=1):
+        keys = frozenset(k for k, v in row.items() if v is not None)
+        shape = found.get(keys)
+        if shape is None:
+            found[keys] = RowShape(file, i, 1, keys)
+        else:
+            shape.rows += 1
+    return list(found.values())
+
+
+def _dataset_from_rows(rows: list[dict[str, Any]], ref: str, files: list[tuple[str, int]] | None = None) -> Any:
+    """Rows -> Dataset; columns are the union of every row's keys (a missing key reads as None).
+
+    `files`: (file, number of rows) in order, to name the file of a bad row."""
     import pyarrow as pa
     from datasets import Dataset
 
@@ -150,10 +206,50 @@ def _dataset_from_rows(rows: list[dict[str, Any]], ref: str) -> Any:
         names.update(dict.fromkeys(row))
     try:
         return Dataset.from_dict({name: [row.get(name) for row in rows] for name in names})
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+    except (pa.ArrowInvalid, pa.ArrowTypeError, RecursionError) as exc:
+        deep = _first_too_deep(rows)
+        if deep is not None:
+            raise DataError(f"{_row_place(ref, files, deep[0])}: a value is nested {deep[1]} levels deep, too deep "
+                            f"to store", hint="flatten the data: a row holds text fields and lists of messages") \
+                from None
         where = _first_mixed_type(rows, list(names))
         raise DataError(f"dataset {ref}: {where or 'a column mixes value types'} ({str(exc).splitlines()[0]})",
                         hint="give each column one type in every row (e.g. always a string)") from None
+
+
+MAX_NESTING = 64  # far beyond any real row (a list of message objects is 3 levels); Arrow refuses ~200
+
+
+def _first_too_deep(rows: list[dict[str, Any]]) -> tuple[int, int] | None:
+    """(row index, depth) of the first row nested deeper than MAX_NESTING, measured without recursion."""
+    for i, row in enumerate(rows):
+        stack = [(row, 1)]
+        while stack:
+            value, depth = stack.pop()
+            if depth > MAX_NESTING:
+                return i, _depth(row)
+            children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return None
+
+
+def _depth(value: Any) -> int:
+    best, stack = 0, [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        best = max(best, depth)
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return best
+
+
+def _row_place(ref: str, files: list[tuple[str, int]] | None, index: int) -> str:
+    """`data/b.jsonl: row 3` for row `index` (0-based) of all the rows read."""
+    for name, count in files or []:
+        if index < count:
+            return f"{name}: row {index + 1}"
+        index -= count
+    return f"dataset {ref}: row {index + 1}"
 
 
 def _first_mixed_type(rows: list[dict[str, Any]], names: list[str]) -> str | None:
@@ -176,21 +272,31 @@ def _first_mixed_type(rows: list[dict[str, Any]], names: list[str]) -> str | Non
 
 def read_local_rows(path: Path) -> list[dict[str, Any]]:
     """Read one local data file into row dicts, naming the file and line of anything malformed."""
+    return parse_local_rows(path, _read_bytes(path))
+
+
+def parse_local_rows(path: Path, data: bytes) -> list[dict[str, Any]]:
+    """The rows of local file `path`, whose content is `data` (a UTF-8 byte-order mark is skipped)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return _read_parquet(path)
+        return _read_parquet(path, data)
     try:
-        text = path.read_text(encoding="utf-8", errors="strict")
+        text = data.decode("utf-8-sig", errors="strict")  # "-sig": a BOM (Excel's CSV, Notepad) is not data
     except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        line = data[: exc.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8", hint="save the file as UTF-8") from None
-    if suffix == ".jsonl":
-        return _parse_jsonl(path, text)
-    if suffix == ".csv":
-        return _parse_csv(path, text)
-    if suffix == ".txt":
-        return [{"text": line} for line in text.splitlines() if line.strip()]
-    return _parse_json(path, text)
+    try:
+        if suffix == ".jsonl":
+            return _parse_jsonl(path, text)
+        if suffix == ".csv":
+            return _parse_csv(path, text)
+        if suffix == ".txt":
+            return [{"text": line} for line in text.splitlines() if line.strip()]
+        return _parse_json(path, text)
+    except RecursionError:
+        raise DataError(f"{path}: a value is nested too deeply to read (lists or objects inside each other "
+                        f"hundreds of levels deep)", hint="flatten the data: a row holds text fields and "
+                                                          "lists of messages") from None
 
 
 def _parse_json(path: Path, text: str) -> list[dict[str, Any]]:
@@ -217,6 +323,10 @@ def _parse_jsonl(path: Path, text: str) -> list[dict[str, Any]]:
             continue
         try:
             row = json.loads(line)
+        except RecursionError:
+            raise DataError(f"{path}:{lineno}: a value is nested too deeply to read (lists or objects inside "
+                            "each other hundreds of levels deep)",
+                            hint="flatten the data: a row holds text fields and lists of messages") from None
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg} at column {exc.colno}",
                             hint="that line is not valid JSON; fix or delete it") from None
@@ -246,12 +356,12 @@ def _parse_csv(path: Path, text: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_parquet(path: Path) -> list[dict[str, Any]]:
+def _read_parquet(path: Path, data: bytes) -> list[dict[str, Any]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path).to_pylist()
+        return pq.read_table(pa.BufferReader(data)).to_pylist()
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})",
                         hint="write it again, e.g. with pandas.DataFrame.to_parquet") from None
@@ -263,6 +373,7 @@ def _load_hub(ref: str, *, split: str, revision: str | None) -> LoadedRows:
     from ftcli.models import hub_offline
 
     local = Path(ref).expanduser()
+    before = source_fingerprint(ref, split=split, revision=revision) if local.is_dir() else None
     try:
         ds = datasets.load_dataset(str(local) if local.is_dir() else ref, split=split, revision=revision)
     except FileNotFoundError:
@@ -286,5 +397,8 @@ def _load_hub(ref: str, *, split: str, revision: str | None) -> LoadedRows:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise DataError(f"cannot load dataset {ref}: {type(exc).__name__}: {first}") from None
     fingerprint = source_fingerprint(ref, split=split, revision=revision) if local.is_dir() else None
+    if fingerprint != before:  # datasets read the files apart from our hash: the rows may be of neither version
+        raise DataError(f"dataset folder {ref} changed while it was read",
+                        hint="run again once nothing writes to it")
     # datasets' own fingerprint follows the resolved data files, and so the hub revision's commit.
     return LoadedRows(ds, "hub", fingerprint or f"hub:{ref}@{revision or 'default'}/{split}:{ds._fingerprint}")

@@ -38,7 +38,7 @@ from typing import Any
 
 from ftcli.data.alpaca import format_alpaca
 from ftcli.data.formats import Example, RowError
-from ftcli.errors import ConfigError, DataError
+from ftcli.errors import ConfigError, DataError, ModelError
 
 TEMPLATE_CHOICES = ("auto", "alpaca", "model")
 
@@ -57,17 +57,56 @@ class TemplateSpec:
         return self.chat_template is not None
 
 
-def resolve_template(template: str, fmt: str, tokenizer: Any, model: str = "the model") -> TemplateSpec:
-    """The template for `fmt` data given `--template` (see the module's table)."""
-    if template not in TEMPLATE_CHOICES:
-        path = Path(template).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"--template {template}: no such file, and not one of {', '.join(TEMPLATE_CHOICES)}",
-                              hint="pass auto, alpaca, model, or the path to a Jinja chat template")
+def template_file(template: str) -> Path | None:
+    """The Jinja file `--template` names, or None for a template name (auto, alpaca, model)."""
+    if template in TEMPLATE_CHOICES:
+        return None
+    path = Path(template).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--template {template}: no such file, and not one of {', '.join(TEMPLATE_CHOICES)}",
+                          hint="pass auto, alpaca, model, or the path to a Jinja chat template")
+    return path
+
+
+def read_template(path: Path) -> str:
+    """A `--template` file's text (read once: what the cache key hashes is what renders), syntax-checked."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"--template {path} is not UTF-8 text", hint="save the Jinja template as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"--template {path}: cannot read it ({exc.strerror or exc})",
+                          hint="check the file's permissions") from None
+    problem = jinja_syntax_error(text)
+    if problem:
+        raise ConfigError(f"--template {path}:{problem}", hint="fix the template at that line")
+    return text
+
+
+def jinja_syntax_error(text: str) -> str | None:
+    """`LINE: Jinja syntax error: MESSAGE` when the template does not compile (as transformers compiles it)."""
+    import jinja2
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template as compile_template
+    except ImportError:  # another transformers: jinja2's own parser, without the {% generation %} tag
+        compile_template = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse
+    try:
+        compile_template(text)
+    except jinja2.TemplateSyntaxError as exc:
+        return f"{exc.lineno}: Jinja syntax error: {exc.message}"
+    return None
+
+
+def resolve_template(template: str, fmt: str, tokenizer: Any, model: str = "the model",
+                     text: str | None = None) -> TemplateSpec:
+    """The template for `fmt` data given `--template` (see the module's table); `text`: the file's, if read."""
+    path = template_file(template)
+    if path is not None:
         if fmt == "text":
             raise ConfigError("--template applies to instruction and chat data, not --format text",
                               hint="drop --template for raw text")
-        return TemplateSpec(f"file:{path}", path.read_text(encoding="utf-8"))
+        return TemplateSpec(f"file:{path}", text if text is not None else read_template(path))
     if fmt == "text":
         if template != "auto":
             raise ConfigError(f"--template {template} applies to instruction and chat data, not --format text",
@@ -90,6 +129,10 @@ def resolve_template(template: str, fmt: str, tokenizer: Any, model: str = "the 
                         hint="pass --template FILE.jinja (a chat template, also to use at inference), or use a "
                              "model that ships one" + ("; or --template alpaca" if fmt != "chat" and
                                                        fmt != "sharegpt" else ""))
+    problem = jinja_syntax_error(chat_template)
+    if problem:
+        raise ModelError(f"the chat template of {model} does not compile: line {problem}",
+                         hint="fix chat_template in the model's tokenizer files, or pass --template FILE.jinja")
     return TemplateSpec("model", chat_template)
 
 
