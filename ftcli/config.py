@@ -7,8 +7,11 @@
 
 Precedence, lowest first: the reference scripts' per-method defaults < the YAML file given with
 `--config` < flags on the command line. Keys are the flag names in snake_case (`batch_size`);
-kebab-case (`batch-size`) is accepted in YAML too. An unknown key is an error that names the
-closest valid key. Importing this module must not import torch.
+kebab-case (`batch-size`) is accepted in YAML too, and values take the flags' forms as well
+(`columns: instruction=question`, `lora_target_modules: q_proj,v_proj`). An unknown key is an
+error that names the closest valid key; a key given twice (or in both spellings) is an error
+naming both lines. Number options take finite numbers only (no `true`, `inf` or `nan`).
+Importing this module must not import torch.
 """
 
 from __future__ import annotations
@@ -137,7 +140,7 @@ class RunConfig(BaseModel):
             value = [m.strip() if isinstance(m, str) else m for m in value]
             value = [m for m in value if m != ""]
             if not value:
-                raise ValueError("is empty: name the modules to adapt (e.g. q_proj,v_proj) or all-linear")
+                raise ValueError("must not be empty: name the modules to adapt (e.g. q_proj,v_proj) or all-linear")
         return value
 
     @field_validator("method")
