@@ -7,17 +7,23 @@
 
 Precedence, lowest first: the reference scripts' per-method defaults < the YAML file given with
 `--config` < flags on the command line. Keys are the flag names in snake_case (`batch_size`);
-kebab-case (`batch-size`) is accepted in YAML too. An unknown key is an error that names the
-closest valid key. Importing this module must not import torch.
+kebab-case (`batch-size`) is accepted in YAML too, and values take the flags' forms as well
+(`columns: instruction=question`, `lora_target_modules: q_proj,v_proj`). An unknown key is an
+error that names the closest valid key; a key given twice (or in both spellings) is an error
+naming both lines. Number options take finite numbers only (no `true`, `inf` or `nan`).
+Importing this module must not import torch.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from ftcli.errors import ConfigError
 from ftcli.methods import METHODS
@@ -33,7 +39,8 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {name: dict(m.defaults) for name, m
 class RunConfig(BaseModel):
     """The resolved configuration of one `ftcli train` run."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: the backstop of `_strict_numbers` (inf and nan are never a valid setting).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
     method: str = "full"  # a name in ftcli.methods.METHODS
     model: str | None = None
@@ -101,6 +108,41 @@ class RunConfig(BaseModel):
     overwrite: bool = False
     compile: bool = False
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """A number option takes a finite number: YAML's `true` is not 1, and `inf` / `nan` are no setting."""
+        if info.field_name not in NUMBER_FIELDS:
+            return value
+        if isinstance(value, bool):
+            raise ValueError("true/false is not a number")
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                return value  # not a number at all: the field's own validation says so
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("columns", mode="before")
+    @classmethod
+    def _columns_text(cls, value: Any) -> Any:
+        return parse_columns(value) if isinstance(value, str) else value
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _module_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, (list, tuple)):
+            value = [m.strip() if isinstance(m, str) else m for m in value]
+            value = [m for m in value if m != ""]
+            if not value:
+                raise ValueError("must not be empty: name the modules to adapt (e.g. q_proj,v_proj) or all-linear")
+        return value
+
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
@@ -132,11 +174,21 @@ class RunConfig(BaseModel):
                 raise ValueError("must be a fraction (0.1) or a number of rows (50)") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)) and value is not None:
             raise ValueError("must be a fraction (0.1) or a number of rows (50)")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("must be a finite number: a fraction (0.1) or a number of rows (50)")
         if isinstance(value, float) and value.is_integer() and value >= 1:
             value = int(value)
         if value is not None and (value <= 0 or (isinstance(value, float) and value >= 1)):
             raise ValueError("must be a fraction between 0 and 1 (0.1) or a number of rows >= 1 (50)")
         return value
+
+    @model_validator(mode="after")
+    def _check_batching(self) -> RunConfig:
+        if self.packing and self.padding_free:
+            raise ValueError("--packing and --padding-free are two ways of dropping the padding: pass one "
+                             "(--packing fills each row with several examples, and with flash_attention_2 "
+                             "already builds the one flat row --padding-free would)")
+        return self
 
     @model_validator(mode="after")
     def _check_eval_options(self) -> RunConfig:
@@ -189,6 +241,32 @@ class RunConfig(BaseModel):
 FIELDS = tuple(RunConfig.model_fields)
 
 
+def _types_in(annotation: Any) -> set[Any]:
+    args = typing.get_args(annotation)
+    if not args:
+        return {annotation}
+    return set().union(*(_types_in(a) for a in args))
+
+
+# The options that take a number (int and/or float, never bool): checked by RunConfig._strict_numbers.
+NUMBER_FIELDS = frozenset(name for name, f in RunConfig.model_fields.items()
+                          if _types_in(f.annotation) & {int, float} and bool not in _types_in(f.annotation))
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """`instruction=question,output=answer` -> {"instruction": "question", "output": "answer"}: the one parser of
+    the `--columns` flag and the `columns:` YAML key. A ValueError names the part that is not FIELD=COLUMN."""
+    mapping: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        field, sep, column = part.partition("=")
+        if not sep or not field.strip() or not column.strip():
+            raise ValueError(f"'{part}' is not FIELD=COLUMN (write e.g. instruction=question,output=answer)")
+        mapping[field.strip()] = column.strip()
+    return mapping
+
+
 def normalize_key(key: str) -> str:
     return key.strip().replace("-", "_")
 
@@ -200,17 +278,8 @@ def closest_key(key: str) -> str | None:
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML run file into a dict of config keys (validated later, with the flags)."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist", hint="check the path given to --config")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError(f"config file {where} is not valid YAML", hint="fix the syntax at that line") from None
+    data = _read_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -225,6 +294,70 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"unknown key '{key}' in config file {path}", hint=hint)
         out[name] = value
     return out
+
+
+def _read_yaml(path: Path) -> Any:
+    """The file's one YAML document, refused (naming the file and line) when it is not UTF-8 text, is not
+    valid YAML, or gives one key twice (also as snake and kebab case: `batch_size` and `batch-size`)."""
+    import yaml
+
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder", hint="pass the YAML file itself to --config")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist", hint="check the path given to --config")
+    try:
+        raw = path.read_bytes()
+        text = raw.decode("utf-8-sig")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}",
+                          hint="check the path and its permissions") from None
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path}:{line} is not UTF-8 text (byte 0x{raw[exc.start]:02x})",
+                          hint="save the file as UTF-8") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_repeated_keys(node, path, top=True)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"config file {where} is not valid YAML", hint="fix the syntax at that line") from None
+    finally:
+        loader.dispose()
+
+
+def _refuse_repeated_keys(node: Any, path: Path, top: bool, seen_nodes: set[int] | None = None) -> None:
+    """YAML keeps the last of two equal keys without a word: refuse them (the run's keys also by their
+    snake_case name), in every mapping of the file."""
+    import yaml
+
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:  # an alias met again
+        return
+    seen_nodes.add(id(node))
+    children: list[Any] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, tuple[str, int]] = {}
+        for key_node, value_node in node.value:
+            children.append(value_node)
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = key_node.value, key_node.start_mark.line + 1
+            name = normalize_key(key) if top else key
+            if name in first:
+                was, was_line = first[name]
+                same = f"gives '{key}' twice (also on line {was_line})" if was == key else \
+                    f"gives '{key}', the same option as '{was}' on line {was_line}"
+                raise ConfigError(f"config file {path}:{line} {same}", hint="keep one of them")
+            first[name] = (key, line)
+    elif isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    for child in children:
+        _refuse_repeated_keys(child, path, top=False, seen_nodes=seen_nodes)
 
 
 def build_run_config(flags: dict[str, Any], config_file: str | Path | None = None) -> RunConfig:

@@ -86,13 +86,14 @@ def warn_unpinned_remote_code(src: ModelSource, revision: str | None, trust_remo
 
 
 def load_model_config(ref: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
-    """The model's config (no weights): the cheap first check that a model exists and is usable."""
-    from transformers import AutoConfig
-
+    """The model's config (no weights): the cheap first check that a model exists and is a causal LM."""
     src = resolve_model_source(ref)
     warn_unpinned_remote_code(src, revision, trust_remote_code)
+    check_hub_reachable(src, revision)  # before importing transformers (and torch): an unreachable hub fails fast
+    from transformers import AutoConfig
+
     try:
-        return AutoConfig.from_pretrained(src.path, revision=revision, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(src.path, revision=revision, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise ModelError(f"model {ref} needs code from its repository to load",
@@ -102,6 +103,67 @@ def load_model_config(ref: str, *, revision: str | None = None, trust_remote_cod
         if src.kind == "hub":
             raise _hub_error(ref, exc) from None
         raise ModelError(f"cannot read the model config in {src.path}: {exc}") from None
+    check_causal_lm(ref, config, trust_remote_code)
+    return config
+
+
+def check_causal_lm(ref: str, config: Any, trust_remote_code: bool = False) -> None:
+    """Refuse a model that is not a decoder-only causal LM (BERT, T5, ...): every command trains or reads it as one.
+
+    transformers maps some encoders (BERT, RoBERTa) to a causal class too, which without `is_decoder` attends
+    both ways; so the architectures the config names must be causal ones as well."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
+
+    if trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        return
+    model_type = getattr(config, "model_type", None)
+    architectures = list(getattr(config, "architectures", None) or [])
+    causal_classes = {name for value in CAUSAL.values() for name in ([value] if isinstance(value, str) else value)}
+    causal = model_type in CAUSAL and not getattr(config, "is_encoder_decoder", False)
+    if causal and architectures:
+        causal = any(a in causal_classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    if not causal:
+        what = ", ".join(architectures) or f"model type {model_type}"
+        raise ModelError(f"{ref} is not a causal language model ({what}), so ftcli cannot train it",
+                         hint="pass a decoder-only causal LM (e.g. a Llama, Mistral or Qwen model)")
+
+
+_hub_checked: set[tuple[str, str | None]] = set()
+
+
+def check_hub_reachable(src: ModelSource, revision: str | None) -> None:
+    """One request, without retries, before transformers' own: on a dead network huggingface_hub retries the
+    metadata request of an uncached file five times with back-off (about 25 s of warnings) before failing.
+
+    Skipped offline, for a model whose config is already cached (huggingface_hub then falls back to the cache
+    at once), and after the first success in this process."""
+    if src.kind != "hub" or hub_offline() or (src.ref, revision) in _hub_checked:
+        return
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    cached = try_to_load_from_cache(src.ref, "config.json", revision=revision)
+    if constants.HF_HUB_OFFLINE or isinstance(cached, str):
+        _hub_checked.add((src.ref, revision))
+        return
+    url = hf_hub_url(src.ref, "config.json", revision=revision)
+    try:
+        get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except RevisionNotFoundError:
+        raise ModelError(f"model {src.ref} has no revision {revision} on the hub",
+                         hint="check --revision (a branch, tag or commit of the model)") from None
+    except (GatedRepoError, RepositoryNotFoundError) as exc:
+        raise _hub_error(src.ref, exc) from None
+    except HfHubHTTPError:
+        pass  # the hub answered: transformers' own request says what is wrong (e.g. no config.json)
+    except Exception as exc:  # noqa: BLE001 - no answer at all (refused, timed out, DNS, proxy): say so now
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ModelError(f"model {src.ref} is not in the local cache and the hub ({constants.ENDPOINT}) is "
+                         f"unreachable: {reason[:200]}",
+                         hint="check the network (or HF_ENDPOINT), pass a local folder, or download the model on a "
+                              "connected machine and set HF_HUB_OFFLINE=1") from None
+    _hub_checked.add((src.ref, revision))
 
 
 def load_tokenizer(ref: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
@@ -109,6 +171,7 @@ def load_tokenizer(ref: str, *, revision: str | None = None, trust_remote_code: 
     from transformers import AutoTokenizer
 
     src = resolve_model_source(ref)
+    check_hub_reachable(src, revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src.path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as exc:
@@ -263,6 +326,8 @@ def load_adapter_tokenizer(folder: Path, base: str, *, revision: str | None = No
     from transformers import AutoTokenizer
 
     here = any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+    if not here:
+        check_hub_reachable(resolve_model_source(base), revision)
     where = str(folder) if here else resolve_model_source(base).path
     try:
         return AutoTokenizer.from_pretrained(where, revision=None if here else revision,

@@ -1,4 +1,4 @@
-"""Where ftcli keeps what it builds and caches (built-in models, prepared data).
+"""Where ftcli keeps what it builds and caches (built-in models, prepared data, compile caches).
 
     >>> from ftcli.paths import ftcli_home
     >>> ftcli_home()  # $FTCLI_HOME, else ~/.cache/ftcli
@@ -9,12 +9,31 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ftcli.errors import OutputError
+
 
 def ftcli_home() -> Path:
-    """The root of ftcli's own cache: `$FTCLI_HOME`, else `$XDG_CACHE_HOME/ftcli`, else `~/.cache/ftcli`."""
+    """The root of ftcli's own cache: `$FTCLI_HOME`, else `$XDG_CACHE_HOME/ftcli`, else `~/.cache/ftcli`.
+
+    Refused in one line (OutputError) when it, or the nearest part of it that exists, is not a folder:
+    every command that caches would otherwise fail deep inside with NotADirectoryError."""
     env = os.environ.get("FTCLI_HOME")
     if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "ftcli"
+        home, named = Path(env).expanduser(), "FTCLI_HOME"
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+        home, named = base / "ftcli", "XDG_CACHE_HOME" if xdg else "the cache folder"
+    _refuse_non_folder(home, named)
+    return home
+
+
+def _refuse_non_folder(home: Path, named: str) -> None:
+    existing = home
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+    if os.path.lexists(existing) and not existing.is_dir():
+        what = "a file" if existing.is_file() else "a broken link" if existing.is_symlink() else "something else"
+        where = f"{home} ({named})" if named != "FTCLI_HOME" else f"FTCLI_HOME {home}"
+        raise OutputError(f"{where} cannot hold ftcli's cache: {existing} is {what} and not a folder",
+                          hint="point FTCLI_HOME at a folder (or unset it for ~/.cache/ftcli)")

@@ -80,13 +80,13 @@ class MemoryEstimate:
 
 def describe_model(ref: str, *, revision: str | None = None, trust_remote_code: bool = False) -> ModelInfo:
     """Read a model's config (and tokenizer config, for the chat template) and count its parameters exactly."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from ftcli.models import load_model_config, resolve_model_source
 
     src = resolve_model_source(ref)
     config = load_model_config(ref, revision=revision, trust_remote_code=trust_remote_code)
+    import torch
+    from transformers import AutoModelForCausalLM
+
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     try:
         with torch.device("meta"):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftcli.errors import DataError, ModelError
+from ftcli.errors import ConfigError, DataError, ModelError
 from ftcli.files import read_json_object
 from ftcli.training.runfolder import MANIFEST, METRICS
 
@@ -124,7 +124,7 @@ def inspect_adapter(target: str, options: InspectOptions) -> dict[str, Any]:
 
 def inspect_run(target: str, options: InspectOptions) -> dict[str, Any]:
     folder = Path(target).expanduser()
-    manifest = read_json_object(folder / MANIFEST, hint="the run folder is damaged or was not written by ftcli")
+    manifest = read_run_manifest(folder)
     resolved = manifest.get("resolved", {})
     log_dir = Path(resolved.get("log_dir") or folder / "logs")
     if not log_dir.is_dir():  # recorded relative to where the run started, or the run folder was moved
@@ -155,6 +155,23 @@ def inspect_run(target: str, options: InspectOptions) -> dict[str, Any]:
     if (folder / "adapter_config.json").is_file():
         view["adapter"] = adapter_summary(folder)
     return view
+
+
+# The sections of a run manifest that are mappings when ftcli wrote them (absent or null is allowed).
+MANIFEST_MAPPINGS = ("config", "resolved", "data", "metrics", "timings", "eval")
+
+
+def read_run_manifest(folder: Path) -> dict[str, Any]:
+    """A run folder's manifest, refused in one line (ModelError, like an unreadable one) when a section that
+    ftcli writes as a mapping is something else: the views and tables read them as mappings."""
+    hint = "the run folder is damaged or was not written by ftcli"
+    manifest = read_json_object(folder / MANIFEST, hint=hint)
+    for key in MANIFEST_MAPPINGS:
+        value = manifest.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ModelError(f"{folder / MANIFEST} is damaged: its '{key}' is not a mapping "
+                             f"(a JSON {type(value).__name__})", hint=hint)
+    return manifest
 
 
 def run_checkpoints(folder: Path) -> list[dict[str, Any]]:
@@ -194,8 +211,9 @@ def loss_curve(folder: Path, log_dir: Path) -> dict[str, Any]:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if "loss" in record:
-                steps.append(int(record.get("step", len(steps) + 1)))
+            if isinstance(record, dict) and isinstance(record.get("loss"), (int, float)):
+                step = record.get("step")
+                steps.append(step if isinstance(step, int) else len(steps) + 1)
                 values.append(float(record["loss"]))
         if steps:
             return {"source": METRICS, "steps": steps, "loss": values}
@@ -213,8 +231,8 @@ def eval_curve(folder: Path) -> dict[str, Any]:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(record, dict) and "eval_loss" in record:
-                steps.append(int(record.get("step", 0)))
+            if isinstance(record, dict) and isinstance(record.get("eval_loss"), (int, float)):
+                steps.append(record["step"] if isinstance(record.get("step"), int) else 0)
                 values.append(float(record["eval_loss"]))
     return {"source": METRICS if steps else None, "steps": steps, "loss": values}
 
@@ -314,9 +332,13 @@ def _data_view(folder: Path, manifest: dict[str, Any], tokenizer: Any, tokenizer
         from datasets import load_from_disk
 
         dataset = load_from_disk(str(folder))
-    if len(dataset) == 0:
+    rows = len(dataset)
+    if rows == 0 and options.example == 0:
         return view
-    index = min(options.example, len(dataset) - 1)
+    if options.example >= rows:
+        raise ConfigError(f"--example {options.example} is beyond the {rows} examples of {folder}",
+                          hint=f"pick an index in 0..{rows - 1}" if rows else "this dataset has no examples to show")
+    index = options.example
     row = dataset[index]
     pieces = explain_example(row["input_ids"], row["labels"], tokenizer)
     view["example"] = {"index": index, "tokens": len(pieces), "loss_tokens": sum(1 for _, on in pieces if on),
