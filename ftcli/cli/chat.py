@@ -9,7 +9,6 @@ Registered in ftcli/cli/__init__.py; the work happens in ftcli/inference/chat.py
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer

@@ -351,16 +351,16 @@ def train_options(
         "accumulation or seed differ, unless --force.", rich_help_panel=OUTPUT)] = None,
     force: Annotated[Optional[bool], typer.Option(
         "--force", help="Resume even though the config differs from the checkpoint's.", rich_help_panel=OUTPUT)] = None,
-    output_dir: Annotated[Optional[Path], typer.Option(
+    output_dir: Annotated[Optional[str], typer.Option(
         help=with_default("Run folder: model/adapter, tokenizer, manifest, logs.", default="runs/<method>-<time>"),
         rich_help_panel=OUTPUT)] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a non-empty --output-dir.",
                                                       rich_help_panel=OUTPUT)] = None,
-    log_dir: Annotated[Optional[Path], typer.Option(help=with_default("TensorBoard folder.", default="<output-dir>/logs"),
+    log_dir: Annotated[Optional[str], typer.Option(help=with_default("TensorBoard folder.", default="<output-dir>/logs"),
                                                     rich_help_panel=OUTPUT)] = None,
     logging_steps: Annotated[Optional[int], typer.Option(help=with_default("Log every N steps.", "logging_steps"),
                                                          rich_help_panel=OUTPUT)] = None,
-    config: Annotated[Optional[Path], typer.Option(
+    config: Annotated[Optional[str], typer.Option(
         "--config", help="YAML file with the same keys as these flags (snake_case); flags override it.",
         rich_help_panel=OUTPUT)] = None,
 ) -> None:
@@ -400,26 +400,24 @@ def run_config_from_flags(values: dict) -> RunConfig:
         flags["columns"] = parse_columns(flags["columns"])
     if "lora_target_modules" in flags:
         flags["lora_target_modules"] = [m.strip() for m in flags["lora_target_modules"].split(",") if m.strip()]
-    for key in ("output_dir", "log_dir"):
-        if key in flags:
-            flags[key] = str(flags[key])
-    return build_run_config(flags, config_file=values.get("config"))
+    config_file = values.get("config")
+    if config_file is not None and not config_file.strip():
+        from ftcli.errors import ConfigError
+
+        raise ConfigError("--config is empty", hint="pass the path of a YAML run file (an unset shell variable gives \"\")")
+    return build_run_config(flags, config_file=Path(config_file) if config_file else None)
 
 
 def parse_columns(text: str) -> dict[str, str]:
-    """`instruction=question,output=answer` -> {"instruction": "question", "output": "answer"}."""
+    """`instruction=question,output=answer` -> {"instruction": "question", "output": "answer"} (the config's parser,
+    so the flag and the YAML key read the same)."""
+    from ftcli import config
     from ftcli.errors import ConfigError
 
-    mapping: dict[str, str] = {}
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        field, sep, column = part.partition("=")
-        if not sep or not field.strip() or not column.strip():
-            raise ConfigError(f"--columns: '{part}' is not FIELD=COLUMN",
-                              hint="write e.g. --columns instruction=question,output=answer")
-        mapping[field.strip()] = column.strip()
-    return mapping
+    try:
+        return config.parse_columns(text)
+    except ValueError as exc:
+        raise ConfigError(f"--columns: {exc}") from None
 
 
 # ---- generate's and chat's options ------------------------------------------------------------------
