@@ -277,12 +277,13 @@ def train_options(
         "accumulation or seed differ, unless --force.", rich_help_panel=OUTPUT)] = None,
     force: Annotated[Optional[bool], typer.Option(
         "--force", help="Resume even though the config differs from the checkpoint's.", rich_help_panel=OUTPUT)] = None,
-    output_dir: Annotated[Optional[Path], typer.Option(
+    # str, not Path: Typer turns "" into Path(".") and the emptiness could no longer be refused.
+    output_dir: Annotated[Optional[str], typer.Option(
         help=with_default("Run folder: model/adapter, tokenizer, manifest, logs.", default="runs/<method>-<time>"),
         rich_help_panel=OUTPUT)] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a non-empty --output-dir.",
                                                       rich_help_panel=OUTPUT)] = None,
-    log_dir: Annotated[Optional[Path], typer.Option(help=with_default("TensorBoard folder.", default="<output-dir>/logs"),
+    log_dir: Annotated[Optional[str], typer.Option(help=with_default("TensorBoard folder.", default="<output-dir>/logs"),
                                                     rich_help_panel=OUTPUT)] = None,
     logging_steps: Annotated[Optional[int], typer.Option(help=with_default("Log every N steps.", "logging_steps"),
                                                          rich_help_panel=OUTPUT)] = None,
