@@ -123,6 +123,18 @@ def test_overwrite_replaces_only_a_run_folder(cli, finished, tmp_path: Path) -> 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "mine"]  # no set-aside copy, no lock left
 
 
+def test_a_run_set_aside_by_a_killed_overwrite_is_put_back(cli, finished, tmp_path: Path) -> None:
+    import socket
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    aside = tmp_path / f".gone.ftcli-replaced.{socket.gethostname()}.{dead.pid}.1"
+    shutil.copytree(finished["run"], aside)
+    result = cli(*train(finished["data"], tmp_path / "gone"))
+    assert result.exit_code == 5 and "not empty" in result.stderr  # the old run is back, and still protected
+    assert read_manifest(tmp_path / "gone")["status"] == "finished" and not aside.exists()
+
+
 # ---- 3: one writer per run folder; default names never collide ----
 
 def ftcli_process(args: list[str], cwd: Path, **env: str) -> subprocess.Popen:

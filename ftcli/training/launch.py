@@ -70,9 +70,9 @@ def preflight(config: Any) -> Iterator[Path]:
     with claim_run_dir(config.output_dir, config.method, config.overwrite, bool(config.resume),
                        lock=decides) as out:
         if decides and config.resume:
-            from ftcli.training.checkpoints import resolve_resume
+            from ftcli.training.checkpoints import resolve_verified
 
-            resolve_resume(config.resume, out)
+            resolve_verified(config.resume, out)
         resolve_model_source(config.model)
         if decides:
             os.environ[LOCK_HELD_ENV] = str(out)  # rank 0 (a child of this process) then takes no lock itself

@@ -36,14 +36,14 @@ from ftcli.files import fsync_tree, write_atomic, write_json_atomic
 from ftcli.system import utc_now
 from ftcli.training.checkpoints import (
     check_compatible, complete_checkpoints, latest_checkpoint, local_path_or_id, prune_for_resume, read_marker,
-    resolve_verified, restore_metrics, resume_command, run_identity,
+    resolve_resume, restore_metrics, resume_command, run_identity, verify_checkpoint,
 )
 from ftcli.training.distributed import is_main_rank, leave_process_group, sharded_fraction, world_size
 from ftcli.training.evalsteps import eval_callback, eval_line, load_best_model
 from ftcli.training.guard import NonFiniteError, RunInterrupted, StopRequest, run_guard_class
 from ftcli.training.runfolder import (
     CONFIG_COPY, LOCK_HELD_ENV, MANIFEST, METRICS, PROBE, check_log_dir, claim_run_dir, create_run_dir, read_manifest,
-    remove_replaced,
+    put_back, remove_replaced,
 )
 from ftcli.training.setup import set_up
 from ftcli.training.trainer import build_trainer, final_metrics
@@ -76,7 +76,7 @@ def run_training(config: RunConfig, command: list[str] | None = None) -> RunResu
     held = os.environ.get(LOCK_HELD_ENV)
     lock = main and not (held and config.output_dir and held == str(Path(config.output_dir).expanduser().absolute()))
     with claim_run_dir(config.output_dir, config.method, config.overwrite, bool(config.resume), lock=lock) as out:
-        return _run(config, command, out, main)
+        return _run(config, command, out, main, verify=lock)
 
 
 def with_absolute_paths(config: RunConfig) -> RunConfig:
@@ -89,20 +89,24 @@ def with_absolute_paths(config: RunConfig) -> RunConfig:
     return config.model_copy(update=update)
 
 
-def _run(config: RunConfig, command: list[str] | None, out: Path, main: bool) -> RunResult:
+def _run(config: RunConfig, command: list[str] | None, out: Path, main: bool, verify: bool) -> RunResult:
     started = time.time()
-    # A checkpoint that does not exist, was never completed or is damaged is refused before anything loads.
-    checkpoint = resolve_verified(config.resume, out) if config.resume else None
-    if checkpoint is not None:
-        complete = _complete_run(config, checkpoint, out)
-        if complete is not None:
-            return complete
+    # A checkpoint that does not exist, was never completed or is damaged is refused before anything loads
+    # (its checksums read once: by rank 0, or by ftcli's launcher before it started the ranks).
+    checkpoint = resolve_resume(config.resume, out) if config.resume else None
+    if checkpoint is not None and verify:
+        verify_checkpoint(checkpoint)
     ready = set_up(config, "train")
     loaded = time.time()
 
     eval_set = ready.eval_set
     identity = run_identity(config, ready.report.fingerprint, world_size(),
                             eval_fingerprint=eval_set.fingerprint if eval_set is not None else None)
+    if checkpoint is not None:
+        check_compatible(checkpoint, identity, config.force)  # a different run is refused, complete or not
+        complete = _complete_run(config, checkpoint, out)
+        if complete is not None:
+            return complete
     resumed = _check_resume(config, checkpoint, identity, out, main)
     log_dir = Path(config.log_dir) if config.log_dir else out / "logs"
     manifest = _start_manifest(config, command, out, log_dir, ready, main, resumed)
@@ -335,7 +339,11 @@ def _start_manifest(config: RunConfig, command: list[str] | None, out: Path, log
         manifest["resumed_from"] = resumed
     if previous is not None and json.loads(previous).get("status") in ("finished", "interrupted"):
         manifest.previous = previous
-    write_json_atomic(out / MANIFEST, manifest, durable=True)
+    try:
+        write_json_atomic(out / MANIFEST, manifest, durable=True)
+    except BaseException:
+        put_back(out, aside)  # no new record (a full disk, a signal): the replaced run stays the run here
+        raise
     # The new record is in place: the replaced run goes now, before this one needs the disk space.
     remove_replaced(aside)
     return manifest

@@ -10,6 +10,13 @@ status), `ftcli_config.yaml` (the resolved config, reusable with `--config`), `m
 (one line per logging step), `probe.safetensors` (logits of the final model on a fixed input),
 `logs/` (TensorBoard events) unless `--log-dir` points elsewhere, and `checkpoint-N/` folders
 (see ftcli.training.checkpoints) when checkpoints are saved.
+
+Rules: one writer per run folder (`claim_run_dir` holds `.NAME.ftcli-lock` beside it for the whole run, so
+a second `train` into it refuses, naming the holder; a killed holder's lock is simply taken over);
+`--overwrite` replaces only a folder holding an ftcli manifest, by renaming it aside to
+`.NAME.ftcli-replaced.HOST.PID.N` and removing that once the new run's manifest is written (a copy left
+by a killed run is put back, or finished off, by the next run into NAME); the manifest records the host
+and pid, so `inspect` can tell a `running` record whose process is gone ("stopped").
 """
 
 from __future__ import annotations
@@ -155,10 +162,20 @@ def _recover_replaced(out: Path) -> None:
         match = pattern.fullmatch(leftover.name)
         if not match or process_alive(int(match.group(1))) or not (leftover / MANIFEST).is_file():
             continue
-        if not out.exists():
-            leftover.rename(out)
-        else:
-            shutil.rmtree(leftover)
+        if not put_back(out, leftover) and (out / MANIFEST).is_file():
+            shutil.rmtree(leftover)  # a new run recorded itself in its place: finish what that --overwrite began
+
+
+def put_back(out: Path, aside: Path | None) -> bool:
+    """Rename a set-aside run back to `out` when no new run recorded itself there (absent, or left empty)."""
+    if aside is None or not aside.is_dir():
+        return False
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if out.exists():
+        return False
+    aside.rename(out)
+    return True
 
 
 def create_run_dir(out: Path, overwrite: bool) -> Path | None:
