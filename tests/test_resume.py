@@ -251,7 +251,8 @@ def test_resume_with_a_changed_batch_size_is_refused(full_reference: Path, varie
     assert len(result.stderr.strip().splitlines()) == 1
     assert (out / "ftcli_run.json").read_bytes() == before
 
-    forced = cli(*args, "--resume", "--seed", "7", "--force")
+    # From an earlier checkpoint: resuming the last one of this complete run would train nothing.
+    forced = cli(*args, "--resume", out / "checkpoint-9", "--seed", "7", "--force")
     assert forced.exit_code == 0, forced.stdout + forced.stderr
     assert read_manifest(out)["resumed_from"]["forced_differences"] == ["batch_size 2 -> 4", "seed 42 -> 7"]
 

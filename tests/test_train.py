@@ -140,6 +140,7 @@ def test_custom_log_dir_and_overwrite(cli, tmp_path: Path, small_alpaca: Path) -
     out, logs = tmp_path / "run", tmp_path / "tb"
     out.mkdir()
     (out / "old.txt").write_text("stale")
+    (out / "ftcli_run.json").write_text("{}")  # --overwrite replaces only an ftcli run folder
     result = cli("train", "--method", "lora", *TINY, "--dataset", small_alpaca, "--max-steps", "2",
                  "--log-dir", logs, "--output-dir", out, "--overwrite")
     assert result.exit_code == 0, result.stderr

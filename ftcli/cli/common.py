@@ -351,6 +351,7 @@ def train_options(
         "accumulation or seed differ, unless --force.", rich_help_panel=OUTPUT)] = None,
     force: Annotated[Optional[bool], typer.Option(
         "--force", help="Resume even though the config differs from the checkpoint's.", rich_help_panel=OUTPUT)] = None,
+    # str, not Path: Typer turns "" into Path(".") and the emptiness could no longer be refused.
     output_dir: Annotated[Optional[str], typer.Option(
         help=with_default("Run folder: model/adapter, tokenizer, manifest, logs.", default="runs/<method>-<time>"),
         rich_help_panel=OUTPUT)] = None,

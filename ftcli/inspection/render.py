@@ -111,9 +111,12 @@ def _render_run(report: dict[str, Any]) -> None:
     from ftcli.system import format_bytes
 
     run = report["run"]
-    colour = {"finished": "green", "interrupted": "yellow", "failed": "red"}.get(run["status"], "cyan")
-    rows: list[tuple[str, Any]] = [("status", f"[{colour}]{run['status']}[/]"
-                                    + (f": {run['error']}" if run.get("error") else ""))]
+    colour = {"finished": "green", "interrupted": "yellow", "failed": "red", "stopped": "red"}.get(run["status"], "cyan")
+    if run["status"] == "stopped":  # "stopped (process N is gone)"
+        status = f"[{colour}]{run['error']}[/]"
+    else:
+        status = f"[{colour}]{run['status']}[/]" + (f": {run['error']}" if run.get("error") else "")
+    rows: list[tuple[str, Any]] = [("status", status)]
     cfg = report.get("config") or {}
     rows += [("method", cfg.get("method")), ("model", cfg.get("model")), ("dataset", cfg.get("dataset")),
              ("started / ended", f"{run['started_at']} / {run['ended_at'] or '-'}"),

@@ -16,7 +16,7 @@ from typing import Any
 
 from ftcli.errors import ConfigError, DataError, ModelError
 from ftcli.files import read_json_object
-from ftcli.training.runfolder import MANIFEST, METRICS
+from ftcli.training.runfolder import MANIFEST, METRICS, run_state
 
 
 
@@ -129,10 +129,14 @@ def inspect_run(target: str, options: InspectOptions) -> dict[str, Any]:
     log_dir = Path(resolved.get("log_dir") or folder / "logs")
     if not log_dir.is_dir():  # recorded relative to where the run started, or the run folder was moved
         log_dir = folder / "logs"
+    stopped = run_state(folder, manifest)
     view: dict[str, Any] = {
         "run": {
-            "status": manifest.get("status"),
-            "error": manifest.get("error"),
+            # A `running` record whose process is gone (SIGKILL, power cut) is no longer running.
+            "status": "stopped" if stopped else manifest.get("status"),
+            "error": stopped or manifest.get("error"),
+            "host": manifest.get("host"),
+            "pid": manifest.get("pid"),
             "started_at": manifest.get("started_at"),
             "ended_at": manifest.get("ended_at"),
             "command": manifest.get("command"),

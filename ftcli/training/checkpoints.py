@@ -12,7 +12,9 @@ RNG states, trainer state) and resumes from one (`resume_from_checkpoint`: weigh
 scheduler, RNG, and the position in the data, mid-epoch included). ftcli adds what makes that safe:
 
 - a checkpoint counts only once `ftcli_checkpoint.json` exists in it: written last, after every
-  file of the folder is on disk (fsynced), naming each file and its size; discovery, resume,
+  file of the folder is on disk (fsynced), naming each file, its size and its sha256 (markers written
+  before format 2 have sizes only); discovery, rotation and `inspect` check the sizes, resume also
+  the checksums, refusing a damaged checkpoint before anything changes; discovery, resume,
   rotation and `inspect` trust nothing else (`complete_checkpoints`), so a folder half-written by a
   crash is skipped;
 - ftcli's own rotation (`--save-total-limit`) counts complete checkpoints only and never deletes
@@ -24,6 +26,7 @@ Signals, the non-finite guard and FSDP resume loading live in ftcli/training/gua
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shlex
@@ -37,7 +40,7 @@ from ftcli.files import fsync_tree, write_json_atomic
 MARKER = "ftcli_checkpoint.json"
 METRICS_COPY = "ftcli_metrics.jsonl"  # metrics.jsonl up to this checkpoint, restored on resume
 PREFIX = "checkpoint-"
-MARKER_FORMAT = 1
+MARKER_FORMAT = 2  # 2: sha256 of each file (format 1: sizes only)
 
 # What must not change between a checkpoint and the run that resumes it: each changes what the
 # remaining steps compute (the data order, the examples in an optimizer step, the random draws).
@@ -52,7 +55,7 @@ EVAL_IDENTITY_FIELDS = ("eval_split", "eval_fingerprint")
 
 def run_identity(config: Any, data_fingerprint: str, processes: int,
                  eval_fingerprint: str | None = None) -> dict[str, Any]:
-    identity = {"method": config.method, "model": config.model, "data_fingerprint": data_fingerprint,
+    identity = {"method": config.method, "model": local_path_or_id(config.model), "data_fingerprint": data_fingerprint,
                 "batch_size": config.batch_size, "gradient_accumulation_steps": config.gradient_accumulation_steps,
                 "seed": config.seed, "processes": processes}
     if getattr(config, "eval_split", None) is not None:
@@ -60,6 +63,15 @@ def run_identity(config: Any, data_fingerprint: str, processes: int,
     if eval_fingerprint is not None:
         identity["eval_fingerprint"] = eval_fingerprint
     return identity
+
+
+def local_path_or_id(ref: Any) -> Any:
+    """A model, dataset or file reference as stored: an existing local path made absolute (so a run resumes
+    from any working folder), anything else (hub ids, builtin:, globs) as given."""
+    if not isinstance(ref, str) or not ref or ref.startswith("builtin:"):
+        return ref
+    path = Path(ref).expanduser()
+    return str(path.absolute()) if path.exists() else ref
 
 
 # ---- finding checkpoints ----
@@ -113,22 +125,49 @@ def resolve_resume(resume: str, out: Path) -> Path:
             detail = f" ({', '.join(partial)} never completed)" if partial else ""
             raise OutputError(f"--resume: no complete checkpoint in {out}{detail}",
                               hint="pass the run's --output-dir, or --resume PATH to a checkpoint folder")
-        return found
+        return found.absolute()
     path = Path(resume).expanduser()
     if path.is_dir() and checkpoint_step(path) is None and latest_checkpoint(path) is not None:
-        return latest_checkpoint(path)  # a run folder: its newest complete checkpoint
+        return latest_checkpoint(path).absolute()  # a run folder: its newest complete checkpoint
     if not path.is_dir():
         raise ConfigError(f"--resume {resume}: no such checkpoint folder",
                           hint="pass a checkpoint-N folder or a run folder, or a bare --resume for the latest")
     if read_marker(path) is None:
         raise ConfigError(f"--resume {resume} is not a complete checkpoint (no valid {MARKER}: its writing was "
                           "interrupted)", hint="resume from an earlier checkpoint, or a bare --resume for the latest")
+    return path.absolute()
+
+
+def resolve_verified(resume: str, out: Path) -> Path:
+    """resolve_resume, then the checkpoint's files checked against their recorded checksums."""
+    path = resolve_resume(resume, out)
+    verify_checkpoint(path)
     return path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Refuse (exit 2) a checkpoint whose files no longer match the checksums its marker recorded; a marker
+    without checksums (written before format 2) is trusted on its sizes, as read_marker checks them."""
+    marker = read_marker(path) or {}
+    for name, expected in (marker.get("sha256") or {}).items():
+        if file_sha256(path / name) != expected:
+            raise ConfigError(f"--resume: checkpoint {path} is damaged: {path / name} does not match the checksum "
+                              "recorded when it was saved", hint="resume from an earlier checkpoint with --resume "
+                              "PATH/checkpoint-N, or start again")
 
 
 def check_compatible(checkpoint: Path, identity: dict[str, Any], force: bool) -> list[str]:
     """The differences `field old -> new` between the checkpoint's run and this one; refused unless `force`."""
-    saved = (read_marker(checkpoint) or {}).get("run", {})
+    saved = dict((read_marker(checkpoint) or {}).get("run", {}))
+    saved["model"] = local_path_or_id(saved.get("model"))  # recorded relative by older versions
     diffs = [f"{name} {saved.get(name)!r} -> {identity.get(name)!r}" for name in (*IDENTITY_FIELDS,
                                                                                   *EVAL_IDENTITY_FIELDS)
              if saved.get(name) != identity.get(name)]
@@ -162,7 +201,10 @@ def mark_complete(folder: Path, step: int, epoch: float, identity: dict[str, Any
     with open(folder / METRICS_COPY, "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in metrics if r.get("step", 0) <= step)
     files = fsync_tree(folder)
-    marker = {"format": MARKER_FORMAT, "step": step, "epoch": round(epoch, 6), "run": identity, "files": files}
+    # Right after the flush, while the files are in the page cache: what resume checks the contents against.
+    sums = {name: file_sha256(folder / name) for name in files}
+    marker = {"format": MARKER_FORMAT, "step": step, "epoch": round(epoch, 6), "run": identity, "files": files,
+              "sha256": sums}
     write_json_atomic(folder / MARKER, marker, durable=True)
 
 
@@ -198,20 +240,44 @@ def restore_metrics(checkpoint: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def resume_command(command: list[str], out: Path) -> str:
-    """The command line that resumes this run: the same flags, its output folder, and `--resume`."""
+PATH_FLAGS = {"--dataset": "dataset", "--model": "model", "--log-dir": "log_dir", "--eval-dataset": "eval_dataset",
+              "--template": "template", "--config": None}
+
+
+def resume_command(command: list[str], out: Path, config: Any = None) -> str:
+    """The command line that resumes this run: the same flags, its output folder, and `--resume`, with every
+    local path absolute (the config's, when given) so that it works from any working folder."""
     args, skip = [], False
     for i, arg in enumerate(command):
         if skip:
             skip = False
             continue
-        name = arg.split("=", 1)[0]
-        if name in ("--output-dir", "--resume") and "=" not in arg:
+        name, eq, value = arg.partition("=")
+        if name in ("--output-dir", "--resume") and not eq:
             nxt = command[i + 1] if i + 1 < len(command) else None
             # `--resume` may be bare; `--output-dir` always takes a value.
             skip = nxt is not None and (name == "--output-dir" or not nxt.startswith("-"))
             continue
         if name in ("--output-dir", "--resume", "--overwrite", "--force"):
             continue
+        if name in PATH_FLAGS:
+            if eq:
+                arg = f"{name}={_absolute(name, value, config)}"
+            elif i + 1 < len(command):
+                args += [arg, _absolute(name, command[i + 1], config)]
+                skip = True
+                continue
         args.append(arg)
+    given = {a.partition("=")[0] for a in args}
+    # Paths a --config file gave (relative to where the run started): passed as flags, which override it.
+    for flag, key in PATH_FLAGS.items():
+        value = getattr(config, key, None) if key and config is not None else None
+        if flag not in given and isinstance(value, str) and local_path_or_id(value) != value:
+            args += [flag, local_path_or_id(value)]
     return shlex.join([*args, "--output-dir", str(out), "--resume"])
+
+
+def _absolute(flag: str, value: str, config: Any) -> str:
+    key = PATH_FLAGS.get(flag)
+    recorded = getattr(config, key, None) if key and config is not None else None
+    return str(local_path_or_id(recorded if isinstance(recorded, str) else value))

@@ -219,6 +219,7 @@ class RunGuardCallbacks:
         self.last_saved_step: int | None = None
         self.removed: list[str] = []
         self.keep_checkpoint: int | None = None  # a step whose checkpoint rotation keeps (--load-best's best)
+        self.on_first_step: Any = None  # called once, after this process's first optimizer step
         self.delay = debug_step_delay()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -265,6 +266,9 @@ class RunGuardCallbacks:
             self.stopped_at = step
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.on_first_step is not None:
+            self.on_first_step()
+            self.on_first_step = None
         if self.delay:
             time.sleep(self.delay)
         if self.stopping:

@@ -18,8 +18,9 @@ stops the ranks at once.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ftcli.errors import EXIT_INTERRUPTED, RunFailed
 
@@ -58,24 +59,36 @@ def rank_command(argv: list[str], output_dir: Path) -> list[str]:
     return ["-m", "ftcli", *argv, "--output-dir", str(output_dir)]
 
 
-def preflight(config: Any) -> Path:
-    """What must not race between ranks, done once here: the output-folder check, building a builtin model."""
+@contextmanager
+def preflight(config: Any) -> Iterator[Path]:
+    """What must not race between ranks, done once here: the output-folder check (under the folder's lock,
+    held for the whole launch on machine 0 of a static rendezvous), building a builtin model."""
     from ftcli.models import resolve_model_source
-    from ftcli.training.runfolder import check_output_dir, default_output_dir
+    from ftcli.training.runfolder import LOCK_HELD_ENV, claim_run_dir
 
-    out = Path(config.output_dir or default_output_dir(config.method)).expanduser()
-    if config.node_rank == 0 and not config.rdzv_endpoint:
-        out = check_output_dir(out, config.overwrite, resume=bool(config.resume))
-        if config.resume:
-            from ftcli.training.checkpoints import resolve_resume
+    decides = config.node_rank == 0 and not config.rdzv_endpoint
+    with claim_run_dir(config.output_dir, config.method, config.overwrite, bool(config.resume),
+                       lock=decides) as out:
+        if decides and config.resume:
+            from ftcli.training.checkpoints import resolve_verified
 
-            resolve_resume(config.resume, out)
-    resolve_model_source(config.model)
-    return out.resolve()
+            resolve_verified(config.resume, out)
+        resolve_model_source(config.model)
+        if decides:
+            os.environ[LOCK_HELD_ENV] = str(out)  # rank 0 (a child of this process) then takes no lock itself
+        try:
+            yield out
+        finally:
+            os.environ.pop(LOCK_HELD_ENV, None)
 
 
 def launch(config: Any, argv: list[str]) -> None:
     """Run this machine's ranks to the end; raise RunFailed naming the first rank that failed."""
+    with preflight(config) as out:
+        _launch(config, argv, out)
+
+
+def _launch(config: Any, argv: list[str], out: Path) -> None:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
@@ -83,7 +96,6 @@ def launch(config: Any, argv: list[str]) -> None:
 
     from ftcli.console import console
 
-    out = preflight(config)
     # torchrun would otherwise warn and pick 1 thread; share this machine's cores between its ranks.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.nproc_per_node)))
     args = launcher_args(config) + rank_command(argv, out)

@@ -19,6 +19,9 @@ collective work (training, gathering the weights for saving, the probe forward p
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -29,17 +32,18 @@ from ftcli import __version__
 from ftcli.config import RunConfig
 from ftcli.console import console
 from ftcli.errors import EXIT_INTERRUPTED, RunFailed
-from ftcli.files import write_json_atomic
+from ftcli.files import fsync_tree, write_atomic, write_json_atomic
 from ftcli.system import utc_now
 from ftcli.training.checkpoints import (
-    check_compatible, complete_checkpoints, latest_checkpoint, prune_for_resume, read_marker, resolve_resume,
-    restore_metrics, resume_command, run_identity,
+    check_compatible, complete_checkpoints, latest_checkpoint, local_path_or_id, prune_for_resume, read_marker,
+    resolve_resume, restore_metrics, resume_command, run_identity, verify_checkpoint,
 )
 from ftcli.training.distributed import is_main_rank, leave_process_group, sharded_fraction, world_size
 from ftcli.training.evalsteps import eval_callback, eval_line, load_best_model
 from ftcli.training.guard import NonFiniteError, RunInterrupted, StopRequest, run_guard_class
 from ftcli.training.runfolder import (
-    CONFIG_COPY, MANIFEST, PROBE, check_output_dir, create_run_dir, default_output_dir,
+    CONFIG_COPY, LOCK_HELD_ENV, MANIFEST, METRICS, PROBE, check_log_dir, claim_run_dir, create_run_dir, read_manifest,
+    put_back, remove_replaced,
 )
 from ftcli.training.setup import set_up
 from ftcli.training.trainer import build_trainer, final_metrics
@@ -53,35 +57,84 @@ class RunResult:
     manifest: dict[str, Any]
 
 
+class Manifest(dict):
+    """The run's manifest, and what a resume needs to keep a finished record honest."""
+
+    previous: bytes | None = None  # the record a resume replaces, put back when it fails before its first step
+    trained: bool = False  # whether this process completed an optimizer step
+
+
 def run_training(config: RunConfig, command: list[str] | None = None) -> RunResult:
-    started = time.time()
     main = is_main_rank()
     # The other ranks run silently: one progress display and one summary per run.
     console.quiet = not main
-    out = Path(config.output_dir or default_output_dir(config.method)).expanduser()
+    config = with_absolute_paths(config)
     if main:
-        # Only rank 0 decides: the others would see the folder rank 0 is filling and refuse it.
-        out = check_output_dir(out, config.overwrite, resume=bool(config.resume))
-    # A checkpoint that does not exist or was never completed is refused before anything loads.
+        check_log_dir(config.log_dir)
+    # Only rank 0 decides and locks: the others would see the folder rank 0 is filling and refuse it. Under
+    # ftcli's own launcher the launcher holds the lock for the whole launch.
+    held = os.environ.get(LOCK_HELD_ENV)
+    lock = main and not (held and config.output_dir and held == str(Path(config.output_dir).expanduser().absolute()))
+    with claim_run_dir(config.output_dir, config.method, config.overwrite, bool(config.resume), lock=lock) as out:
+        return _run(config, command, out, main, verify=lock)
+
+
+def with_absolute_paths(config: RunConfig) -> RunConfig:
+    """Local paths made absolute, so that the manifest and the resume command work from any folder."""
+    update = {key: local_path_or_id(getattr(config, key)) for key in ("model", "dataset", "eval_dataset", "template")}
+    for key in ("output_dir", "log_dir"):
+        value = getattr(config, key)
+        if value and value.strip():
+            update[key] = str(Path(value).expanduser().absolute())
+    return config.model_copy(update=update)
+
+
+def _run(config: RunConfig, command: list[str] | None, out: Path, main: bool, verify: bool) -> RunResult:
+    started = time.time()
+    # A checkpoint that does not exist, was never completed or is damaged is refused before anything loads
+    # (its checksums read once: by rank 0, or by ftcli's launcher before it started the ranks).
     checkpoint = resolve_resume(config.resume, out) if config.resume else None
+    if checkpoint is not None and verify:
+        verify_checkpoint(checkpoint)
     ready = set_up(config, "train")
-    plan, device = ready.plan, ready.device
     loaded = time.time()
 
     eval_set = ready.eval_set
     identity = run_identity(config, ready.report.fingerprint, world_size(),
                             eval_fingerprint=eval_set.fingerprint if eval_set is not None else None)
+    if checkpoint is not None:
+        check_compatible(checkpoint, identity, config.force)  # a different run is refused, complete or not
+        complete = _complete_run(config, checkpoint, out)
+        if complete is not None:
+            return complete
     resumed = _check_resume(config, checkpoint, identity, out, main)
-    log_dir = Path(config.log_dir).expanduser() if config.log_dir else out / "logs"
-    manifest = _start_manifest(config, command, out, log_dir, ready, main)
-    if manifest is not None and resumed:
-        manifest["resumed_from"] = resumed
-        write_json_atomic(out / MANIFEST, manifest)
+    log_dir = Path(config.log_dir) if config.log_dir else out / "logs"
+    manifest = _start_manifest(config, command, out, log_dir, ready, main, resumed)
+    try:
+        return _run_started(config, command, out, log_dir, ready, manifest, checkpoint, identity,
+                            (started, loaded), main)
+    except BaseException as exc:
+        if manifest is not None and manifest.get("status") == "running":
+            # Whatever ended the run unrecorded (a full disk, a signal, a bug) leaves it recorded, not `running`.
+            interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
+            _finish(manifest, out, "interrupted" if interrupted else "failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _run_started(config: RunConfig, command: list[str] | None, out: Path, log_dir: Path, ready: Any,
+                 manifest: Manifest | None, checkpoint: Path | None, identity: dict[str, Any],
+                 times: tuple[float, float], main: bool) -> RunResult:
+    started, loaded = times
+    plan, device, eval_set = ready.plan, ready.device, ready.eval_set
+    if main:
+        _write_config_copy(out / CONFIG_COPY, config)
     if config.compile:
         _warm_compile_cache(config, ready, manifest, out)
     guard = run_guard_class()(out, identity, StopRequest(announce=console.print if main else None),
                               save_total_limit=config.save_total_limit, epoch_saves=bool(config.save_steps),
                               display=None, restored_metrics=restore_metrics(checkpoint) if checkpoint else None)
+    if manifest is not None:
+        guard.on_first_step = lambda: setattr(manifest, "trained", True)
     evaluator = eval_callback(config, eval_set, ready.tokenizer, guard)
     trainer, display, stats = _train(config, plan, ready.tokenizer, ready.dataset, out, log_dir, device, guard,
                                      checkpoint, manifest, command, evaluator)
@@ -105,8 +158,27 @@ def run_training(config: RunConfig, command: list[str] | None = None) -> RunResu
     manifest["checkpoints"] = [p.name for _, p in complete_checkpoints(out)]
     if evaluation is not None:
         manifest["eval"] = evaluation
+    # Weights, tokenizer, probe, metrics and logs on disk before the record says finished.
+    fsync_tree(out)
     _finish(manifest, out, "finished")
     print_summary(metrics, out, plan.saves, evaluation)
+    return RunResult(out, manifest)
+
+
+def _complete_run(config: RunConfig, checkpoint: Path, out: Path) -> RunResult | None:
+    """Resuming a finished run whose checkpoint already reached --max-steps (or --num-epochs): nothing to train,
+    and the run folder is left as it is."""
+    marker = read_marker(checkpoint) or {}
+    step, epoch = int(marker.get("step", 0)), float(marker.get("epoch", 0.0))
+    done = step >= config.max_steps if config.max_steps else epoch >= config.num_epochs
+    if not done or checkpoint.parent != out or not (out / MANIFEST).is_file():
+        return None
+    manifest = read_manifest(out)
+    if manifest.get("status") != "finished":
+        return None
+    goal = f"--max-steps {config.max_steps}" if config.max_steps else f"--num-epochs {config.num_epochs:g}"
+    console.print(f"the run in {out} is complete: {checkpoint.name} is at step {step} and {goal} is reached; "
+                  "nothing to train (raise --max-steps or --num-epochs to train further)", soft_wrap=True)
     return RunResult(out, manifest)
 
 
@@ -126,6 +198,7 @@ def _save_final(trainer: Any, ready: Any, out: Path, guard: Any, manifest: dict[
                 main: bool, evaluator: Any = None) -> tuple[float, bool]:
     """Save the model or adapter (with --load-best: the best evaluated one), the tokenizer and the probe logits;
     returns the sharded share of parameters and whether the best checkpoint's weights were loaded back."""
+    before = _top_files(out) if main else {}
     try:
         loaded_best = load_best_model(trainer, evaluator, out)
         # Measured now: the probe's forward below leaves FSDP's final-norm/lm_head unit gathered on purpose.
@@ -138,12 +211,24 @@ def _save_final(trainer: Any, ready: Any, out: Path, guard: Any, manifest: dict[
             (out / "training_args.bin").unlink(missing_ok=True)
         _save_probe(trainer.model, ready.dataset[0]["input_ids"][:PROBE_TOKENS], out / PROBE, write=main)
     except Exception as exc:
-        _finish(manifest, out, "failed", error=f"saving the final model failed: {type(exc).__name__}: {exc}")
-        raise
+        if main:
+            # Half-written weights are not left where export or from_pretrained would trust them (and a full
+            # disk gets the room back to record the failure).
+            for name, stamp in _top_files(out).items():
+                if before.get(name) != stamp and name not in (MANIFEST, CONFIG_COPY, METRICS):
+                    (out / name).unlink(missing_ok=True)
+        reason = f"saving the final model failed: {type(exc).__name__}: {exc}"
+        _finish(manifest, out, "failed", error=reason)
+        raise RunFailed(reason, hint=f"the run folder {out} records it; free disk space or pick another "
+                        "--output-dir, and rerun with --debug for the traceback") from exc
     finally:
         # Until here a signal waits for the final save (the run is finishing anyway); then the defaults return.
         guard.stop.restore()
     return sharded, loaded_best
+
+
+def _top_files(out: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in out.iterdir() if p.is_file()}
 
 
 def _check_resume(config: RunConfig, checkpoint: Path | None, identity: dict[str, Any], out: Path,
@@ -197,16 +282,16 @@ def _train(config: RunConfig, plan: Any, tokenizer: Any, dataset: Any, out: Path
             guard.stop.restore()
     if guard.stopping:
         guard.stop.restore()
-        _stop_interrupted(guard, out, manifest, command, display)
+        _stop_interrupted(guard, out, manifest, command, display, config)
     return trainer, display, stats
 
 
 def _stop_interrupted(guard: Any, out: Path, manifest: dict[str, Any] | None, command: list[str] | None,
-                      display: Any) -> None:
+                      display: Any, config: RunConfig) -> None:
     """After a signal: the checkpoint of the last step is saved; record where, say how to resume, exit 130."""
     import signal
 
-    how = resume_command(command or ["ftcli", *sys.argv[1:]], out)
+    how = resume_command(command or ["ftcli", *sys.argv[1:]], out, config)
     name = signal.Signals(guard.stop.signal).name if guard.stop.signal else "a signal"
     _finish(manifest, out, "interrupted", error=f"stopped by {name} after step {guard.stopped_at}",
             interrupted_at_step=guard.stopped_at, checkpoint=str(guard.last_saved), resume_command=how,
@@ -219,19 +304,23 @@ def _stop_interrupted(guard: Any, out: Path, manifest: dict[str, Any] | None, co
 
 
 def _start_manifest(config: RunConfig, command: list[str] | None, out: Path, log_dir: Path, ready: Any,
-                    main: bool) -> dict[str, Any] | None:
-    """Create the run folder and write the manifest (status running) and config copy; rank 0 only."""
+                    main: bool, resumed: dict[str, Any] | None) -> Manifest | None:
+    """Create the run folder (an --overwrite sets the old run aside, removed once the new record is written) and
+    write the manifest (status running, this host and process); rank 0 only."""
     from ftcli.models import resolve_attn_implementation, resolve_model_source
     from ftcli.system import library_versions
 
     if not main:
         return None
     device, torch_dtype, plan = ready.device, ready.torch_dtype, ready.plan
-    create_run_dir(out, config.overwrite)
-    manifest: dict[str, Any] = {
+    previous = (out / MANIFEST).read_bytes() if resumed and (out / MANIFEST).is_file() else None
+    aside = create_run_dir(out, config.overwrite)
+    manifest = Manifest({
         "ftcli_version": __version__,
         "status": "running",
         "command": command or sys.argv,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
         "started_at": utc_now(),
         "config": config.to_dict(),
         "resolved": {
@@ -245,9 +334,18 @@ def _start_manifest(config: RunConfig, command: list[str] | None, out: Path, log
         },
         "versions": library_versions(),
         "data": ready.report.to_dict(),
-    }
-    write_json_atomic(out / MANIFEST, manifest)
-    _write_config_copy(out / CONFIG_COPY, config)
+    })
+    if resumed:
+        manifest["resumed_from"] = resumed
+    if previous is not None and json.loads(previous).get("status") in ("finished", "interrupted"):
+        manifest.previous = previous
+    try:
+        write_json_atomic(out / MANIFEST, manifest, durable=True)
+    except BaseException:
+        put_back(out, aside)  # no new record (a full disk, a signal): the replaced run stays the run here
+        raise
+    # The new record is in place: the replaced run goes now, before this one needs the disk space.
+    remove_replaced(aside)
     return manifest
 
 
@@ -294,13 +392,14 @@ def _write_config_copy(path: Path, config: RunConfig) -> None:
     # Where and how this run was written or resumed is not part of what it computes.
     for key in ("output_dir", "overwrite", "resume", "force"):
         data.pop(key, None)
-    path.write_text("# resolved config of this run; reuse with: ftcli train --config " + path.name + "\n"
-                    + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    write_atomic(path, "# resolved config of this run; reuse with: ftcli train --config " + path.name + "\n"
+                 + yaml.safe_dump(data, sort_keys=False))
 
 
-def _finish(manifest: dict[str, Any] | None, out: Path, status: str, error: str | None = None,
+def _finish(manifest: Manifest | None, out: Path, status: str, error: str | None = None,
             **details: Any) -> None:
-    """Record how the run ended: finished, interrupted (and where) or failed (and why)."""
+    """Record how the run ended: finished, interrupted (and where) or failed (and why). A resume that fails
+    before its first step puts back the record it replaced (a finished run stays finished)."""
     if manifest is None:
         return
     manifest["status"] = status
@@ -308,4 +407,19 @@ def _finish(manifest: dict[str, Any] | None, out: Path, status: str, error: str 
     if error:
         manifest["error"] = error
     manifest.update({k: v for k, v in details.items() if v is not None})
-    write_json_atomic(out / MANIFEST, manifest)
+    record = manifest.previous if status != "finished" and manifest.previous and not manifest.trained else None
+    try:
+        _write_record(out, manifest, record)
+    except OSError:
+        if status == "finished":
+            raise
+        # A full disk: drop what this run half-wrote (checkpoints never completed), then record the end.
+        prune_for_resume(out, sys.maxsize)
+        _write_record(out, manifest, record)
+
+
+def _write_record(out: Path, manifest: Manifest, record: bytes | None) -> None:
+    if record is not None:
+        write_atomic(out / MANIFEST, record, durable=True)
+    else:
+        write_json_atomic(out / MANIFEST, manifest, durable=True)

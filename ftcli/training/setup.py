@@ -63,7 +63,12 @@ def set_up(config: Any, command: str) -> RunSetup:
     device = resolve_device(config.device)
     torch_dtype = resolve_dtype(config.dtype, device)
     console.print(f"[bold]ftcli {command}[/] method={config.method} model={config.model} dataset={config.dataset}")
-    load_model_config(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
+    model_config = load_model_config(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
+    context = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(context, int) and config.seq_length > context:
+        console.print(f"[yellow]note:[/] --seq-length {config.seq_length} is beyond the model's context length "
+                      f"({context} positions, max_position_embeddings): examples longer than that will not train "
+                      f"well; a --seq-length of at most {context} fits the model", soft_wrap=True)
     tokenizer = load_tokenizer(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
     pad_policy = apply_pad_policy(tokenizer)
     dataset, report, eval_set = load_datasets(config, tokenizer)

@@ -1,0 +1,338 @@
+"""The run folder under hostile use (issue 18, training part): empty paths, --overwrite, locks, damaged and
+complete resumes, fsync, a full disk, killed and signalled runs, relative paths, --log-dir, --seq-length.
+
+    $ python -m pytest -q tests/test_hardening_training.py
+
+Real processes (`python -m ftcli`) where a lock, a SIGKILL or a SIGTERM needs one; the rest in-process
+on the built-in tiny model, sharing one finished run where the checks allow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import read_manifest, write_small_alpaca
+from ftcli.files import exclusive, lock_path
+
+TINY = ["--model", "builtin:tiny-llama"]
+
+
+def train(data: Path | str, out: Path | str | None, *extra: object, method: str = "lora") -> list[str]:
+    args = ["train", "--method", method, *TINY, "--dataset", data, "--max-steps", 2, "--batch-size", 4, *extra]
+    if out is not None:
+        args += ["--output-dir", out]
+    return [str(a) for a in args]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+def flip_bytes(path: Path) -> None:
+    """Damage a file without changing its size."""
+    data = bytearray(path.read_bytes())
+    for i in range(8, 64):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished LoRA run with a checkpoint at its last step, started with relative paths from its own
+    working folder and with --seq-length beyond the tiny model's context; every fsync of the run recorded."""
+    from typer.testing import CliRunner
+
+    from ftcli.cli import app
+
+    work = tmp_path_factory.mktemp("work")
+    write_small_alpaca(work / "small.jsonl")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        mp.setattr(os, "fsync", recording_fsync)
+        result = CliRunner().invoke(app, train("small.jsonl", "run", "--save-steps", 2, "--seq-length", 8192),
+                                    catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return {"work": work, "run": work / "run", "data": work / "small.jsonl", "output": result.output,
+            "synced": synced}
+
+
+def copy_run(finished, tmp_path: Path, name: str = "copy") -> Path:
+    out = tmp_path / name
+    shutil.copytree(finished["run"], out)
+    return out
+
+
+# ---- 1, 11: empty output paths and a --log-dir that is a file, refused before anything is created ----
+
+def test_empty_output_dir_and_log_dir_are_refused(cli, small_alpaca: Path, tmp_path: Path, monkeypatch) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "keep.txt").write_text("mine")
+    result = cli(*train(small_alpaca, "", "--overwrite"))
+    assert result.exit_code == 2 and "--output-dir is empty" in result.stderr
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text('output_dir: ""\n')
+    result = cli(*train(small_alpaca, None, "--config", yaml_file))
+    assert result.exit_code == 2 and "--output-dir is empty" in result.stderr
+    result = cli(*train(small_alpaca, work / "run", "--log-dir", ""))
+    assert result.exit_code == 2 and "--log-dir is empty" in result.stderr
+    (tmp_path / "logs-file").write_text("not a folder")
+    result = cli(*train(small_alpaca, work / "deep" / "run", "--log-dir", tmp_path / "logs-file"))
+    assert result.exit_code == 5 and "--log-dir" in result.stderr and "is a file" in result.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["keep.txt"]
+
+
+# ---- 2: --overwrite replaces only an ftcli run folder, atomically ----
+
+def test_overwrite_replaces_only_a_run_folder(cli, finished, tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "photo.jpg").write_bytes(b"\xff\xd8 precious")
+    result = cli(*train(finished["data"], mine, "--overwrite"))
+    assert result.exit_code == 5 and "not an ftcli run folder" in result.stderr
+    assert [p.name for p in mine.iterdir()] == ["photo.jpg"]
+
+    out = copy_run(finished, tmp_path)
+    before = snapshot(out)
+    result = cli(*train(tmp_path / "missing.jsonl", out, "--overwrite"))
+    assert result.exit_code == 3 and snapshot(out) == before  # a refused run leaves the old one as it was
+
+    result = cli(*train(finished["data"], out, "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert read_manifest(out)["status"] == "finished" and not (out / "checkpoint-2").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "mine"]  # no set-aside copy, no lock left
+
+
+def test_a_run_set_aside_by_a_killed_overwrite_is_put_back(cli, finished, tmp_path: Path) -> None:
+    import socket
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    aside = tmp_path / f".gone.ftcli-replaced.{socket.gethostname()}.{dead.pid}.1"
+    shutil.copytree(finished["run"], aside)
+    result = cli(*train(finished["data"], tmp_path / "gone"))
+    assert result.exit_code == 5 and "not empty" in result.stderr  # the old run is back, and still protected
+    assert read_manifest(tmp_path / "gone")["status"] == "finished" and not aside.exists()
+
+
+# ---- 3: one writer per run folder; default names never collide ----
+
+def ftcli_process(args: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ftcli", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+
+
+def test_two_concurrent_trains_then_sigkill_then_stale_lock(cli, tmp_path: Path) -> None:
+    data = write_small_alpaca(tmp_path / "small.jsonl")
+    out = tmp_path / "shared"
+    args = train(data, out, "--save-steps", 1, "--max-steps", 40)
+    procs = [ftcli_process(args, tmp_path, FTCLI_DEBUG_STEP_DELAY="0.5") for _ in range(2)]
+    try:
+        deadline = time.time() + 150
+        while all(p.poll() is None for p in procs) and time.time() < deadline:
+            time.sleep(0.2)
+        loser = next(p for p in procs if p.poll() is not None)
+        winner = next(p for p in procs if p is not loser)
+        stderr = loser.stderr.read()
+        assert loser.returncode == 5, stderr
+        assert "is in use by ftcli pid" in stderr and str(winner.pid) in stderr and stderr.count("\n") == 1
+        while not (out / "checkpoint-1" / "ftcli_checkpoint.json").is_file() and time.time() < deadline:
+            assert winner.poll() is None, winner.stderr.read()
+            time.sleep(0.2)
+        winner.send_signal(signal.SIGKILL)
+        winner.wait(timeout=30)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    manifest = read_manifest(out)
+    assert manifest["status"] == "running" and manifest["pid"] == winner.pid and manifest["host"]
+    assert sorted(p.name for p in out.glob("ftcli_run.json*")) == ["ftcli_run.json"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) >= 1
+    assert lock_path(out).is_file()  # left behind by the killed holder
+
+    shown = cli("inspect", out)
+    assert shown.exit_code == 0 and f"stopped (process {winner.pid} is gone)" in shown.output
+    as_json = json.loads(cli("inspect", out, "--json").output)
+    assert as_json["run"]["status"] == "stopped"
+
+    # The dead holder's lock does not block the next run, which resumes the checkpoint.
+    step = json.loads((sorted(out.glob("checkpoint-*"))[-1] / "ftcli_checkpoint.json").read_text())["step"]
+    result = cli(*train(data, out, "--save-steps", 1, "--max-steps", step + 1, "--resume"))
+    assert result.exit_code == 0, result.output
+    assert read_manifest(out)["status"] == "finished" and not lock_path(out).exists()
+
+
+def test_default_run_names_never_collide(cli, small_alpaca: Path, tmp_path: Path, monkeypatch) -> None:
+    import ftcli.training.runfolder as runfolder
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runfolder.time, "strftime", lambda fmt, *a: "20260101-000000")
+    base = tmp_path / "runs" / "lora-20260101-000000"
+    with exclusive(base, "--output-dir"):  # another run holds the first name, and has not created it yet
+        first = cli(*train(small_alpaca, None))
+        second = cli(*train(small_alpaca, None))
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["lora-20260101-000000-2",
+                                                                     "lora-20260101-000000-3"]
+    assert read_manifest(base.with_name(base.name + "-3"))["resolved"]["output_dir"] == str(base) + "-3"
+
+
+# ---- 4, 5: damaged checkpoints refused before anything changes; a complete run is not trained again ----
+
+def test_damaged_checkpoint_is_refused_and_the_finished_record_kept(cli, finished, tmp_path: Path) -> None:
+    out = copy_run(finished, tmp_path, "checked")
+    record = (out / "ftcli_run.json").read_bytes()
+    flip_bytes(out / "checkpoint-2" / "adapter_model.safetensors")
+    result = cli(*train(finished["data"], out, "--save-steps", 2, "--max-steps", 4, "--resume"))
+    assert result.exit_code == 2, result.output
+    assert "damaged" in result.stderr and "adapter_model.safetensors" in result.stderr
+    assert (out / "ftcli_run.json").read_bytes() == record
+
+    # A marker written before checksums (sizes only) still counts; a resume failing before its first step
+    # puts the finished record back instead of recording the finished run as failed.
+    old = copy_run(finished, tmp_path, "old-marker")
+    marker_path = old / "checkpoint-2" / "ftcli_checkpoint.json"
+    marker = json.loads(marker_path.read_text())
+    marker["format"] = 1
+    del marker["sha256"]
+    marker_path.write_text(json.dumps(marker))
+    flip_bytes(old / "checkpoint-2" / "adapter_model.safetensors")
+    result = cli(*train(finished["data"], old, "--save-steps", 2, "--max-steps", 4, "--resume"))
+    assert result.exit_code != 0 and "resuming from" in result.output
+    assert (old / "ftcli_run.json").read_bytes() == record
+
+
+def test_resuming_a_complete_run_trains_nothing(cli, finished, tmp_path: Path) -> None:
+    out = copy_run(finished, tmp_path)
+    before = snapshot(out)
+    result = cli(*train(finished["data"], out, "--save-steps", 2, "--resume"))
+    assert result.exit_code == 0, result.output
+    assert "is complete" in result.output and "step 3" not in result.output
+    assert snapshot(out) == before and not lock_path(out).exists()
+
+
+# ---- 6, 9, 12: what the finished run wrote ----
+
+def test_final_files_are_fsynced_before_finished(finished) -> None:
+    run, synced = finished["run"], finished["synced"]
+    for name in ("adapter_model.safetensors", "tokenizer.json", "probe.safetensors", "metrics.jsonl",
+                 "ftcli_config.yaml"):
+        assert str(run / name) in synced, name
+    assert str(run) in synced
+    # The record saying finished is itself flushed (its temporary file, renamed over ftcli_run.json).
+    assert any(Path(p).name.startswith(".ftcli_run.json.") for p in synced[-3:])
+
+
+def test_manifest_paths_are_absolute_and_seq_length_note(finished) -> None:
+    manifest = read_manifest(finished["run"])
+    assert manifest["config"]["output_dir"] == str(finished["run"])
+    assert manifest["config"]["dataset"] == str(finished["data"])
+    assert manifest["resolved"]["log_dir"] == str(finished["run"] / "logs")
+    assert manifest["config"]["model"] == "builtin:tiny-llama"
+    assert "note:" in finished["output"] and "--seq-length 8192" in finished["output"] \
+        and "2048" in finished["output"]
+
+
+def test_resume_command_works_from_another_folder(cli, tmp_path: Path, monkeypatch) -> None:
+    """SIGTERM during training (sent to this process once a step is logged) records a resume command with
+    absolute paths; run from elsewhere, it finishes the run."""
+    work = tmp_path / "work"
+    work.mkdir()
+    write_small_alpaca(work / "small.jsonl")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("FTCLI_DEBUG_STEP_DELAY", "0.3")
+
+    def signal_once_training() -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            metrics = work / "run" / "metrics.jsonl"
+            if metrics.is_file() and metrics.read_text().strip():
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=signal_once_training, daemon=True)
+    watcher.start()
+    args = train("small.jsonl", "run", "--max-steps", 6)
+    monkeypatch.setattr(sys, "argv", ["ftcli", *args])  # what a real process records as its command
+    result = cli(*args)
+    watcher.join()
+    assert result.exit_code == 130, result.output
+    how = read_manifest(work / "run")["resume_command"]
+    monkeypatch.delenv("FTCLI_DEBUG_STEP_DELAY")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert "small.jsonl" not in shlex.split(how) and str(work / "small.jsonl") in shlex.split(how)
+    result = cli(*shlex.split(how)[1:])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(work / "run")["status"] == "finished" and not any(elsewhere.iterdir())
+
+
+# ---- 7: a full disk ----
+
+def test_full_disk_records_the_failure(cli, small_alpaca: Path, tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        for name, extra in (("checkpoints", ["--save-steps", 1]), ("final", [])):
+            out = disk / name
+            result = cli(*train(small_alpaca, out, *extra, method="full"))
+            # torch.save reports a full disk as "unexpected pos ..." (checkpoints); safetensors as ENOSPC.
+            assert result.exit_code == 1 and result.stderr.startswith("error: "), result.output
+            assert result.stderr.strip().count("\n") == 0  # one line
+            manifest = read_manifest(out)
+            assert manifest["status"] == "failed" and manifest["error"]
+            if name == "final":
+                assert "No space left on device" in result.stderr and "No space" in manifest["error"]
+                assert not (out / "model.safetensors").exists()  # nothing half-written left
+            assert not list(out.glob("checkpoint-*")) and not lock_path(out).exists()
+            shutil.rmtree(out)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+# ---- 10: SIGTERM while loading ----
+
+def test_sigterm_while_loading_is_one_line_and_130(tmp_path: Path) -> None:
+    data = write_small_alpaca(tmp_path / "small.jsonl")
+    out = tmp_path / "run"
+    proc = ftcli_process(train(data, out), tmp_path)
+    try:
+        first = proc.stdout.readline()  # "ftcli train method=..." : loading starts
+        assert "ftcli train" in first
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip() == "interrupted" or "Traceback" not in stderr and stderr.strip().count("\n") == 0
+    assert not out.exists() and not lock_path(out).exists()
