@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import stat
 import sys
@@ -257,4 +258,14 @@ def _remove_created(created: list[Path], keep: Path | None = None) -> None:
                 folder.rmdir()
         except OSError:
             return
+
+
+def disk_full_note(folder: Path, below: int = 16 * 2**20) -> str:
+    """`; the disk holding FOLDER is full (N bytes free)` when it nearly is: libraries that lose the OS error
+    (torch.save says "unexpected pos") still get a failure that names its cause. Else ""."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    return f"; the disk holding {folder} is full ({free} bytes free)" if free < below else ""
 

@@ -32,7 +32,7 @@ from ftcli import __version__
 from ftcli.config import RunConfig
 from ftcli.console import console
 from ftcli.errors import EXIT_INTERRUPTED, RunFailed
-from ftcli.files import fsync_tree, write_atomic, write_json_atomic
+from ftcli.files import disk_full_note, fsync_tree, write_atomic, write_json_atomic
 from ftcli.system import utc_now
 from ftcli.training.checkpoints import (
     check_compatible, complete_checkpoints, latest_checkpoint, local_path_or_id, prune_for_resume, read_marker,
@@ -217,7 +217,7 @@ def _save_final(trainer: Any, ready: Any, out: Path, guard: Any, manifest: dict[
             for name, stamp in _top_files(out).items():
                 if before.get(name) != stamp and name not in (MANIFEST, CONFIG_COPY, METRICS):
                     (out / name).unlink(missing_ok=True)
-        reason = f"saving the final model failed: {type(exc).__name__}: {exc}"
+        reason = f"saving the final model failed: {type(exc).__name__}: {exc}{disk_full_note(out)}"
         _finish(manifest, out, "failed", error=reason)
         raise RunFailed(reason, hint=f"the run folder {out} records it; free disk space or pick another "
                         "--output-dir, and rerun with --debug for the traceback") from exc
@@ -274,8 +274,9 @@ def _train(config: RunConfig, plan: Any, tokenizer: Any, dataset: Any, out: Path
                 log_history=guard.display.history if guard.display else None)
         raise
     except Exception as exc:
-        _finish(manifest, out, "failed", error=f"{type(exc).__name__}: {exc}")
-        raise RunFailed(f"training failed: {type(exc).__name__}: {exc}",
+        reason = f"{type(exc).__name__}: {exc}{disk_full_note(out)}"
+        _finish(manifest, out, "failed", error=reason)
+        raise RunFailed(f"training failed: {reason}",
                         hint=f"the run folder {out} records it; rerun with --debug for the traceback") from exc
     finally:
         if not trained:  # on success the handlers stay until the final model is saved
