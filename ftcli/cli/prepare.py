@@ -52,7 +52,7 @@ def prepare(values: dict) -> None:
                           f"cached in {held.report.prepared}", soft_wrap=True)
 
     def guarded() -> None:
-        from ftcli.data.prepare import sigterm_as_interrupt
+        from ftcli.system import sigterm_as_interrupt
 
         with sigterm_as_interrupt():
             go()

@@ -8,9 +8,7 @@ processes) first goes through the launcher, whose ranks rerun this command.
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 
 from ftcli.cli.common import run_config_from_flags, run_guarded, with_train_options
 
@@ -30,16 +28,12 @@ def train(values: dict) -> None:
 
         run_training(run_config, command=["ftcli", *sys.argv[1:]])
 
+    from ftcli.system import sigterm_as_interrupt
+
     # SIGTERM ends the command like Ctrl-C at any point (loading included: one line, exit 130, the manifest
     # recorded, the lock released); once training starts, the run's guard turns it into a clean stop instead.
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
+    with sigterm_as_interrupt():
         run_guarded(go)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 command = with_train_options(train)

@@ -46,8 +46,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import signal
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -385,23 +383,6 @@ def _manifest(config: Any, tokenizer: Any, loaded: LoadedRows, fields: dict[str,
         "build": {"num_proc": procs, "seconds": round(seconds, 3),
                   "tokens_per_second": round(stats["tokens"] / max(seconds, 1e-9), 1)},
     }
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM ends a prepare like Ctrl-C: the build folder and lock are removed on the way out (exit 130)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _quiet_datasets() -> None:

@@ -40,10 +40,10 @@ from ftcli.export.source import (
     load_base_config, load_source_tokenizer, protected_paths, resolve_merge_target,
 )
 from ftcli.export.staging import (
-    EXPORT_RECORD, check_export_output, recover_interrupted, sigterm_as_interrupt, staging_folder,
+    EXPORT_RECORD, check_export_output, recover_interrupted, staging_folder,
 )
 from ftcli.files import check_writable, exclusive, output_path
-from ftcli.system import format_bytes
+from ftcli.system import format_bytes, sigterm_as_interrupt
 from ftcli.training.runfolder import PROBE
 
 CARD = "README.md"
