@@ -16,7 +16,7 @@ import typer
 from ftcli.cli.common import GENERATION_PARAMETERS, generation_settings, run_guarded, target_argument, with_options
 
 OUTPUT = inspect.Parameter("output", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-    Optional[str], typer.Option("--output", "-o", help="Save the conversation to this .jsonl file (one row per "
+    Optional[str], typer.Option("--output", "-o", metavar="<path>", help="Save the conversation to this .jsonl file (one row per "
                                  "answer: the rendered prompt, the reply, tokens, stop reason).")])
 
 

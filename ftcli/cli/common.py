@@ -353,16 +353,18 @@ def train_options(
         "--force", help="Resume even though the config differs from the checkpoint's.", rich_help_panel=OUTPUT)] = None,
     # str, not Path: Typer turns "" into Path(".") and the emptiness could no longer be refused.
     output_dir: Annotated[Optional[str], typer.Option(
+        metavar="<path>",
         help=with_default("Run folder: model/adapter, tokenizer, manifest, logs.", default="runs/<method>-<time>"),
         rich_help_panel=OUTPUT)] = None,
-    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a non-empty --output-dir.",
-                                                      rich_help_panel=OUTPUT)] = None,
-    log_dir: Annotated[Optional[str], typer.Option(help=with_default("TensorBoard folder.", default="<output-dir>/logs"),
-                                                    rich_help_panel=OUTPUT)] = None,
+    overwrite: Annotated[Optional[bool], typer.Option(
+        "--overwrite", help="Replace a non-empty --output-dir that ftcli wrote.", rich_help_panel=OUTPUT)] = None,
+    log_dir: Annotated[Optional[str], typer.Option(metavar="<path>",
+                                                   help=with_default("TensorBoard folder.", default="<output-dir>/logs"),
+                                                   rich_help_panel=OUTPUT)] = None,
     logging_steps: Annotated[Optional[int], typer.Option(help=with_default("Log every N steps.", "logging_steps"),
                                                          rich_help_panel=OUTPUT)] = None,
     config: Annotated[Optional[str], typer.Option(
-        "--config", help="YAML file with the same keys as these flags (snake_case); flags override it.",
+        "--config", metavar="<path>", help="YAML file with the same keys as these flags (snake_case); flags override it.",
         rich_help_panel=OUTPUT)] = None,
 ) -> None:
     """The option set of `train` (and of every command that takes train's options); never run itself."""

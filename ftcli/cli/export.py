@@ -21,7 +21,7 @@ def export(
     source: Annotated[str, typer.Argument(
         help="A run folder from `ftcli train` or an adapter folder (adapter_config.json).", show_default=False)],
     output: Annotated[str, typer.Option(
-        "--output", "-o", help="Folder for the standalone model; written next to it, renamed into place when complete.",
+        "--output", "-o", metavar="<path>", help="Folder for the standalone model; written next to it, renamed into place when complete.",
         show_default=False, rich_help_panel=OUT)],
     base: Annotated[Optional[str], typer.Option(
         help=with_default("Base model (hub id, folder, builtin:...).", default="the one the run or adapter records"),
@@ -43,7 +43,7 @@ def export(
         "--verify/--no-verify", help="Compare the merged model's logits with base + adapter on fixed prompts.",
         rich_help_panel=OUT)] = True,
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace a non-empty --output (only once the new export is complete).",
+        "--overwrite", help="Replace an earlier ftcli export in --output (only once the new export is complete).",
         rich_help_panel=OUT)] = False,
 ) -> None:
     """Merge a LoRA/QLoRA adapter into its base (or re-save a full fine-tune) as one verified model folder."""

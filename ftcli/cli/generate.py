@@ -37,7 +37,7 @@ OWN = [
         help=".txt (one prompt a line) or .jsonl in the training data's columns without the answer "
              "(instruction/input, prompt, messages, conversations).", rich_help_panel=PROMPTS)]),
     _option("output", Annotated[Optional[str], typer.Option(
-        "--output", "-o", help="Write one JSON row per prompt (prompt, rendered prompt, completion, tokens, stop "
+        "--output", "-o", metavar="<path>", help="Write one JSON row per prompt (prompt, rendered prompt, completion, tokens, stop "
         "reason) to this .jsonl file.", rich_help_panel=PROMPTS)]),
     _option("overwrite", Annotated[Optional[bool], typer.Option(
         "--overwrite", help="Replace an existing --output file.", rich_help_panel=PROMPTS)]),
