@@ -161,6 +161,27 @@ def test_one_export_at_a_time_per_folder(full_run: Path, cli, tmp_path: Path) ->
     assert (out / "model.safetensors").exists() and siblings(out) == []
 
 
+def test_an_export_is_on_disk_before_it_is_swapped_in(full_run: Path, cli, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: the export was renamed into place without fsync; after a power cut it could hold empty files.
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    out = tmp_path / "model"
+    assert cli("export", full_run, "--output", out).exit_code == 0
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    staged = [Path(p) for p in synced if ".model.ftcli-export." in p]
+    for name in [p.name for p in out.iterdir()]:
+        assert any(p.name == name for p in staged), (name, synced)  # every file, in the staging folder
+    assert any(p.name.startswith(".model.ftcli-export.") for p in staged)  # the folder itself
+    assert synced[-1] == str(tmp_path)  # and the parent, after the rename
+
+
 KILL_BETWEEN_RENAMES = """
 import os, sys
 import ftcli.export.staging as staging
