@@ -233,6 +233,18 @@ def test_resuming_a_complete_run_trains_nothing(cli, finished, tmp_path: Path) -
     assert "is complete" in result.output and "step 3" not in result.output
     assert snapshot(out) == before and not lock_path(out).exists()
 
+    # Stopped after its last step but before the final save (a SIGTERM during it): no extra step either.
+    manifest = json.loads((out / "ftcli_run.json").read_text())
+    manifest["status"] = "interrupted"
+    (out / "ftcli_run.json").write_text(json.dumps(manifest))
+    before = snapshot(out)
+    result = cli(*train(finished["data"], out, "--save-steps", 2, "--resume"))
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "stopped before its final save" in said and "step 3/2" not in said
+    assert f"ftcli export {out / 'checkpoint-2'}" in said
+    assert snapshot(out) == before
+
 
 # ---- 6, 9, 12: what the finished run wrote ----
 

@@ -166,17 +166,22 @@ def _run_started(config: RunConfig, command: list[str] | None, out: Path, log_di
 
 
 def _complete_run(config: RunConfig, checkpoint: Path, out: Path) -> RunResult | None:
-    """Resuming a finished run whose checkpoint already reached --max-steps (or --num-epochs): nothing to train,
-    and the run folder is left as it is."""
+    """Resuming a run whose checkpoint already reached --max-steps (or --num-epochs): nothing to train, and the
+    run folder is left as it is (a run that stopped before its final save is pointed at the checkpoint)."""
     marker = read_marker(checkpoint) or {}
     step, epoch = int(marker.get("step", 0)), float(marker.get("epoch", 0.0))
     done = step >= config.max_steps if config.max_steps else epoch >= config.num_epochs
     if not done or checkpoint.parent != out or not (out / MANIFEST).is_file():
         return None
     manifest = read_manifest(out)
-    if manifest.get("status") != "finished":
-        return None
     goal = f"--max-steps {config.max_steps}" if config.max_steps else f"--num-epochs {config.num_epochs:g}"
+    if manifest.get("status") != "finished":
+        # Stopped after its last step (a signal during it, a failed final save): the trainer would run one step
+        # more. The checkpoint holds the trained weights; nothing is trained or rewritten.
+        console.print(f"the run in {out} reached {goal} at {checkpoint.name} but stopped before its final save "
+                      f"({manifest.get('status')}): nothing to train; its trained weights are in {checkpoint}: "
+                      f"export them with `ftcli export {checkpoint} --output DIR`", soft_wrap=True)
+        return RunResult(out, manifest)
     console.print(f"the run in {out} is complete: {checkpoint.name} is at step {step} and {goal} is reached; "
                   "nothing to train (raise --max-steps or --num-epochs to train further)", soft_wrap=True)
     return RunResult(out, manifest)
