@@ -163,12 +163,17 @@ def _failure_message(failure: Any) -> str:
 
 
 def record_rank_error(message: str) -> None:
-    """Hand a rank's one-line error to the launcher (torchrun's per-rank error file), if there is one."""
-    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
-        return
-    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+    """Hand a rank's one-line error to the launcher (torchrun's per-rank error file), if there is one.
 
-    try:
-        raise RunFailed(message)
-    except RunFailed as exc:
-        ErrorHandler().record_exception(exc)
+    Written as torch's ErrorHandler writes it, but atomically: its own open("w") leaves an empty file for a
+    moment, and the agent reading it then (a peer killed at that instant) dies on the JSON instead."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import time
+
+    from ftcli.files import write_json_atomic
+
+    data = {"message": {"message": f"RunFailed: {message}",
+                        "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}
+    write_json_atomic(Path(path), data)
