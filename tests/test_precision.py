@@ -198,7 +198,8 @@ def test_qlora_activation_estimate_is_the_float32_bytes_autograd_saves(tmp_path:
 
     from ftcli.config import build_run_config
     from ftcli.data import load_training_dataset
-    from ftcli.inspection.estimate import activation_elements_per_token, describe_model
+    from ftcli.inspection.estimate import (LOGIT_TILE_TOKENS, LOGIT_TILE_VOCAB, activation_elements_per_token,
+                                           describe_model, estimate_memory)
     from ftcli.methods import METHODS
     from ftcli.models import load_model, load_tokenizer
     from ftcli.training.warmup import _warmup_trainer
@@ -224,7 +225,14 @@ def test_qlora_activation_estimate_is_the_float32_bytes_autograd_saves(tmp_path:
     plan.model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         trainer.compute_loss(plan.model, dict(batch))
-    estimated = activation_elements_per_token(describe_model(config.model), False) * batch["input_ids"].numel() * 4
+    rows, length = batch["input_ids"].shape
+    info = describe_model(config.model)
+    est = estimate_memory(info, "qlora", batch_size=rows, seq_length=length, dtype="bfloat16")
+    # The estimate's per-layer term alone: without its LM-head tile and attention-mask terms.
+    tokens = rows * length
+    estimated = est.activations_bytes - 2 * min(tokens, LOGIT_TILE_TOKENS) * min(info.vocab_size, LOGIT_TILE_VOCAB) * 4 \
+        - rows * length * length
+    assert estimated == activation_elements_per_token(info, False) * tokens * 4
     assert sum(saved.values()) <= estimated <= 1.25 * sum(saved.values()), (sum(saved.values()), estimated)
 
 
