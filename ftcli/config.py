@@ -107,6 +107,7 @@ class RunConfig(BaseModel):
     output_dir: str | None = None
     overwrite: bool = False
     compile: bool = False
+    liger: bool | None = None  # None: on for CUDA without --compile where liger-kernel is installed; never on CPU
 
     @field_validator("*", mode="before")
     @classmethod

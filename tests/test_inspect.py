@@ -131,7 +131,9 @@ def test_memory_estimate_verdict_and_options(cli) -> None:
     by = {e["method"]: e for e in big["memory"]["methods"]}
     assert by["full"]["trainable_parameters"] == big["model"]["parameters"]
     assert by["lora"]["trainable_parameters"] < by["full"]["trainable_parameters"]
-    assert by["qlora"]["weights_bytes"] < by["lora"]["weights_bytes"]
+    # QLoRA keeps embeddings, norms and head in float32 (kbit prep): on this tiny model, whose weights are mostly
+    # embeddings, that is more than LoRA's bfloat16 weights and less than the model in float32.
+    assert by["lora"]["weights_bytes"] < by["qlora"]["weights_bytes"] < big["model"]["parameters"] * 4
     fsdp = _inspect_json(cli, "builtin:tiny-llama", "--seq-length", "256", "--nproc", "4")
     # Sharding over four processes divides the optimizer state of fsdp only.
     one = {e["method"]: e for e in small["memory"]["methods"]}

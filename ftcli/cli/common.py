@@ -290,6 +290,9 @@ def train_options(
     compile: Annotated[Optional[bool], typer.Option(
         "--compile", help=with_default("torch.compile the model (compiles during the first steps; no throw-away "
                                        "training).", "compile"), rich_help_panel=TRAIN)] = None,
+    liger: Annotated[Optional[bool], typer.Option("--liger/--no-liger", help=with_default(
+        "Liger's fused kernels (CUDA; never on CPU).", default="on for CUDA without --compile, when installed"),
+        rich_help_panel=TRAIN)] = None,
     eval_dataset: Annotated[Optional[str], typer.Option(
         help="Held-out eval set: anything --dataset accepts, rendered with the same format, template and loss mask.",
         rich_help_panel=EVAL)] = None,

@@ -36,8 +36,14 @@ VERIFY_PROMPTS = (
 MAX_VERIFY_TOKENS = 32
 
 # Largest logit difference allowed, relative to the largest reference logit (at least 1.0): float32 only
-# reorders sums; 16-bit formats round every weight and activation (bfloat16 keeps 8 bits of mantissa).
-RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+# reorders sums; 16-bit formats round every weight and activation (bfloat16 keeps 8 bits of mantissa);
+# TF32 matmuls (float32 storage) keep float16's 10 bits of mantissa.
+RELATIVE_TOLERANCE = {"float32": 1e-4, "tf32": 1e-2, "float16": 1e-2, "bfloat16": 5e-2}
+
+
+def loosest(*precisions: str) -> str:
+    """Of the precisions the two sides of a comparison were computed in, the one with the widest tolerance."""
+    return max(precisions, key=lambda name: RELATIVE_TOLERANCE[name])
 _CHECK_SLICE = 1 << 22  # elements per slice of the finiteness check
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
@@ -52,6 +58,7 @@ class Reference:
 class Comparison:
     max_difference: float
     tolerance: float
+    precision: str = "float32"  # whose tolerance: the less precise of the reference's and the output's
 
     @property
     def ok(self) -> bool:
@@ -102,9 +109,10 @@ def max_difference(a: list[Any], b: list[Any]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
-def compare(got: list[Any], ref: list[Any], dtype_name: str) -> Comparison:
+def compare(got: list[Any], ref: list[Any], precision: str) -> Comparison:
+    """`got` against `ref` within the tolerance of `precision` (see `loosest`), relative to the largest logit."""
     scale = max(1.0, max(float(r.abs().max()) for r in ref))
-    return Comparison(max_difference(got, ref), RELATIVE_TOLERANCE[dtype_name] * scale)
+    return Comparison(max_difference(got, ref), RELATIVE_TOLERANCE[precision] * scale, precision)
 
 
 def merge_into_weights(model: Any) -> Any:
@@ -194,13 +202,31 @@ def dequantize_remaining(model: Any, dtype: Any) -> int:
             bias = module.bias.data.to(dtype) if module.bias is not None else None
             model.set_submodule(name, _plain_linear(_dequantize(module).to(dtype), bias))
             replaced += 1
+    forget_quantization(model)
+    return replaced
+
+
+def forget_quantization(model: Any) -> None:
+    """Drop every record of the 4-bit load from the model and its configs, in memory as on disk: the quantizer and
+    `quantization_config`, and the in-memory `_is_quantized` flag transformers puts on every sub-model's config
+    (FlashAttention 2 reads it and then feeds the config's dtype, float32 for a float32 export, to its kernel)."""
+    from transformers import PreTrainedModel
+
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
         quantizer.remove_quantization_config(model)
-    elif hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.is_loaded_in_4bit = False
-    return replaced
+    for module in model.modules():
+        if not isinstance(module, PreTrainedModel):
+            continue
+        for config in {id(c): c for c in (module.config, module.config.get_text_config())}.values():
+            for key in ("quantization_config", "_is_quantized", "_pre_quantization_dtype"):
+                if key in config.__dict__:
+                    delattr(config, key)
+        module.is_quantized = False
+        module.is_loaded_in_4bit = False
+        for key in ("hf_quantizer", "quantization_method"):
+            if key in module.__dict__:
+                delattr(module, key)
 
 
 def _dequantize(layer: Any) -> Any:

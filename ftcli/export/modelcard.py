@@ -33,7 +33,7 @@ def export_record(src: ExportSource, opts: ExportOptions, merge_into: str, dtype
         "max_shard_size": opts.max_shard_size,
         "verification": None if comparison is None else {
             "max_logit_difference": comparison.max_difference, "tolerance": comparison.tolerance,
-            "adapter_effect": effect, "passed": comparison.ok},
+            "tolerance_of": comparison.precision, "adapter_effect": effect, "passed": comparison.ok},
         "lora": _lora_shape(src),
         "run": {k: manifest.get(k) for k in ("config", "resolved", "data", "metrics", "versions", "command")}
         if manifest else None,

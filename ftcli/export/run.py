@@ -137,7 +137,7 @@ def build_model(src: ExportSource, merge_into: str, dtype_name: str, device: str
         effect = None
     else:
         if merge_into == "dequantized":
-            compute = (src.manifest or {}).get("resolved", {}).get("dtype") or dtype_name
+            compute = dequantized_compute(src, dtype_name)
             # A base stored in 4-bit brings its own quantisation config; a float base is quantised as QLoRA did.
             quant = None if base_is_4bit else qlora.quantization_config(getattr(torch, compute))
             base = load_model(src.base, dtype=compute, quantization_config=quant, **load)
@@ -156,6 +156,9 @@ def build_model(src: ExportSource, merge_into: str, dtype_name: str, device: str
             model = merge.merge_into_weights(model)
     merge.cast_in_place(model, dtype)
     model.config.dtype = dtype
+    if dtype == torch.float32 and getattr(model.config, "_attn_implementation", None) == "flash_attention_2":
+        # A base loaded in 16 bits (QLoRA's compute dtype) may have picked FlashAttention 2, which has no float32.
+        model.set_attn_implementation("sdpa")
     bad = merge.non_finite_weights(model)
     if bad:
         raise RunFailed(f"the merged model has non-finite weights in {len(bad)} tensor(s), first {bad[0]}",
@@ -164,22 +167,48 @@ def build_model(src: ExportSource, merge_into: str, dtype_name: str, device: str
         if verify and src.kind == "model":
             console.print(f"[yellow]note:[/] no {PROBE} in {src.path}: nothing to verify the re-saved model against")
         return model, None, effect
-    return model, verify_logits(model, inputs, ref, effect, dtype_name, src), effect
+    precision = reference_precision(src, merge_into, dtype_name)
+    return model, verify_logits(model, inputs, ref, effect, precision, src), effect
 
 
-def verify_logits(model: Any, inputs: list[Any], ref: list[Any], effect: float | None, dtype_name: str,
-                  src: ExportSource) -> Any:
-    """Run the prompts through the finished model and compare with the reference; fail beyond the tolerance."""
+def reference_precision(src: ExportSource, merge_into: str, dtype_name: str) -> str:
+    """The precision the comparison is judged in: the less precise of the output dtype and what the reference
+    logits were computed in (the run's probe: its compute dtype, TF32 when the run had it on; a QLoRA base
+    + adapter: the 4-bit layers' compute dtype)."""
     from ftcli.export import merge
 
-    comparison = merge.compare(merge.forward_logits(model, inputs), ref, dtype_name)
+    manifest = src.manifest or {}
+    sides = [dtype_name]
+    if src.kind == "model":
+        sides.append(manifest.get("resolved", {}).get("dtype") or dtype_name)
+        if (manifest.get("precision") or {}).get("tf32"):
+            sides.append("tf32")
+    elif merge_into == "dequantized":
+        sides.append(dequantized_compute(src, dtype_name))
+    return merge.loosest(*[s for s in sides if s in merge.RELATIVE_TOLERANCE])
+
+
+def dequantized_compute(src: ExportSource, dtype_name: str) -> str:
+    """The compute dtype of the 4-bit base + adapter that gives the reference logits: the run's, or float32 for a
+    float32 output (the same 4-bit weights, computed at the output's precision: a tight check, not bfloat16's)."""
+    run = (src.manifest or {}).get("resolved", {}).get("dtype") or dtype_name
+    return "float32" if dtype_name == "float32" else run
+
+
+def verify_logits(model: Any, inputs: list[Any], ref: list[Any], effect: float | None, precision: str,
+                  src: ExportSource) -> Any:
+    """Run the prompts through the finished model and compare with the reference; fail beyond the tolerance of
+    `precision` (see `reference_precision`)."""
+    from ftcli.export import merge
+
+    comparison = merge.compare(merge.forward_logits(model, inputs), ref, precision)
     what = "base + adapter" if src.kind == "adapter" else "the run's probe logits"
     effect_text = f"; the adapter itself moves them by up to {effect:.4g}" if effect is not None else ""
     console.print(f"verify: largest logit difference vs {what} {comparison.max_difference:.3g} "
                   f"(tolerance {comparison.tolerance:.3g}, {len(inputs)} prompt(s){effect_text})")
     if not comparison.ok:
         raise RunFailed(f"verification failed: the exported model's logits differ from {what} by "
-                        f"{comparison.max_difference:.4g}, more than the {dtype_name} tolerance "
+                        f"{comparison.max_difference:.4g}, more than the {precision} tolerance "
                         f"{comparison.tolerance:.4g}", hint="nothing was written; try --dtype float32, or pass "
                         "--no-verify to write it anyway")
     if effect is not None and effect <= comparison.tolerance:

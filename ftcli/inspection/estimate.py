@@ -199,6 +199,18 @@ def activation_elements_per_token(info: ModelInfo, gradient_checkpointing: bool)
     return info.layers * per_layer + outside
 
 
+def master_weight_bytes(dtype: str, trains_adapter: bool, loads_4bit: bool) -> int:
+    """Bytes per trainable weight: float16 keeps float32 master weights (ftcli.training.precision); LoRA adapters
+    on a 16-bit base are float32 (peft upcasts them); QLoRA's are bfloat16 (TRL casts them)."""
+    if dtype == "float16":
+        return 4
+    if loads_4bit:
+        return 2
+    if trains_adapter:
+        return 4
+    return DTYPE_BYTES[dtype]
+
+
 def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length: int,
                     gradient_checkpointing: bool = False, nproc: int = 1, dtype: str | None = None,
                     lora_rank: int = 8, lora_targets: list[str] | None = None) -> MemoryEstimate:
@@ -215,27 +227,31 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
     total = info.parameters
     notes: list[str] = []
     targets = lora_targets or list(facts.defaults["lora_target_modules"])
+    master = master_weight_bytes(dtype, facts.trains_adapter, facts.loads_4bit)
     if not facts.trains_adapter:
         trainable = total
-        weights = total * width
-        grads = trainable * width
+        weights = total * master
     elif not facts.loads_4bit:
         trainable = lora_parameters(info, lora_rank, targets)
-        weights = total * width + trainable * width
-        grads = trainable * width
+        weights = total * width + trainable * master
     else:
         trainable = lora_parameters(info, lora_rank, targets)
         linear = sum(i * o * n for i, o, n in info.linear_layers.values())
-        # Linear layers in 4-bit; embeddings, norms and lm_head in --dtype; adapters in bfloat16 (TRL's rule).
-        weights = int(linear * NF4_BYTES_PER_PARAM) + (total - linear) * width + trainable * 2
-        grads = trainable * 2
-        notes.append("linear layers in 4-bit NF4 with double quantisation")
-    # AdamW keeps two moments per trainable weight in its dtype; the foreach step adds about one more
-    # temporary of that size while it runs.
-    state_width = 2 if facts.loads_4bit else width
-    optimizer = 3 * trainable * state_width
+        # Linear layers in 4-bit; embeddings, norms and lm_head upcast to float32 by peft's
+        # prepare_model_for_kbit_training, whatever --dtype is.
+        weights = int(linear * NF4_BYTES_PER_PARAM) + (total - linear) * 4 + trainable * master
+        notes.append("linear layers in 4-bit NF4 with double quantisation; the other weights in float32")
+    if master != width:
+        notes.append(f"trainable weights in {'float32' if master == 4 else 'bfloat16'}")
+    # Gradients and AdamW's two moments are in the trainable weights' dtype; the foreach step adds about one
+    # more temporary of that size while it runs.
+    grads = trainable * master
+    optimizer = 3 * trainable * master
     tokens = batch_size * seq_length
-    activations = int(activation_elements_per_token(info, gradient_checkpointing) * tokens * width)
+    # QLoRA's residual stream is float32 (its embeddings are upcast, and bitsandbytes' 4-bit layers return their
+    # input's dtype), so its activations are float32 whatever the compute dtype.
+    act_width = 4 if facts.loads_4bit else width
+    activations = int(activation_elements_per_token(info, gradient_checkpointing) * tokens * act_width)
     # TRL's fused LM head: one float32 logits tile forward and one backward, never the full logits.
     activations += 2 * min(tokens, LOGIT_TILE_TOKENS) * min(info.vocab_size, LOGIT_TILE_VOCAB) * 4
     # The attention mask SDPA gets with padding: one byte per (query, key) pair of each row.
@@ -261,12 +277,20 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
-    """`80GB`, `80G`, `24GiB`, `16000MB`, `80` -> bytes (GB and G are taken as GiB; a bare number is GiB)."""
+    """`80GB`, `24GiB`, `16000MB`, `80G`, `80` -> bytes. Decimal units are powers of 1000 (GB, G: 10^9 bytes),
+    binary ones powers of 1024 (GiB, Gi: 2^30 bytes); a bare number is GiB (what torch and nvidia-smi report)."""
     match = _SIZE.match(text or "")
     if not match:
         raise ConfigError(f"--gpu-memory {text!r} is not a size", hint="write e.g. 80GB, 24GiB or 16000MB")
-    value, unit = float(match.group(1)), match.group(2).lower().rstrip("b").rstrip("i")
-    scale = {"": 1 << 30, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit]
+    value, unit = float(match.group(1)), match.group(2).lower()
+    prefix, binary = unit.rstrip("b").rstrip("i"), "i" in unit
+    if not prefix:
+        if unit in ("i", "ib"):
+            raise ConfigError(f"--gpu-memory {text!r} is not a size", hint="write e.g. 80GB, 24GiB or 16000MB")
+        scale = 1 if unit == "b" else 1 << 30
+    else:
+        power = "kmgt".index(prefix) + 1
+        scale = 1024 ** power if binary else 1000 ** power
     if value <= 0:
         raise ConfigError(f"--gpu-memory {text!r} must be positive", hint="write e.g. 80GB")
     return int(value * scale)

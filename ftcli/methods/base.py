@@ -12,6 +12,7 @@ method is its own file (a `Method(...)` named `METHOD`) plus one line in the reg
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
@@ -34,9 +35,18 @@ class MethodPlan:
     trainer_class: Any = None  # None: trl's SFTTrainer
 
 
+def weight_count(param: Any) -> int:
+    """How many weights a parameter holds: a bitsandbytes 4-bit one packs them (its quant_state has the shape)."""
+    state = getattr(param, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    if shape is not None:
+        return int(math.prod(shape))
+    return param.numel()
+
+
 def count_parameters(model: Any) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(weight_count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(weight_count(p) for p in model.parameters())
     return trainable, total
 
 

@@ -22,7 +22,6 @@ Importing this module must not import torch (the CLI imports the config early).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -93,12 +92,6 @@ def resolved_attn_implementation(config: Any) -> str:
     return resolve_attn_implementation(config.attn_implementation, device, resolve_dtype(config.dtype, device))
 
 
-def liger_available() -> bool:
-    from importlib.util import find_spec
-
-    return find_spec("liger_kernel") is not None
-
-
 def use_fused_adamw(config: Any, device: str) -> bool:
     """Fused AdamW on CPU and CUDA; FSDP keeps the per-tensor kernel (its sharded parameters are DTensors),
     and so does --compile (with the fused kernel, Inductor's cache stays empty and `ftcli warmup` cannot help)."""
@@ -108,7 +101,7 @@ def use_fused_adamw(config: Any, device: str) -> bool:
 
 
 def training_args(config: Any, device: str) -> dict[str, Any]:
-    """The SFTConfig arguments that decide throughput: batching, the optimizer kernel, fused kernels.
+    """The SFTConfig arguments that decide throughput: batching and the optimizer kernel (Liger: the trainer's).
 
     Packing and padding-free rows are built by ftcli's own collator (TRL's would re-check lengths and refuse
     a custom collator), so TRL's `packing` / `padding_free` stay off here.
@@ -124,10 +117,6 @@ def training_args(config: Any, device: str) -> dict[str, Any]:
         # The same AdamW in one fused kernel: torch's default on CPU is a per-tensor Python loop, which in
         # bfloat16 costs more than the forward and backward of a small model (see README "Performance").
         args["optim"] = "adamw_torch_fused"
-    if device.startswith("cuda") and liger_available():
-        # Liger's fused RMSNorm / SwiGLU / RoPE kernels (TRL keeps its own fused LM head and loss).
-        warnings.filterwarnings("ignore", message=".*use_liger_kernel=True.*deprecated.*", category=FutureWarning)
-        args["use_liger_kernel"] = True
     return args
 
 

@@ -46,7 +46,8 @@ from ftcli.training.runfolder import (
     put_back, remove_replaced,
 )
 from ftcli.training.setup import set_up
-from ftcli.training.trainer import build_trainer, final_metrics
+from ftcli.training.precision import precision_record
+from ftcli.training.trainer import build_trainer, compute_dtype, final_metrics
 
 PROBE_TOKENS = 16
 
@@ -260,6 +261,8 @@ def _train(config: RunConfig, plan: Any, tokenizer: Any, dataset: Any, out: Path
     trained = False
     try:
         trainer, display = build_trainer(config, plan, tokenizer, dataset, out, log_dir, device, guard, evaluator)
+        if manifest is not None:  # what the run computes with, as the trainer holds it (recorded however it ends)
+            manifest["precision"] = precision_record(trainer, compute_dtype(config, device))
         stats = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         trained = True
     except NonFiniteError as exc:

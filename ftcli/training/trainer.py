@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ftcli.training import batching
+from ftcli.training import batching, precision
 from ftcli.training.distributed import max_over_ranks
 from ftcli.training.guard import guarded_trainer_class
 from ftcli.training.runfolder import METRICS
@@ -57,13 +57,13 @@ def build_trainer(config: Any, plan: Any, tokenizer: Any, dataset: Any, out: Pat
         # ftcli has already tokenized and masked the data; TRL must not re-tokenize or re-append EOS.
         dataset_kwargs={"skip_prepare_dataset": True},
         use_cpu=device == "cpu",
-        # Weights train in --dtype. Autocast only where it is a no-op for the weights (bfloat16); TRL's own
-        # default (bf16 autocast always) would silently train float32 weights with bfloat16 matmuls.
-        bf16=str(model.dtype) == "torch.bfloat16",
-        fp16=False,
+        # Autocast follows the compute dtype (ftcli.training.precision); TRL's own default (bf16 autocast
+        # always) would silently train float32 weights with bfloat16 matmuls.
+        **precision.autocast_args(compute_dtype(config, device), device),
         dataloader_pin_memory=device.startswith("cuda"),
     )
     kwargs.update(batching.training_args(config, device))
+    kwargs.update(liger_args(config, device))
     # The method's own arguments (e.g. FSDP's) win over ftcli's defaults.
     args = SFTConfig(**{**kwargs, **plan.training_args})
     display = TrainingDisplay(device=device, metrics_path=out / METRICS, evaluates=evaluator is not None)
@@ -81,6 +81,8 @@ def build_trainer(config: Any, plan: Any, tokenizer: Any, dataset: Any, out: Pat
         callbacks.append(guard)
     trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                             data_collator=batching.data_collator(config, tokenizer), callbacks=callbacks)
+    if args.fp16:
+        precision.keep_master_weights(trainer.model)
     if guard is not None:
         guard.trainer = trainer
     if evaluator is not None:
@@ -88,6 +90,24 @@ def build_trainer(config: Any, plan: Any, tokenizer: Any, dataset: Any, out: Pat
     # The display replaces the trainer's own printing of raw log dicts.
     trainer.remove_callback(PrinterCallback)
     return trainer, display
+
+
+def compute_dtype(config: Any, device: str) -> Any:
+    """The dtype the run computes in: --dtype resolved (QLoRA's 4-bit layers compute in it too)."""
+    from ftcli.models import resolve_dtype
+
+    return resolve_dtype(config.dtype, device)
+
+
+def liger_args(config: Any, device: str) -> dict[str, Any]:
+    """Liger's fused RMSNorm / SwiGLU / RoPE kernels where `precision.use_liger` says (TRL keeps its own fused LM
+    head and loss)."""
+    import warnings
+
+    if not precision.use_liger(config, device):
+        return {}
+    warnings.filterwarnings("ignore", message=".*use_liger_kernel=True.*deprecated.*", category=FutureWarning)
+    return {"use_liger_kernel": True}
 
 
 def final_metrics(raw: dict[str, Any], state: Any, device: str) -> dict[str, Any]:

@@ -76,6 +76,7 @@ def cache_key_fields(config: Any, dataset: Any, device: str, torch_dtype: Any) -
     from ftcli.training.batching import bucket_length
     from ftcli.models import resolve_attn_implementation, resolve_model_source
     from ftcli.system import library_versions
+    from ftcli.training.precision import use_liger
 
     lengths = [len(ids) for ids in dataset["input_ids"]]
     versions = library_versions()
@@ -91,6 +92,9 @@ def cache_key_fields(config: Any, dataset: Any, device: str, torch_dtype: Any) -
         "gradient_checkpointing": bool(config.gradient_checkpointing),
         "dtype": str(torch_dtype).removeprefix("torch."),
         "device": device.split(":")[0],
+        # Inductor tunes its kernels for the GPU model, and Liger replaces modules before compiling.
+        "gpu": gpu_name(device),
+        "liger": use_liger(config, device),
         "attn_implementation": resolve_attn_implementation(config.attn_implementation, device, torch_dtype),
         "versions": {k: versions[k] for k in ("python", "torch", "transformers", "trl", "peft", "ftcli")},
     }
@@ -100,6 +104,15 @@ def cache_key_fields(config: Any, dataset: Any, device: str, torch_dtype: Any) -
         fields["lora"] = {"rank": config.lora_rank, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
                           "targets": sorted(config.lora_target_modules or [])}
     return fields
+
+
+def gpu_name(device: str) -> str | None:
+    """The GPU model a CUDA device is (None off CUDA)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.get_device_name(device)
 
 
 def cache_folder(fields: dict[str, Any]) -> Path:
