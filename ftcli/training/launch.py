@@ -1,6 +1,7 @@
 """Start the ranks of a distributed run through torch.distributed.run, the engine behind torchrun.
 
     $ ftcli train --method fsdp --model builtin:tiny-llama --nproc-per-node 2
+    $ ftcli train --method lora --model builtin:tiny-llama --nproc-per-node 2   # data parallel (DDP)
     # runs: torchrun --nnodes 1 --nproc-per-node 2 --node-rank 0 --master-addr 127.0.0.1 --master-port 29500
     #       --max-restarts 0 -m ftcli train --method fsdp ... --output-dir runs/fsdp-<time>
 
@@ -34,10 +35,13 @@ def under_launcher() -> bool:
 
 
 def needs_launch(config: Any) -> bool:
-    """Whether this process starts the ranks (a multi-process method, not already under a launcher)."""
+    """Whether this process starts the ranks: not already under a launcher, and a sharded method (launched even
+    on one process: FSDP needs its process group) or a data-parallel one on more than one process."""
     from ftcli.methods import METHODS
 
-    return METHODS[config.method].multi_process and not under_launcher()
+    method = METHODS[config.method]
+    several = config.nproc_per_node * config.nnodes > 1
+    return method.multi_process and (method.shards or several) and not under_launcher()
 
 
 def launcher_args(config: Any) -> list[str]:
