@@ -8,10 +8,10 @@ fake torch.cuda where the narrowing itself is checked); DDP runs as real process
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -189,3 +189,15 @@ def test_two_processes_x_batch_4_equal_one_process_x_batch_8(method: str, cli, t
     assert_equivalent(ddp, one)
     assert all(torch.equal(finished[k], weights(ddp)[k]) for k in finished)
     assert read_marker(ddp / "checkpoint-3")["step"] == 3  # its checkpoint completed again, by rank 0
+
+
+def test_the_estimate_says_how_each_method_scales(cli) -> None:
+    result = cli("inspect", "builtin:tiny-llama", "--seq-length", "256", "--nproc", "4", "--json")
+    assert result.exit_code == 0, result.stderr
+    by = {e["method"]: e for e in json.loads(result.stdout)["memory"]["methods"]}
+    for method in ("full", "lora", "qlora"):
+        notes = " | ".join(by[method]["notes"])
+        assert "scales data parallel (DDP)" in notes and "data parallel over 4 processes" in notes, notes
+        assert "runs in one process" not in notes
+    assert any(n.startswith("scales by sharding (FSDP)") for n in by["fsdp"]["notes"])
+    assert by["lora"]["optimizer_bytes"] > by["fsdp"]["optimizer_bytes"]  # DDP replicates, FSDP divides
