@@ -201,3 +201,20 @@ def test_the_estimate_says_how_each_method_scales(cli) -> None:
         assert "runs in one process" not in notes
     assert any(n.startswith("scales by sharding (FSDP)") for n in by["fsdp"]["notes"])
     assert by["lora"]["optimizer_bytes"] > by["fsdp"]["optimizer_bytes"]  # DDP replicates, FSDP divides
+
+
+def test_qlora_trains_on_two_processes(cli, tmp_path: Path) -> None:
+    """The 4-bit base (bitsandbytes' CPU kernels) under DDP: both ranks train, rank 0 saves the adapter, and the
+    losses are the one-process run's (its adapters train in bfloat16, so the weights are not compared to 1e-5)."""
+    from test_fsdp import free_port
+
+    data = write_small_alpaca(tmp_path / "small.jsonl")
+    one, ddp = tmp_path / "one", tmp_path / "ddp"
+    args = ["train", "--method", "qlora", *TINY, "--dataset", data, "--max-steps", "2"]
+    assert cli(*args, "--batch-size", "8", "--output-dir", one).exit_code == 0
+    result = run_ranks(*args, "--batch-size", "4", "--output-dir", ddp, port=free_port())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    manifest = read_manifest(ddp)
+    assert manifest["status"] == "finished" and manifest["resolved"]["processes"] == 2
+    assert (ddp / "adapter_model.safetensors").is_file() and not (ddp / "model.safetensors").exists()
+    assert max(abs(a - b) for a, b in zip(losses(ddp), losses(one))) < 1e-4
