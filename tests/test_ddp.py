@@ -101,7 +101,7 @@ def test_resolve_device_under_a_launcher_with_one_gpu_per_rank(fake_cuda, monkey
 
 
 def test_device_cuda_1_without_cuda_is_one_line(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(models, "_resolved", {})
+    monkeypatch.setattr(models, "_resolved", {}, raising=False)
     monkeypatch.setenv(VISIBLE, "0,1,2,3")
     data = write_small_alpaca(tmp_path / "small.jsonl")
     out = tmp_path / "run"
@@ -218,3 +218,18 @@ def test_qlora_trains_on_two_processes(cli, tmp_path: Path) -> None:
     assert manifest["status"] == "finished" and manifest["resolved"]["processes"] == 2
     assert (ddp / "adapter_model.safetensors").is_file() and not (ddp / "model.safetensors").exists()
     assert max(abs(a - b) for a, b in zip(losses(ddp), losses(one))) < 1e-4
+
+
+def test_a_launched_one_process_run_sees_only_its_device_gpu() -> None:
+    """`--method fsdp --device cuda:2` (one rank, under the launcher): the rank must get GPU 2, not its local GPU 0."""
+    from ftcli.config import build_run_config
+    from ftcli.training.launch import narrow_for_ranks
+
+    env = {VISIBLE: "4,5,6,7"}
+    narrow_for_ranks(build_run_config({"method": "fsdp", "device": "cuda:2"}), env)
+    assert env[VISIBLE] == "6"
+    env = {}
+    narrow_for_ranks(build_run_config({"method": "fsdp", "device": "cuda"}), env)
+    assert env == {}  # no GPU named: every rank takes its own
+    with pytest.raises(ConfigError):
+        narrow_for_ranks(build_run_config({"method": "lora", "device": "cuda:4"}), {VISIBLE: "0,1"})

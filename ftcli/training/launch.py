@@ -100,6 +100,7 @@ def _launch(config: Any, argv: list[str], out: Path) -> None:
 
     from ftcli.console import console
 
+    narrow_for_ranks(config, os.environ)
     # torchrun would otherwise warn and pick 1 thread; share this machine's cores between its ranks.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.nproc_per_node)))
     args = launcher_args(config) + rank_command(argv, out)
@@ -121,6 +122,17 @@ def _launch(config: Any, argv: list[str], out: Path) -> None:
     except RendezvousError as exc:
         raise RunFailed(f"the ranks could not meet: {type(exc).__name__}: {exc}",
                         hint="check --nnodes, --master-addr/--master-port or --rdzv-endpoint on every machine") from None
+
+
+def narrow_for_ranks(config: Any, env: Any) -> None:
+    """`--device cuda:N` on a launched run (one process: the config refuses it for several) makes GPU N the only one
+    its rank sees; a rank otherwise takes its local rank's GPU."""
+    from ftcli.models import VISIBLE, cuda_choice
+
+    if ":" in config.device and config.device.startswith("cuda"):
+        narrow = cuda_choice(config.device, {k: v for k, v in env.items() if k not in ("WORLD_SIZE", "LOCAL_RANK")})[1]
+        if narrow is not None:
+            env[VISIBLE] = narrow
 
 
 def _interrupted(out: Path, cause: str) -> Exception:
