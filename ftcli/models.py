@@ -280,9 +280,10 @@ def resolve_device(device: str = "auto") -> str:
         if device == "auto":
             return "cpu"
         shown = os.environ.get(VISIBLE)
-        which = f"GPU {narrow} of {VISIBLE}={shown}" if shown is not None and narrow is not None else \
-            f"GPU {narrow}" if narrow is not None else f"{VISIBLE}={shown}"
-        raise ConfigError(f"--device {device} asked for CUDA ({which}) but no CUDA device is visible",
+        which = [f"GPU {narrow}"] if narrow is not None else []
+        which += [f"{VISIBLE}={shown}"] if shown is not None else []
+        raise ConfigError(f"--device {device} asked for CUDA{' (' + ' of '.join(which) + ')' if which else ''} "
+                          "but no CUDA device is visible",
                           hint=f"use --device cpu, or check {VISIBLE} and the driver")
     index, narrow = cuda_choice(device, os.environ, torch.cuda.device_count())
     if narrow is not None and os.environ.get(VISIBLE) != narrow:
