@@ -286,8 +286,9 @@ def resolve_device(device: str = "auto") -> str:
                           "but no CUDA device is visible",
                           hint=f"use --device cpu, or check {VISIBLE} and the driver")
     index, narrow = cuda_choice(device, os.environ, torch.cuda.device_count())
-    if narrow is not None and os.environ.get(VISIBLE) != narrow:
-        # CUDA had started before ftcli could narrow the visible GPUs: address the GPU by its number instead.
+    if narrow is not None and (os.environ.get(VISIBLE) != narrow or torch.cuda.device_count() != 1):
+        # CUDA had started before ftcli could narrow the visible GPUs (torch, or the driver when something asked
+        # torch.cuda.is_available() first, still sees them all): address the GPU by its number instead.
         index = int(device.split(":")[1]) if ":" in device else 0
     resolved = f"cuda:{index}"
     # Asked again (by the same or a later step of this command), a device resolves the same: the request, and

@@ -233,3 +233,12 @@ def test_a_launched_one_process_run_sees_only_its_device_gpu() -> None:
     assert env == {}  # no GPU named: every rank takes its own
     with pytest.raises(ConfigError):
         narrow_for_ranks(build_run_config({"method": "lora", "device": "cuda:4"}), {VISIBLE: "0,1"})
+
+
+def test_too_late_to_narrow_addresses_the_gpu_by_its_number(fake_cuda, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA started before ftcli could narrow the visible GPUs (torch still counts 4): cuda:2 stays cuda:2."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv(VISIBLE, "0,1,2,3")
+    fake_cuda(4)
+    assert resolve_device("cuda:2") == "cuda:2"
