@@ -215,6 +215,10 @@ class RunConfig(BaseModel):
         if self.full_parameters and not method.shards:
             raise ValueError(f"full_parameters applies to --method {'/'.join(sharded)} only "
                              "(use --method full on one process)")
+        if self.nproc_per_node * self.nnodes > 1 and ":" in self.device:
+            raise ValueError(f"--device {self.device} picks the one GPU of a one-process run; with several "
+                             "processes each uses its own (its local rank's): pass --device cuda or auto, and "
+                             "choose the GPUs with CUDA_VISIBLE_DEVICES")
         if (self.nproc_per_node > 1 or self.nnodes > 1) and not method.multi_process:
             several = "/".join(m for m, facts in METHODS.items() if facts.multi_process)
             raise ValueError(f"--method {self.method} runs in one process; use --method {several} for "

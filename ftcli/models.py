@@ -213,20 +213,98 @@ def apply_pad_policy(tokenizer: Any) -> str:
     return policy
 
 
+VISIBLE = "CUDA_VISIBLE_DEVICES"
+# What CUDA_VISIBLE_DEVICES held before ftcli narrowed it to the one GPU of a one-process run ("" when unset).
+VISIBLE_BEFORE = "FTCLI_CUDA_VISIBLE_BEFORE"
+_resolved: dict[str, str] = {}  # this process's CUDA devices, as asked -> as resolved
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def cuda_choice(device: str, env: Any, count: int | None = None) -> tuple[int, str | None]:
+    """Which GPU a process uses: (its index as torch will see it, the CUDA_VISIBLE_DEVICES to set first, or None).
+
+    One process: the GPU `cuda:N` names (the first for `auto` / `cuda`) becomes the only visible one, so torch
+    sees it as cuda:0 and the trainer counts one GPU (with several it would use nn.DataParallel, which TRL
+    refuses). N counts the GPUs CUDA_VISIBLE_DEVICES lists (indices or UUIDs), as CUDA itself does. Under a
+    launcher (WORLD_SIZE and LOCAL_RANK set) each rank takes its local rank's GPU among those it sees, modulo
+    their number as accelerate does: with one GPU visible per rank (Slurm's way) every rank uses cuda:0.
+    `count` is the number of GPUs torch sees, for a launcher's rank without CUDA_VISIBLE_DEVICES."""
+    before = env.get(VISIBLE_BEFORE)
+    # "" before: it was unset (an empty CUDA_VISIBLE_DEVICES is never narrowed).
+    listed = env.get(VISIBLE) if before is None else (before or None)
+    visible = [v.strip() for v in listed.split(",") if v.strip()] if listed is not None else None
+    if visible == []:
+        return 0, None  # no GPU visible on purpose (CUDA_VISIBLE_DEVICES=""): nothing to narrow
+    if "WORLD_SIZE" in env and "LOCAL_RANK" in env:
+        local = int(env["LOCAL_RANK"])
+        seen = len(visible) if visible is not None else count
+        return (local % seen if seen else local), None
+    wanted = int(device.split(":")[1]) if ":" in device else 0
+    if visible is not None and wanted >= len(visible):
+        raise ConfigError(f"--device {device} names CUDA device {wanted}, but {VISIBLE}={listed} makes only "
+                          f"{len(visible)} visible (numbered 0 to {len(visible) - 1})",
+                          hint=f"use --device cuda:0 .. cuda:{len(visible) - 1}, or change {VISIBLE}")
+    return 0, visible[wanted] if visible is not None else str(wanted)
+
+
+def _narrow_visible(value: str | None) -> None:
+    """Make only GPU `value` visible to this process (undone with None), before CUDA initialises."""
+    if value is None:
+        if VISIBLE_BEFORE in os.environ:
+            before = os.environ.pop(VISIBLE_BEFORE)
+            if before:
+                os.environ[VISIBLE] = before
+            else:
+                os.environ.pop(VISIBLE, None)
+        return
+    os.environ.setdefault(VISIBLE_BEFORE, os.environ.get(VISIBLE, ""))
+    os.environ[VISIBLE] = value
+
+
 def resolve_device(device: str = "auto") -> str:
+    """The device string this process uses: cpu, mps, or cuda:I (I as torch sees it after `cuda_choice`)."""
+    if not _DEVICE.match(device):
+        raise ConfigError(f"--device {device} is not a device", hint="use auto, cpu, cuda or cuda:N")
+    if device in ("cpu", "mps"):
+        return device
+    if device in _resolved:
+        return _resolved[device]
     import torch
 
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{local_rank}"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} asked for CUDA but no CUDA device is visible",
-                          hint="use --device cpu, or check CUDA_VISIBLE_DEVICES and the driver")
-    if not re.match(r"^(cpu|cuda(:\d+)?|mps)$", device):
-        raise ConfigError(f"--device {device} is not a device", hint="use auto, cpu, cuda or cuda:N")
-    return device
+    narrow = cuda_choice(device, os.environ)[1]
+    if not torch.cuda.is_initialized():
+        # Only before CUDA starts does CUDA_VISIBLE_DEVICES count; after that it is too late to narrow it.
+        _narrow_visible(narrow)
+    if not torch.cuda.is_available():
+        _narrow_visible(None)
+        if device == "auto":
+            return "cpu"
+        shown = os.environ.get(VISIBLE)
+        which = [f"GPU {narrow}"] if narrow is not None else []
+        which += [f"{VISIBLE}={shown}"] if shown is not None else []
+        raise ConfigError(f"--device {device} asked for CUDA{' (' + ' of '.join(which) + ')' if which else ''} "
+                          "but no CUDA device is visible",
+                          hint=f"use --device cpu, or check {VISIBLE} and the driver")
+    index, narrow = cuda_choice(device, os.environ, torch.cuda.device_count())
+    if narrow is not None and (os.environ.get(VISIBLE) != narrow or torch.cuda.device_count() != 1):
+        # CUDA had started before ftcli could narrow the visible GPUs (torch, or the driver when something asked
+        # torch.cuda.is_available() first, still sees them all): address the GPU by its number instead.
+        index = int(device.split(":")[1]) if ":" in device else 0
+    resolved = f"cuda:{index}"
+    # Asked again (by the same or a later step of this command), a device resolves the same: the request, and
+    # the device string it became, which after narrowing names the one visible GPU.
+    _resolved[device] = _resolved[resolved] = resolved
+    return resolved
+
+
+def physical_device(device: str) -> dict[str, Any]:
+    """What the manifest records about the device: the GPU's name and the CUDA_VISIBLE_DEVICES it ran under."""
+    if not device.startswith("cuda"):
+        return {}
+    import torch
+
+    return {"gpu": torch.cuda.get_device_name(device), "cuda_visible_devices": os.environ.get(VISIBLE),
+            "cuda_visible_devices_before": os.environ.get(VISIBLE_BEFORE)}
 
 
 def resolve_dtype(dtype: str, device: str) -> Any:

@@ -256,16 +256,30 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
     activations += 2 * min(tokens, LOGIT_TILE_TOKENS) * min(info.vocab_size, LOGIT_TILE_VOCAB) * 4
     # The attention mask SDPA gets with padding: one byte per (query, key) pair of each row.
     activations += batch_size * seq_length * seq_length
+    notes.append(how_it_scales(facts))
     if facts.shards and nproc > 1:
         weights, grads, optimizer = weights // nproc, grads // nproc, optimizer // nproc
         notes.append(f"weights, gradients and optimizer state sharded over {nproc} processes")
+    elif nproc > 1 and facts.multi_process:
+        notes.append(f"data parallel over {nproc} processes: each holds all of the above; "
+                     "the examples of each optimizer step are split between them")
     elif nproc > 1:
-        sharded = "/".join(name for name, m in METHODS.items() if m.shards)
-        notes.append(f"{method} runs in one process; --nproc applies to {sharded}")
+        notes.append(f"{method} runs in one process")
     return MemoryEstimate(method=method, trainable_parameters=trainable, weights_bytes=int(weights),
                           gradients_bytes=int(grads), optimizer_bytes=int(optimizer),
                           activations_bytes=int(activations),
                           total_bytes=int(weights + grads + optimizer + activations), notes=notes)
+
+
+def how_it_scales(facts: Any) -> str:
+    """One line: what more processes (GPUs) do for a method."""
+    if facts.shards:
+        return ("scales by sharding (FSDP): on N processes each holds 1/N of the weights, gradients and optimizer "
+                "state, so N GPUs fit a model N times larger")
+    if facts.multi_process:
+        return ("scales data parallel (DDP): on N processes each holds the whole model and trains 1/N of each "
+                "step's examples, so N GPUs train up to N times faster but fit no larger a model")
+    return "runs in one process"
 
 
 def fits(total_bytes: int, gpu_bytes: int) -> bool:

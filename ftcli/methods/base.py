@@ -66,7 +66,9 @@ class Method:
     - `shards`: weights, gradients and optimizer state are sharded over the processes (FSDP); the
       model compiles after sharding, inside the run, so there is no ahead-of-time warmup.
     - `multi_process`: may run on several processes and machines (`--nproc-per-node`, `--nnodes`),
-      started by ftcli's launcher.
+      started by ftcli's launcher: sharded (`shards`, always launched, even on one process) or
+      data parallel (DDP: every process holds the whole model and trains on its share of each
+      optimizer step; launched only for more than one process).
     - `defaults`: this method's value of every option in PER_METHOD_OPTIONS (the reference scripts').
     """
 

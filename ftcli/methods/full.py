@@ -22,7 +22,7 @@ def plan(config: Any, model: Any) -> Any:
 METHOD = Method(
     name="full",
     summary="every weight trains",
-    trains_adapter=False, uses_lora=False, loads_4bit=False, shards=False, multi_process=False,
+    trains_adapter=False, uses_lora=False, loads_4bit=False, shards=False, multi_process=True,
     defaults={"model": "meta-llama/Llama-3.2-3B-Instruct", "batch_size": 8, "learning_rate": 5e-5,
               "gradient_checkpointing": False, "lora_target_modules": list(LLAMA_PROJECTIONS)},
     plan=plan,

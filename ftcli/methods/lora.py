@@ -49,7 +49,7 @@ def plan(config: Any, model: Any) -> Any:
 METHOD = Method(
     name="lora",
     summary="LoRA adapters on a frozen base",
-    trains_adapter=True, uses_lora=True, loads_4bit=False, shards=False, multi_process=False,
+    trains_adapter=True, uses_lora=True, loads_4bit=False, shards=False, multi_process=True,
     defaults={"model": "meta-llama/Llama-3.1-8B-Instruct", "batch_size": 4, "learning_rate": 1e-4,
               "gradient_checkpointing": False, "lora_target_modules": list(LLAMA_PROJECTIONS)},
     plan=plan,

@@ -73,7 +73,7 @@ def keep_cpu_inference_in_compute_dtype(model: Any) -> int:
 METHOD = Method(
     name="qlora",
     summary="LoRA adapters on a 4-bit NF4 base",
-    trains_adapter=True, uses_lora=True, loads_4bit=True, shards=False, multi_process=False,
+    trains_adapter=True, uses_lora=True, loads_4bit=True, shards=False, multi_process=True,
     defaults={"model": "meta-llama/Llama-3.1-70B-Instruct", "batch_size": 8, "learning_rate": 1e-4,
               "gradient_checkpointing": False, "lora_target_modules": ["all-linear"]},
     plan=plan,

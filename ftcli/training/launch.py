@@ -1,6 +1,7 @@
 """Start the ranks of a distributed run through torch.distributed.run, the engine behind torchrun.
 
     $ ftcli train --method fsdp --model builtin:tiny-llama --nproc-per-node 2
+    $ ftcli train --method lora --model builtin:tiny-llama --nproc-per-node 2   # data parallel (DDP)
     # runs: torchrun --nnodes 1 --nproc-per-node 2 --node-rank 0 --master-addr 127.0.0.1 --master-port 29500
     #       --max-restarts 0 -m ftcli train --method fsdp ... --output-dir runs/fsdp-<time>
 
@@ -34,10 +35,13 @@ def under_launcher() -> bool:
 
 
 def needs_launch(config: Any) -> bool:
-    """Whether this process starts the ranks (a multi-process method, not already under a launcher)."""
+    """Whether this process starts the ranks: not already under a launcher, and a sharded method (launched even
+    on one process: FSDP needs its process group) or a data-parallel one on more than one process."""
     from ftcli.methods import METHODS
 
-    return METHODS[config.method].multi_process and not under_launcher()
+    method = METHODS[config.method]
+    several = config.nproc_per_node * config.nnodes > 1
+    return method.multi_process and (method.shards or several) and not under_launcher()
 
 
 def launcher_args(config: Any) -> list[str]:
@@ -96,6 +100,7 @@ def _launch(config: Any, argv: list[str], out: Path) -> None:
 
     from ftcli.console import console
 
+    narrow_for_ranks(config, os.environ)
     # torchrun would otherwise warn and pick 1 thread; share this machine's cores between its ranks.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.nproc_per_node)))
     args = launcher_args(config) + rank_command(argv, out)
@@ -117,6 +122,17 @@ def _launch(config: Any, argv: list[str], out: Path) -> None:
     except RendezvousError as exc:
         raise RunFailed(f"the ranks could not meet: {type(exc).__name__}: {exc}",
                         hint="check --nnodes, --master-addr/--master-port or --rdzv-endpoint on every machine") from None
+
+
+def narrow_for_ranks(config: Any, env: Any) -> None:
+    """`--device cuda:N` on a launched run (one process: the config refuses it for several) makes GPU N the only one
+    its rank sees; a rank otherwise takes its local rank's GPU."""
+    from ftcli.models import VISIBLE, cuda_choice
+
+    if ":" in config.device and config.device.startswith("cuda"):
+        narrow = cuda_choice(config.device, {k: v for k, v in env.items() if k not in ("WORLD_SIZE", "LOCAL_RANK")})[1]
+        if narrow is not None:
+            env[VISIBLE] = narrow
 
 
 def _interrupted(out: Path, cause: str) -> Exception:

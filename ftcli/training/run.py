@@ -316,7 +316,7 @@ def _start_manifest(config: RunConfig, command: list[str] | None, out: Path, log
                     main: bool, resumed: dict[str, Any] | None) -> Manifest | None:
     """Create the run folder (an --overwrite sets the old run aside, removed once the new record is written) and
     write the manifest (status running, this host and process); rank 0 only."""
-    from ftcli.models import resolve_attn_implementation, resolve_model_source
+    from ftcli.models import physical_device, resolve_attn_implementation, resolve_model_source
     from ftcli.system import library_versions
 
     if not main:
@@ -340,6 +340,7 @@ def _start_manifest(config: RunConfig, command: list[str] | None, out: Path, log
             "saves": plan.saves, "trainable_parameters": plan.trainable_parameters,
             "total_parameters": plan.total_parameters,
             "processes": world_size(),
+            **physical_device(device),
         },
         "versions": library_versions(),
         "data": ready.report.to_dict(),

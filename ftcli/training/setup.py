@@ -52,15 +52,17 @@ def quiet_libraries() -> None:
 
 def set_up(config: Any, command: str) -> RunSetup:
     """Load what `config` describes, printing one line for the data and one for the model."""
-    quiet_libraries()  # first: importing transformers pulls in peft -> bitsandbytes, which warns on import
+    from ftcli.models import resolve_device
+
+    # Before anything can start CUDA (importing bitsandbytes does): a one-process run narrows the visible GPUs.
+    device = resolve_device(config.device)
+    quiet_libraries()  # next: importing transformers pulls in peft -> bitsandbytes, which warns on import
     from transformers import set_seed
 
     from ftcli.data import load_datasets
     from ftcli.methods import METHODS
-    from ftcli.models import apply_pad_policy, load_model, load_model_config, load_tokenizer, resolve_device, \
-        resolve_dtype
+    from ftcli.models import apply_pad_policy, load_model, load_model_config, load_tokenizer, resolve_dtype
 
-    device = resolve_device(config.device)
     torch_dtype = resolve_dtype(config.dtype, device)
     console.print(f"[bold]ftcli {command}[/] method={config.method} model={config.model} dataset={config.dataset}")
     model_config = load_model_config(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)

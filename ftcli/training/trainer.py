@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcli.training import batching, precision
-from ftcli.training.distributed import max_over_ranks
+from ftcli.training.distributed import max_over_ranks, world_size
 from ftcli.training.guard import guarded_trainer_class
 from ftcli.training.runfolder import METRICS
 
@@ -64,6 +64,7 @@ def build_trainer(config: Any, plan: Any, tokenizer: Any, dataset: Any, out: Pat
     )
     kwargs.update(batching.training_args(config, device))
     kwargs.update(liger_args(config, device))
+    kwargs.update(data_parallel_args(config))
     # The method's own arguments (e.g. FSDP's) win over ftcli's defaults.
     args = SFTConfig(**{**kwargs, **plan.training_args})
     display = TrainingDisplay(device=device, metrics_path=out / METRICS, evaluates=evaluator is not None)
@@ -108,6 +109,21 @@ def liger_args(config: Any, device: str) -> dict[str, Any]:
         return {}
     warnings.filterwarnings("ignore", message=".*use_liger_kernel=True.*deprecated.*", category=FutureWarning)
     return {"use_liger_kernel": True}
+
+
+def data_parallel_args(config: Any) -> dict[str, Any]:
+    """The trainer's DDP settings when a method that does not shard runs on several processes.
+
+    Accelerate wraps the model in DistributedDataParallel (gloo on CPU, NCCL on CUDA). Every trainable weight
+    takes part in every forward pass (LoRA's frozen base is not tracked by DDP at all), so DDP need not search
+    for unused parameters (a full graph walk per step, and refused with checkpointing); collectives that wait
+    longer than the methods' timeout are a stuck rank."""
+    from ftcli.methods import METHODS
+    from ftcli.methods.fsdp import COLLECTIVE_TIMEOUT_S
+
+    if METHODS[config.method].shards or world_size() == 1:
+        return {}
+    return {"ddp_find_unused_parameters": False, "ddp_timeout": COLLECTIVE_TIMEOUT_S}
 
 
 def final_metrics(raw: dict[str, Any], state: Any, device: str) -> dict[str, Any]:
