@@ -328,18 +328,19 @@ def train_options(
         "--full-parameters", help=with_default("fsdp: train every weight instead of LoRA adapters.",
                                                "full_parameters"), rich_help_panel=DIST)] = None,
     nproc_per_node: Annotated[Optional[int], typer.Option(
-        help=with_default("fsdp: processes to start on this machine (one per GPU).", "nproc_per_node"),
+        help=with_default("Processes on this machine (one per GPU): data parallel for full/lora/qlora, "
+                          "sharded for fsdp.", "nproc_per_node"),
         rich_help_panel=DIST)] = None,
-    nnodes: Annotated[Optional[int], typer.Option(help=with_default("fsdp: number of machines.", "nnodes"),
+    nnodes: Annotated[Optional[int], typer.Option(help=with_default("Number of machines.", "nnodes"),
                                                   rich_help_panel=DIST)] = None,
     node_rank: Annotated[Optional[int], typer.Option(
-        help=with_default("fsdp: rank of this machine, 0..nnodes-1.", "node_rank"), rich_help_panel=DIST)] = None,
-    master_addr: Annotated[Optional[str], typer.Option(help=with_default("fsdp: address of machine 0.", "master_addr"),
+        help=with_default("Rank of this machine, 0..nnodes-1.", "node_rank"), rich_help_panel=DIST)] = None,
+    master_addr: Annotated[Optional[str], typer.Option(help=with_default("Address of machine 0.", "master_addr"),
                                                        rich_help_panel=DIST)] = None,
-    master_port: Annotated[Optional[int], typer.Option(help=with_default("fsdp: port on machine 0.", "master_port"),
+    master_port: Annotated[Optional[int], typer.Option(help=with_default("Port on machine 0.", "master_port"),
                                                        rich_help_panel=DIST)] = None,
     rdzv_endpoint: Annotated[Optional[str], typer.Option(
-        help="fsdp: host:port of a c10d rendezvous (instead of --master-addr/--master-port).",
+        help="host:port of a c10d rendezvous (instead of --master-addr/--master-port).",
         rich_help_panel=DIST)] = None,
     save_steps: Annotated[Optional[int], typer.Option(
         help=with_default("Save a checkpoint every N optimizer steps and at the end of each epoch.",
