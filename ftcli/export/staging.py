@@ -27,10 +27,10 @@ from typing import Any, Iterator
 
 from ftcli.errors import OutputError
 from ftcli.system import process_alive
+from ftcli.targets import EXPORT_RECORD  # in every export: what `--overwrite` may replace
 from ftcli.files import check_writable, fsync_dir, fsync_tree
 
 
-EXPORT_RECORD = "ftcli_export.json"  # in every export: what `--overwrite` may replace
 
 
 def check_export_output(path: str | Path, overwrite: bool, protected: list[Path] = ()) -> Path:
