@@ -1,0 +1,286 @@
+"""`train`'s option set (shared by train, prepare and warmup) and the defaults shown in every help text.
+
+    >>> from ftcli.cli.options import with_train_options, run_config_from_flags
+    >>> command = with_train_options(warmup)   # a Typer command with exactly `train`'s flags
+
+Command modules reach these through ftcli.cli.common, which re-exports them. Help texts show each
+option's default, generated from the config and the methods' declared defaults; a `[default: ...]`
+note is escaped, or Rich would read it as markup and drop it.
+"""
+
+import inspect
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.markup import escape
+
+from ftcli.config import METHOD_DEFAULTS, RunConfig
+from ftcli.methods import METHODS
+from ftcli.methods.base import LLAMA_PROJECTIONS, PER_METHOD_OPTIONS
+
+DATA = "Data"
+MODEL = "Model"
+TRAIN = "Training"
+LORA = "LoRA"
+OUTPUT = "Output"
+DIST = "Processes and machines"
+EVAL = "Evaluation"
+
+
+# ---- defaults in help texts -------------------------------------------------------------------------
+
+
+def format_default(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        if value and abs(value) < 1e-3:
+            mantissa, exponent = f"{value:e}".split("e")
+            return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        if tuple(value) == LLAMA_PROJECTIONS:
+            return "the seven Llama projections"
+        return ",".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+def default_text(key: str) -> str:
+    """`8 full/qlora, 4 lora/fsdp` for a per-method option, else RunConfig's own default."""
+    if key in PER_METHOD_OPTIONS:
+        groups: dict[str, list[str]] = {}
+        for method, defaults in METHOD_DEFAULTS.items():
+            groups.setdefault(format_default(defaults[key]), []).append(method)
+        if len(groups) == 1:
+            return next(iter(groups))
+        return ", ".join(f"{value} {'/'.join(methods)}" for value, methods in groups.items())
+    return format_default(RunConfig.model_fields[key].default)
+
+
+def with_default(text: str, key: str | None = None, default: str | None = None) -> str:
+    """`text [default: ...]`, the note escaped so that Rich prints it instead of reading it as markup."""
+    note = default if default is not None else default_text(key or "")
+    return f"{text} {escape(f'[default: {note}]')}"
+
+
+def method_help() -> str:
+    listing = "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
+    return with_default(f"{' | '.join(METHODS)}. {listing}.", "method")
+
+
+# ---- train's options (shared by train, prepare, warmup) ---------------------------------------------
+
+
+def train_options(
+    method: Annotated[Optional[str], typer.Option(help=method_help(), rich_help_panel=TRAIN)] = None,
+    model: Annotated[Optional[str], typer.Option(
+        help=with_default("Hub id, local folder or builtin:tiny-llama.", "model"), rich_help_panel=MODEL)] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) of the model.",
+                                                    rich_help_panel=MODEL)] = None,
+    trust_remote_code: Annotated[Optional[bool], typer.Option(
+        "--trust-remote-code", help=with_default("Run code shipped with the model.", "trust_remote_code"),
+        rich_help_panel=MODEL)] = None,
+    dtype: Annotated[Optional[str], typer.Option(
+        help=with_default("auto | float32 | float16 | bfloat16. auto: bfloat16 on CUDA, float32 on CPU.", "dtype"),
+        rich_help_panel=MODEL)] = None,
+    device: Annotated[Optional[str], typer.Option(help=with_default("auto | cpu | cuda | cuda:N.", "device"),
+                                                  rich_help_panel=MODEL)] = None,
+    attn_implementation: Annotated[Optional[str], typer.Option(
+        help=with_default("auto | sdpa | eager | flash_attention_2. auto: FlashAttention 2 when installed on CUDA, "
+                          "else SDPA.", "attn_implementation"), rich_help_panel=MODEL)] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help=with_default("Hub id, local .jsonl/.json/.csv/.parquet/.txt file, folder, glob, builtin:alpaca-sample "
+                          "or a prepared folder.", "dataset"), rich_help_panel=DATA)] = None,
+    dataset_split: Annotated[Optional[str], typer.Option(help=with_default("Split of a hub dataset.", "dataset_split"),
+                                                         rich_help_panel=DATA)] = None,
+    dataset_size: Annotated[Optional[str], typer.Option(
+        metavar="N|all", help=with_default("Use the first N rows (or all), then shuffle with --seed.",
+                                           default="all"), rich_help_panel=DATA)] = None,
+    dataset_revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) of the dataset.",
+                                                            rich_help_panel=DATA)] = None,
+    format: Annotated[Optional[str], typer.Option(
+        "--format", help=with_default("auto | alpaca | prompt-completion | chat | sharegpt | text. auto: detected "
+                                      "from the columns.", "format"), rich_help_panel=DATA)] = None,
+    columns: Annotated[Optional[str], typer.Option(
+        help="Map the format's fields to your column names, e.g. instruction=question,output=answer.",
+        rich_help_panel=DATA)] = None,
+    template: Annotated[Optional[str], typer.Option(
+        help=with_default("auto | alpaca | model (the model's chat template) | path to a Jinja file. auto: Alpaca "
+                          "template for Alpaca data, the model's chat template for chat data.", "template"),
+        rich_help_panel=DATA)] = None,
+    train_on_inputs: Annotated[Optional[bool], typer.Option(
+        "--train-on-inputs", help=with_default("Put the prompt in the loss too (the reference scripts' behaviour).",
+                                               default="off: only the response and its EOS"),
+        rich_help_panel=DATA)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=with_default("Per-device batch size.", "batch_size"),
+                                                      rich_help_panel=TRAIN)] = None,
+    seq_length: Annotated[Optional[int], typer.Option(help=with_default("Maximum tokens per example.", "seq_length"),
+                                                      rich_help_panel=TRAIN)] = None,
+    num_epochs: Annotated[Optional[float], typer.Option(help=with_default("Epochs.", "num_epochs"),
+                                                        rich_help_panel=TRAIN)] = None,
+    max_steps: Annotated[Optional[int], typer.Option(
+        help=with_default("Stop after N optimizer steps (overrides epochs).", default="none: --num-epochs"),
+        rich_help_panel=TRAIN)] = None,
+    gradient_accumulation_steps: Annotated[Optional[int], typer.Option(
+        help=with_default("Micro-batches per optimizer step.", "gradient_accumulation_steps"),
+        rich_help_panel=TRAIN)] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(
+        "--learning-rate", "--lr", help=with_default("Peak learning rate.", "learning_rate"),
+        rich_help_panel=TRAIN)] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help=with_default("Recompute activations to save memory.", "gradient_checkpointing"),
+        rich_help_panel=TRAIN)] = None,
+    seed: Annotated[Optional[int], typer.Option(help=with_default("Seed for shuffling and training.", "seed"),
+                                                rich_help_panel=TRAIN)] = None,
+    group_by_length: Annotated[Optional[bool], typer.Option(
+        "--group-by-length/--no-group-by-length",
+        help=with_default("Batch examples of similar length together (less padding).", "group_by_length"),
+        rich_help_panel=TRAIN)] = None,
+    padding_free: Annotated[Optional[bool], typer.Option(
+        "--padding-free/--no-padding-free", help=with_default(
+            "Concatenate each batch into one padding-free row.", default="on with flash_attention_2, else off"),
+        rich_help_panel=TRAIN)] = None,
+    packing: Annotated[Optional[bool], typer.Option(
+        "--packing/--no-packing",
+        help=with_default("Pack several examples into each --seq-length row (no cross-attention).", "packing"),
+        rich_help_panel=TRAIN)] = None,
+    compile: Annotated[Optional[bool], typer.Option(
+        "--compile", help=with_default("torch.compile the model (compiles during the first steps; no throw-away "
+                                       "training).", "compile"), rich_help_panel=TRAIN)] = None,
+    liger: Annotated[Optional[bool], typer.Option("--liger/--no-liger", help=with_default(
+        "Liger's fused kernels (CUDA; never on CPU).", default="on for CUDA without --compile, when installed"),
+        rich_help_panel=TRAIN)] = None,
+    eval_dataset: Annotated[Optional[str], typer.Option(
+        help="Held-out eval set: anything --dataset accepts, rendered with the same format, template and loss mask.",
+        rich_help_panel=EVAL)] = None,
+    eval_split: Annotated[Optional[str], typer.Option(
+        metavar="F|N", help="Hold out a fraction F (0.1) or N rows (50) of --dataset as the eval set, chosen with "
+        "--seed and never trained on.", rich_help_panel=EVAL)] = None,
+    eval_steps: Annotated[Optional[int], typer.Option(
+        help=with_default("Evaluate every N optimizer steps (and at step 0 and the end of the run).",
+                          default="the end of each epoch"), rich_help_panel=EVAL)] = None,
+    eval_batch_size: Annotated[Optional[int], typer.Option(
+        help=with_default("Examples per eval forward pass (the loss does not depend on it).", default="--batch-size"),
+        rich_help_panel=EVAL)] = None,
+    early_stopping_patience: Annotated[Optional[int], typer.Option(
+        help=with_default("Stop when the eval loss has not improved for N evaluations.", default="off"),
+        rich_help_panel=EVAL)] = None,
+    early_stopping_threshold: Annotated[Optional[float], typer.Option(
+        help=with_default("The least fall of the eval loss that counts as an improvement.",
+                          "early_stopping_threshold"), rich_help_panel=EVAL)] = None,
+    load_best: Annotated[Optional[bool], typer.Option(
+        "--load-best", help=with_default("The run folder's final model is the one with the best eval loss "
+                                         "(a checkpoint is saved at each new best).", "load_best"),
+        rich_help_panel=EVAL)] = None,
+    lora_rank: Annotated[Optional[int], typer.Option(help=with_default("LoRA rank r.", "lora_rank"),
+                                                     rich_help_panel=LORA)] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(help=with_default("LoRA alpha.", "lora_alpha"),
+                                                        rich_help_panel=LORA)] = None,
+    lora_dropout: Annotated[Optional[float], typer.Option(help=with_default("LoRA dropout.", "lora_dropout"),
+                                                          rich_help_panel=LORA)] = None,
+    lora_target_modules: Annotated[Optional[str], typer.Option(
+        help=with_default("Comma-separated module names, or all-linear.", "lora_target_modules"),
+        rich_help_panel=LORA)] = None,
+    full_parameters: Annotated[Optional[bool], typer.Option(
+        "--full-parameters", help=with_default("fsdp: train every weight instead of LoRA adapters.",
+                                               "full_parameters"), rich_help_panel=DIST)] = None,
+    nproc_per_node: Annotated[Optional[int], typer.Option(
+        help=with_default("Processes on this machine (one per GPU): data parallel for full/lora/qlora, "
+                          "sharded for fsdp.", "nproc_per_node"),
+        rich_help_panel=DIST)] = None,
+    nnodes: Annotated[Optional[int], typer.Option(help=with_default("Number of machines.", "nnodes"),
+                                                  rich_help_panel=DIST)] = None,
+    node_rank: Annotated[Optional[int], typer.Option(
+        help=with_default("Rank of this machine, 0..nnodes-1.", "node_rank"), rich_help_panel=DIST)] = None,
+    master_addr: Annotated[Optional[str], typer.Option(help=with_default("Address of machine 0.", "master_addr"),
+                                                       rich_help_panel=DIST)] = None,
+    master_port: Annotated[Optional[int], typer.Option(help=with_default("Port on machine 0.", "master_port"),
+                                                       rich_help_panel=DIST)] = None,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option(
+        help="host:port of a c10d rendezvous (instead of --master-addr/--master-port).",
+        rich_help_panel=DIST)] = None,
+    save_steps: Annotated[Optional[int], typer.Option(
+        help=with_default("Save a checkpoint every N optimizer steps and at the end of each epoch.",
+                          default="none; Ctrl-C / SIGTERM always save one"), rich_help_panel=OUTPUT)] = None,
+    save_total_limit: Annotated[Optional[int], typer.Option(
+        help=with_default("Keep at most N checkpoints (the newest complete one is never deleted).",
+                          default="keep all"), rich_help_panel=OUTPUT)] = None,
+    resume: Annotated[Optional[str], typer.Option(
+        metavar="[PATH]",
+        help="Resume from the latest complete checkpoint in --output-dir (bare `--resume`) or from PATH "
+        "(a checkpoint-N folder or a run folder). Refused when the method, model, data, batch size, "
+        "accumulation or seed differ, unless --force.", rich_help_panel=OUTPUT)] = None,
+    force: Annotated[Optional[bool], typer.Option(
+        "--force", help="Resume even though the config differs from the checkpoint's.", rich_help_panel=OUTPUT)] = None,
+    # str, not Path: Typer turns "" into Path(".") and the emptiness could no longer be refused.
+    output_dir: Annotated[Optional[str], typer.Option(
+        metavar="<path>",
+        help=with_default("Run folder: model/adapter, tokenizer, manifest, logs.", default="runs/<method>-<time>"),
+        rich_help_panel=OUTPUT)] = None,
+    overwrite: Annotated[Optional[bool], typer.Option(
+        "--overwrite", help="Replace a non-empty --output-dir that ftcli wrote.", rich_help_panel=OUTPUT)] = None,
+    log_dir: Annotated[Optional[str], typer.Option(metavar="<path>",
+                                                   help=with_default("TensorBoard folder.", default="<output-dir>/logs"),
+                                                   rich_help_panel=OUTPUT)] = None,
+    logging_steps: Annotated[Optional[int], typer.Option(help=with_default("Log every N steps.", "logging_steps"),
+                                                         rich_help_panel=OUTPUT)] = None,
+    config: Annotated[Optional[str], typer.Option(
+        "--config", metavar="<path>", help="YAML file with the same keys as these flags (snake_case); flags override it.",
+        rich_help_panel=OUTPUT)] = None,
+) -> None:
+    """The option set of `train` (and of every command that takes train's options); never run itself."""
+
+
+TRAIN_SIGNATURE = inspect.signature(train_options)
+
+
+def with_train_options(body: Callable[[dict], Any], *extra: inspect.Parameter) -> Callable[..., Any]:
+    """A command function with exactly `train`'s options (plus `extra`), calling `body(values)` with them.
+
+    `values` maps each option name to what was given (None when not given); turn it into a
+    RunConfig with `run_config_from_flags(values)`. The command's help is `body`'s docstring."""
+    return with_options(body, [*TRAIN_SIGNATURE.parameters.values(), *extra])
+
+
+def with_options(body: Callable[[dict], Any], parameters: list[inspect.Parameter]) -> Callable[..., Any]:
+    """A Typer command function taking `parameters` (arguments first), calling `body(values)` with them."""
+    def command(**values: Any) -> Any:
+        return body(values)
+
+    signature = inspect.Signature(parameters)
+    command.__signature__ = signature  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+    command.__doc__ = body.__doc__
+    command.__name__ = body.__name__
+    return command
+
+
+def run_config_from_flags(values: dict) -> RunConfig:
+    """The `train` options as given (None = not given) + `--config` file -> a validated RunConfig."""
+    from ftcli.config import build_run_config
+
+    flags = {k: v for k, v in values.items() if k != "config" and v is not None}
+    if "columns" in flags:
+        flags["columns"] = parse_columns(flags["columns"])
+    if "lora_target_modules" in flags:
+        flags["lora_target_modules"] = [m.strip() for m in flags["lora_target_modules"].split(",") if m.strip()]
+    config_file = values.get("config")
+    if config_file is not None and not config_file.strip():
+        from ftcli.errors import ConfigError
+
+        raise ConfigError("--config is empty", hint="pass the path of a YAML run file (an unset shell variable gives \"\")")
+    return build_run_config(flags, config_file=Path(config_file) if config_file else None)
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """`instruction=question,output=answer` -> {"instruction": "question", "output": "answer"} (the config's parser,
+    so the flag and the YAML key read the same)."""
+    from ftcli import config
+    from ftcli.errors import ConfigError
+
+    try:
+        return config.parse_columns(text)
+    except ValueError as exc:
+        raise ConfigError(f"--columns: {exc}") from None
