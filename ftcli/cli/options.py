@@ -89,13 +89,17 @@ def train_options(
     attn_implementation: Annotated[Optional[str], typer.Option(
         help=with_default("auto | sdpa | eager | flash_attention_2. auto: FlashAttention 2 when installed on CUDA, "
                           "else SDPA.", "attn_implementation"), rich_help_panel=MODEL)] = None,
-    dataset: Annotated[Optional[str], typer.Option(
+    dataset: Annotated[Optional[list[str]], typer.Option(
+        metavar="SOURCE[:WEIGHT]",
         help=with_default("Hub id, local .jsonl/.json/.csv/.parquet/.txt file, folder, glob, builtin:alpaca-sample "
-                          "or a prepared folder.", "dataset"), rich_help_panel=DATA)] = None,
+                          "or a prepared folder. Repeat it for a mixture, each source with an optional weight "
+                          "after its last colon (a.jsonl --dataset b.jsonl:0.25): the mixture's proportions.",
+                          "dataset"), rich_help_panel=DATA)] = None,
     dataset_split: Annotated[Optional[str], typer.Option(help=with_default("Split of a hub dataset.", "dataset_split"),
                                                          rich_help_panel=DATA)] = None,
     dataset_size: Annotated[Optional[str], typer.Option(
-        metavar="N|all", help=with_default("Use the first N rows (or all), then shuffle with --seed.",
+        metavar="N|all", help=with_default("Use the first N rows (or all), then shuffle with --seed. Of a mixture: its "
+                                           "number of examples (all: the most that repeat no source).",
                                            default="all"), rich_help_panel=DATA)] = None,
     dataset_revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) of the dataset.",
                                                             rich_help_panel=DATA)] = None,
@@ -262,6 +266,8 @@ def run_config_from_flags(values: dict) -> RunConfig:
     from ftcli.config import build_run_config
 
     flags = {k: v for k, v in values.items() if k != "config" and v is not None}
+    if not flags.get("dataset", True):
+        del flags["dataset"]  # a repeatable option not given
     if "columns" in flags:
         flags["columns"] = parse_columns(flags["columns"])
     if "lora_target_modules" in flags:

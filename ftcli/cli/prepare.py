@@ -27,7 +27,8 @@ def prepare(values: dict) -> None:
     num_proc = values.pop("num_proc", None)
 
     def go() -> None:
-        from ftcli.data.prepare import check_output_dir, prepare_dataset
+        from ftcli.data.mixture import prepare_data
+        from ftcli.data.prepare import check_output_dir
         from ftcli.errors import ConfigError
         from ftcli.files import output_path
         from ftcli.models import load_tokenizer
@@ -39,7 +40,7 @@ def prepare(values: dict) -> None:
         if out is not None:  # before the tokenizer loads: a refused folder costs nothing and gets nothing written
             check_output_dir(out, config.overwrite)
         tokenizer = load_tokenizer(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
-        prepared = prepare_dataset(config, tokenizer, output=config.output_dir, overwrite=config.overwrite,
+        prepared = prepare_data(config, tokenizer, output=config.output_dir, overwrite=config.overwrite,
                                    num_proc=num_proc, use_cache=not config.overwrite)
         print_prepared(prepared, config)
         if config.eval_dataset is not None:
@@ -92,8 +93,24 @@ def print_prepared(prepared: Any, config: Any) -> None:
     table.add_row(f"padding at batch size {pad['batch_size']}",
                   f"{pad['in_order']:.1%} in data order, {pad['length_grouped']:.1%} grouped by length")
     console.print(table)
+    if prepared.report.sources:
+        console.print(source_table(prepared.report.sources))
     for note in prepared.report.notes:
         console.print(f"[yellow]note:[/] {note}")
+
+
+def source_table(sources: list[dict[str, Any]]) -> Any:
+    """A mixture's sources: weight and share, format / template, rows read / prepared / used, tokens."""
+    from rich.table import Table
+
+    table = Table(title="mixture")
+    for name in ("source", "weight (share)", "format / template", "rows read / prepared / used", "tokens (loss)"):
+        table.add_column(name, justify="left" if name in ("source", "format / template") else "right")
+    for s in sources:
+        table.add_row(s["ref"], f"{s['weight']:g} ({s['share']:.1%})", f"{s['format']} / {s['template']}",
+                      f"{s['rows_read']:,} / {s['rows_available']:,} / {s['rows_used']:,}",
+                      f"{s['tokens']:,} ({s['loss_tokens']:,})")
+    return table
 
 
 NUM_PROC = inspect.Parameter(

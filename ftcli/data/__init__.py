@@ -31,10 +31,10 @@ def load_training_dataset(config: Any, tokenizer: Any) -> tuple[Any, DataReport]
 def load_datasets(config: Any, tokenizer: Any) -> tuple[Any, DataReport, Any]:
     """(training data, its report, the eval set or None): `--eval-split` rows held out of the training
     data, or `--eval-dataset` prepared the same way (see ftcli.data.split)."""
-    from ftcli.data.prepare import prepare_dataset
+    from ftcli.data.mixture import prepare_data
     from ftcli.data.split import hold_out, prepare_eval_dataset
 
-    prepared = prepare_dataset(config, tokenizer)
+    prepared = prepare_data(config, tokenizer)
     dataset, report = prepared.dataset, prepared.report
     if getattr(config, "eval_split", None) is not None:
         dataset, eval_set = hold_out(config, dataset, report)

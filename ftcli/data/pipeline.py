@@ -55,6 +55,8 @@ class DataReport:
     prepared: str | None = None  # the prepared folder the data was read from or written to
     reused: bool = False  # True when that folder already existed (a cache hit or --dataset <prepared folder>)
     stats: dict[str, Any] = field(default_factory=dict)  # the manifest's statistics (see ftcli.data.prepare)
+    # A mixture's sources (ftcli.data.mixture): ref, weight, share, format, template, rows_read, rows_used, tokens...
+    sources: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

@@ -54,6 +54,7 @@ from typing import Any, Iterator
 
 from ftcli import __version__
 from ftcli.console import console
+from ftcli.config import dataset_label
 from ftcli.data import cache
 from ftcli.data.formats import FORMATS, MESSAGE_KEYS, check_one_format, column_renames, detect_format
 from ftcli.data.pipeline import DataReport, encode_batch
@@ -346,12 +347,13 @@ def report_from_manifest(manifest: dict[str, Any], folder: Path, reused: bool) -
     s = manifest["stats"]
     src = manifest["source"]
     return DataReport(
-        source=src["ref"], source_kind=src["kind"], fingerprint=src["fingerprint"], rows_read=s["rows_read"],
+        source=dataset_label(src["ref"]), source_kind=src["kind"], fingerprint=src["fingerprint"], rows_read=s["rows_read"],
         rows_selected=s["rows_selected"], rows_used=s["rows_kept"], dropped_empty_output=s["dropped"]["empty"],
         dropped_prompt_too_long=s["dropped"]["too_long"], dropped_no_response=s["dropped"]["no_response"],
         truncated=s["truncated"], tokens=s["tokens"], loss_tokens=s["loss_tokens"],
         eos_trained_once=s["eos_trained_once"], max_length=s["length"]["max"], format=manifest["format"],
-        template=manifest["template"], prepared=str(folder), reused=reused, stats=s)
+        template=manifest["template"], prepared=str(folder), reused=reused, stats=s,
+        sources=[dict(source) for source in manifest.get("mixture", {}).get("sources", [])])
 
 
 def _manifest(config: Any, tokenizer: Any, loaded: LoadedRows, fields: dict[str, Any], key: str, fmt: str,

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ftcli.config import dataset_label
 from ftcli.data.pipeline import DataReport
 from ftcli.errors import DataError
 
@@ -75,7 +76,7 @@ def hold_out(config: Any, dataset: Any, report: DataReport) -> tuple[Any, EvalSe
     n = held_out_rows(total, config.eval_split)
     if n >= total:
         raise DataError(f"--eval-split {config.eval_split}: holds out {n} of the {total} examples of "
-                        f"{config.dataset}, which leaves nothing to train on",
+                        f"{dataset_label(config.dataset)}, which leaves nothing to train on",
                         hint=f"hold out fewer rows (below {total}) or a smaller fraction")
     train_idx, eval_idx = split_indices(total, config.eval_split, config.seed)
     train, held = dataset.select(train_idx), dataset.select(eval_idx)
@@ -84,7 +85,7 @@ def hold_out(config: Any, dataset: Any, report: DataReport) -> tuple[Any, EvalSe
     report.rows_used = len(train)
     report.tokens -= tokens
     report.loss_tokens -= loss_tokens
-    source = f"--eval-split {config.eval_split} of {config.dataset}"
+    source = f"--eval-split {config.eval_split} of {dataset_label(config.dataset)}"
     return train, EvalSet(held, source, len(held), tokens, loss_tokens, report.fingerprint)
 
 

@@ -201,7 +201,8 @@ def _render_data(report: dict[str, Any]) -> None:
     padding = d.get("padding") or {}
     share = (lambda x: f"{x:.1%}" if isinstance(x, (int, float)) else "-")
     console.print(_kv_table("dataset" if report["kind"] == "dataset" else "prepared dataset", [
-        ("source", f"{d['source']} ({d['source_kind']})"), ("format / template", f"{d['format']} / {d['template']}"),
+        ("source", f"{' + '.join(d['source']) if isinstance(d['source'], list) else d['source']} "
+                   f"({d['source_kind']})"), ("format / template", f"{d['format']} / {d['template']}"),
         ("tokenizer", d["tokenizer"]), ("rows", f"{d['rows']} kept of {d['rows_read']} read"
                                         + (f" (dropped: {dropped})" if any(dropped.values()) else "")),
         ("tokens", f"{d['tokens']:,} ({d['loss_tokens']:,} in the loss, {share(d['loss_token_share'])})"
@@ -213,6 +214,7 @@ def _render_data(report: dict[str, Any]) -> None:
         ("padding (in order / length-grouped)",
          f"{share(padding.get('in_order'))} / {share(padding.get('length_grouped'))}" if padding else None),
         ("prepared folder", d["prepared_folder"]),
+        *_mixture_rows(d.get("sources")),
     ]))
     example = report.get("example")
     if example is None:
@@ -225,3 +227,10 @@ def _render_data(report: dict[str, Any]) -> None:
     for piece in example["pieces"]:
         text.append(piece["text"], style="bold green" if piece["loss"] else "dim")
     console.print(text)
+
+
+def _mixture_rows(sources: list[dict[str, Any]] | None) -> list[tuple[str, Any]]:
+    """One row per source of a mixture: weight (share), format / template, examples used of those prepared."""
+    return [(f"mixture: {s['ref']}", f"weight {s['weight']:g} ({s['share']:.1%}), {s['format']} / {s['template']}, "
+                                     f"{s['rows_used']:,} of {s['rows_available']:,} examples, {s['tokens']:,} tokens")
+            for s in sources or []]

@@ -326,6 +326,7 @@ def _data_view(folder: Path, manifest: dict[str, Any], tokenizer: Any, tokenizer
             "loss_token_share": stats.get("loss_token_share"), "truncated": stats.get("truncated"),
             "truncated_share": stats.get("truncated_share"), "eos_trained_once": stats.get("eos_trained_once"),
             "length": stats.get("length"), "padding": stats.get("padding"),
+            "sources": manifest.get("mixture", {}).get("sources"),  # a mixture's (ftcli.data.mixture), else None
         },
         "example": None,
     }

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcli import __version__
-from ftcli.config import RunConfig
+from ftcli.config import RunConfig, map_sources
 from ftcli.console import console
 from ftcli.errors import EXIT_INTERRUPTED, RunFailed
 from ftcli.files import disk_full_note, fsync_tree, write_atomic, write_json_atomic
@@ -82,7 +82,8 @@ def run_training(config: RunConfig, command: list[str] | None = None) -> RunResu
 
 def with_absolute_paths(config: RunConfig) -> RunConfig:
     """Local paths made absolute, so that the manifest and the resume command work from any folder."""
-    update = {key: local_path_or_id(getattr(config, key)) for key in ("model", "dataset", "eval_dataset", "template")}
+    update = {key: local_path_or_id(getattr(config, key)) for key in ("model", "eval_dataset", "template")}
+    update["dataset"] = map_sources(config.dataset, local_path_or_id)
     for key in ("output_dir", "log_dir"):
         value = getattr(config, key)
         if value and value.strip():

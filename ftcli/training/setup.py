@@ -97,6 +97,10 @@ def print_data_lines(report: Any, config: Any) -> None:
     console.print(f"data: {report.rows_read:,} rows read, {selected} selected, {report.rows_used:,} examples used; "
                   f"{report.tokens:,} tokens ({report.loss_tokens:,} in the loss), {report.truncated} truncated at "
                   f"{config.seq_length}", soft_wrap=True)
+    for s in report.sources:  # a mixture (ftcli.data.mixture): one line per source
+        console.print(f"data: {s['ref']}: weight {s['weight']:g} ({s['share']:.1%}), {s['format']}/{s['template']}, "
+                      f"{s['rows_read']:,} rows read, {s['rows_used']:,} of {s['rows_available']:,} examples used, "
+                      f"{s['tokens']:,} tokens", soft_wrap=True)
     if report.prepared:
         console.print(f"data: {'reusing prepared data from' if report.reused else 'prepared and cached in'} "
                       f"{report.prepared}", soft_wrap=True)
