@@ -142,7 +142,8 @@ def runs(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tupl
     done = {}
     for name, weight in (("w3", "3"), ("w1", "1")):
         result = _invoke("train", "--method", "lora", *MODEL, "--dataset", f"{data / 'a.jsonl'}:{weight}",
-                         "--dataset", data / "c.jsonl", "--max-steps", "2", "--output-dir", out / name)
+                         "--dataset", data / "c.jsonl", "--max-steps", "2", "--output-dir", out / name,
+                         *(("--save-steps", "1") if name == "w3" else ()))
         assert result.exit_code == 0, result.output
         done[name] = (out / name, result.output)
     return done
@@ -166,6 +167,15 @@ def test_train_reports_each_source_and_fingerprints_the_weights(runs: dict[str, 
     for s3, s1 in zip(m3["data"]["sources"], m1["data"]["sources"]):
         assert s1["prepared"] == s3["prepared"] and s1["reused"] is True
     assert m3["data"]["prepared"] != m1["data"]["prepared"]
+
+
+def test_resuming_with_another_weight_is_refused(runs: dict[str, tuple[Path, str]], data: Path):
+    run3 = runs["w3"][0]
+    result = _invoke("train", "--method", "lora", *MODEL, "--dataset", f"{data / 'a.jsonl'}:2", "--dataset",
+                     data / "c.jsonl", "--max-steps", "3", "--output-dir", run3, "--resume", run3 / "checkpoint-1")
+    assert result.exit_code == 2, result.output
+    assert "differs from the checkpoint's: data_fingerprint" in result.output
+    assert read_manifest(run3)["status"] == "finished"
 
 
 def test_a_prepared_mixture_trains_like_any_prepared_folder(prepared: dict[str, Path], runs, tmp_path: Path):
