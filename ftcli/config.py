@@ -335,13 +335,13 @@ def mixture_specs(dataset: str | list[str]) -> list[tuple[str, float]] | None:
 
 def map_sources(dataset: str | list[str], fn: Any) -> str | list[str]:
     """`dataset` with `fn` applied to each source's reference, a mixture's weights kept as written."""
-    if isinstance(dataset, str):
-        return fn(dataset)
-    out = []
-    for spec in dataset:
-        ref, weight = split_weight(spec)
-        out.append(fn(ref) if weight is None else f"{fn(ref)}:{spec.rpartition(':')[2]}")
-    return out
+    return fn(dataset) if isinstance(dataset, str) else [map_spec(spec, fn) for spec in dataset]
+
+
+def map_spec(spec: str, fn: Any) -> str:
+    """One mixture source `SOURCE[:WEIGHT]` with `fn` applied to SOURCE."""
+    ref, weight = split_weight(spec)
+    return fn(ref) if weight is None else f"{fn(ref)}:{spec.rpartition(':')[2]}"
 
 
 def dataset_label(dataset: str | list[str]) -> str:

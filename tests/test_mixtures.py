@@ -223,3 +223,21 @@ def test_other_mixture_mistakes_are_refused(data: Path, tmp_path: Path):
     assert big.exit_code == 3, big.output
     assert f"needs 150 examples of {a}" in big.output and "--dataset-size 160 or less" in big.output
     assert not (tmp_path / "o").exists()
+
+
+def test_the_resume_command_of_a_mixture_keeps_each_weight_with_an_absolute_path(data: Path, tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch):
+    """What an interrupted run records as `resume_command`: the sources from the flags and from a YAML list."""
+    from ftcli.config import build_run_config
+    from ftcli.training.checkpoints import resume_command
+    from ftcli.training.run import with_absolute_paths
+
+    monkeypatch.chdir(data)
+    flags = ["ftcli", "train", "--dataset", "a.jsonl", "--dataset=c.jsonl:0.25"]
+    config = with_absolute_paths(build_run_config({"dataset": ["a.jsonl", "c.jsonl:0.25"]}))
+    assert f"--dataset {data / 'a.jsonl'} --dataset={data / 'c.jsonl'}:0.25 " in \
+        resume_command(flags, tmp_path, config)
+    (tmp_path / "run.yaml").write_text('dataset: [a.jsonl, "c.jsonl:0.25"]\n')
+    config = build_run_config({}, tmp_path / "run.yaml")
+    assert f"--dataset {data / 'a.jsonl'} --dataset {data / 'c.jsonl'}:0.25 " in \
+        resume_command(["ftcli", "train", "--config", str(tmp_path / "run.yaml")], tmp_path / "o", config)

@@ -34,6 +34,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ftcli.config import map_spec
 from ftcli.errors import ConfigError, OutputError
 from ftcli.files import fsync_tree, write_json_atomic
 
@@ -274,10 +275,14 @@ def resume_command(command: list[str], out: Path, config: Any = None) -> str:
         value = getattr(config, key, None) if key and config is not None else None
         if flag not in given and isinstance(value, str) and local_path_or_id(value) != value:
             args += [flag, local_path_or_id(value)]
+        elif flag not in given and isinstance(value, list):  # a mixture: each source, its weight kept
+            args += [a for spec in value for a in (flag, map_spec(spec, local_path_or_id))]
     return shlex.join([*args, "--output-dir", str(out), "--resume"])
 
 
 def _absolute(flag: str, value: str, config: Any) -> str:
     key = PATH_FLAGS.get(flag)
     recorded = getattr(config, key, None) if key and config is not None else None
+    if isinstance(recorded, list):  # a mixture (ftcli.data.mixture): this source, its weight kept
+        return map_spec(value, local_path_or_id)
     return str(local_path_or_id(recorded if isinstance(recorded, str) else value))
