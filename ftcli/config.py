@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +25,7 @@ from typing import Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
+from ftcli.data.specs import check_dataset
 from ftcli.errors import ConfigError
 from ftcli.methods import METHODS
 
@@ -277,76 +277,6 @@ def parse_columns(text: str) -> dict[str, str]:
             raise ValueError(f"'{part}' is not FIELD=COLUMN (write e.g. instruction=question,output=answer)")
         mapping[field.strip()] = column.strip()
     return mapping
-
-
-# The weight after a mixture source's last colon: a number (`inf` and `nan` too, to be refused as such).
-_WEIGHT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|infinity|nan)", re.IGNORECASE)
-
-
-def split_weight(spec: str) -> tuple[str, float | None]:
-    """`data/b.jsonl:0.25` -> ("data/b.jsonl", 0.25): the text after the LAST colon is a weight only when it is
-    a number, so `builtin:alpaca-sample` and `org/name` stay names (weight None: not given)."""
-    ref, sep, tail = spec.rpartition(":")
-    if not sep or not ref or not _WEIGHT.fullmatch(tail.strip()):
-        return spec, None
-    return ref, float(tail)
-
-
-def check_dataset(value: Any) -> Any:
-    """`dataset` as given (a string, or a list of `SOURCE[:WEIGHT]`) -> a string for one source (exactly as
-    before mixtures existed), a list for a mixture; a ValueError for an empty source, a bad or lone weight,
-    or a source given twice."""
-    if isinstance(value, (list, tuple)):
-        if not value:
-            raise ValueError("needs at least one source")
-        if not all(isinstance(v, str) for v in value):
-            raise ValueError("each source must be text: SOURCE or SOURCE:WEIGHT")
-        if len(value) == 1:
-            value = value[0]
-        else:
-            value = list(value)
-    mixture = isinstance(value, (list, tuple))
-    if not mixture and not isinstance(value, str):
-        return value  # the field's own validation names the type
-    specs = list(value) if mixture else [value]
-    seen: set[str] = set()
-    for spec in specs:
-        ref, weight = split_weight(spec)
-        if mixture and not ref.strip():
-            raise ValueError(f"'{spec}' names no source")
-        if weight is not None and not mixture:
-            raise ValueError(f"'{spec}': a weight only applies to a mixture; give --dataset twice or more "
-                             f"(SOURCE[:WEIGHT] each), or drop ':{spec.rpartition(':')[2]}'")
-        if weight is not None and not (math.isfinite(weight) and weight > 0):
-            raise ValueError(f"'{spec}': the weight {spec.rpartition(':')[2]} must be a finite number above 0 "
-                             f"(e.g. {ref}:0.25)")
-        if ref in seen:
-            raise ValueError(f"'{ref}' is given twice in the mixture: give each source once, with its weight")
-        seen.add(ref)
-    return value
-
-
-def mixture_specs(dataset: str | list[str]) -> list[tuple[str, float]] | None:
-    """[(source, weight)] of a mixture (a weight not given is 1), or None for one source."""
-    if isinstance(dataset, str):
-        return None
-    return [(ref, 1.0 if weight is None else weight) for ref, weight in map(split_weight, dataset)]
-
-
-def map_sources(dataset: str | list[str], fn: Any) -> str | list[str]:
-    """`dataset` with `fn` applied to each source's reference, a mixture's weights kept as written."""
-    return fn(dataset) if isinstance(dataset, str) else [map_spec(spec, fn) for spec in dataset]
-
-
-def map_spec(spec: str, fn: Any) -> str:
-    """One mixture source `SOURCE[:WEIGHT]` with `fn` applied to SOURCE."""
-    ref, weight = split_weight(spec)
-    return fn(ref) if weight is None else f"{fn(ref)}:{spec.rpartition(':')[2]}"
-
-
-def dataset_label(dataset: str | list[str]) -> str:
-    """`--dataset` for messages: the source, or the mixture's sources joined with ` + `."""
-    return dataset if isinstance(dataset, str) else " + ".join(dataset)
 
 
 def normalize_key(key: str) -> str:

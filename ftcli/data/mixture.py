@@ -42,9 +42,16 @@ from pathlib import Path
 from typing import Any
 
 from ftcli import __version__
-from ftcli.config import dataset_label, mixture_specs, split_weight
 from ftcli.data import cache
-from ftcli.data.prepare import Prepared, _announce, _load, _no_space, check_output_dir, prepare_dataset
+from ftcli.data.prepare import (
+    Prepared,
+    _announce,
+    _load,
+    _no_space,
+    check_output_dir,
+    prepare_dataset,
+)
+from ftcli.data.specs import dataset_label, mixture_specs, split_weight
 from ftcli.data.split import count_tokens
 from ftcli.data.stats import measure
 from ftcli.errors import DataError, OutputError

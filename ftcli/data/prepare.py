@@ -54,10 +54,10 @@ from typing import Any, Iterator
 
 from ftcli import __version__
 from ftcli.console import console
-from ftcli.config import dataset_label
 from ftcli.data import cache
 from ftcli.data.formats import FORMATS, MESSAGE_KEYS, check_one_format, column_renames, detect_format
 from ftcli.data.pipeline import DataReport, encode_batch
+from ftcli.data.specs import dataset_label
 from ftcli.data.sources import LoadedRows, load_rows, source_fingerprint
 from ftcli.data.stats import all_dropped_hint, drop_summary, measure, raise_first_invalid, shuffled_order
 from ftcli.data.templates import TemplateSpec, read_template, resolve_template, template_file

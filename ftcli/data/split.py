@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ftcli.config import dataset_label
 from ftcli.data.pipeline import DataReport
+from ftcli.data.specs import dataset_label
 from ftcli.errors import DataError
 
 

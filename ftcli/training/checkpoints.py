@@ -34,7 +34,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ftcli.config import map_spec
+from ftcli.data.specs import map_spec
 from ftcli.errors import ConfigError, OutputError
 from ftcli.files import fsync_tree, write_json_atomic
 

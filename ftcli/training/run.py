@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from ftcli import __version__
-from ftcli.config import RunConfig, map_sources
+from ftcli.config import RunConfig
 from ftcli.console import console
+from ftcli.data.specs import map_sources
 from ftcli.errors import EXIT_INTERRUPTED, RunFailed
 from ftcli.files import disk_full_note, fsync_tree, write_atomic, write_json_atomic
 from ftcli.system import utc_now
