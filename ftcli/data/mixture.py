@@ -73,10 +73,10 @@ def prepare_data(config: Any, tokenizer: Any, *, output: str | Path | None = Non
 
 def _check_not_a_weight(spec: str) -> None:
     """`a.jsonl:abc` where a.jsonl exists: say that the text after the colon is read as a name, not a weight."""
-    ref, weight = split_weight(spec)
     head, sep, tail = spec.rpartition(":")
-    if weight is None and sep and not Path(spec).expanduser().exists() and head and \
-            Path(head).expanduser().exists() and not cache.is_prepared_folder(spec):
+    if split_weight(spec)[1] is not None or not sep or not head or spec.startswith("builtin:"):
+        return
+    if not Path(spec).expanduser().exists() and Path(head).expanduser().exists():
         raise DataError(f"dataset {spec} does not exist: '{tail}' is not a number, so it is part of the name, not "
                         f"a weight", hint=f"write the weight as a number above 0, e.g. --dataset {head}:0.5")
 
