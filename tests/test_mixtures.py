@@ -123,6 +123,11 @@ def test_mixture_is_deterministic_from_the_seed(prepared: dict[str, Path], data:
     alone_a = set(_rows(prepared["a"]))
     assert len(small) == 40 and sum(r in alone_a for r in small) == 30
     assert set(small) <= set(_rows(other))
+    # The weights are proportions: 6:2 is the 3:1 mixture, the same examples under the same fingerprint.
+    doubled = _prepare(tmp_path / "doubled", f"{data / 'a.jsonl'}:6", f"{data / 'c.jsonl'}:2")
+    assert _rows(doubled) == _rows(prepared["mix"])
+    fingerprint = (lambda folder: json.loads((folder / "ftcli_prepared.json").read_text())["source"]["fingerprint"])
+    assert fingerprint(doubled) == fingerprint(prepared["mix"]) != fingerprint(other)
 
 
 def test_single_source_keeps_its_cache_key_and_fingerprint(prepared: dict[str, Path], data: Path):

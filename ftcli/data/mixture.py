@@ -22,8 +22,9 @@ What a mixture is:
 - The N examples are then shuffled together with `--seed`, so the mixture is deterministic from
   the seed. `--eval-split` holds its rows out of the whole mixture (as of one source's data).
 - The mixture's data fingerprint (the resume identity) covers each source's content fingerprint,
-  format, template, weight and count, N and the seed. The mixed examples are a prepared folder
-  (in the cache under a key of the sources' keys, the weights, `--dataset-size` and the seed, or
+  format, template, share (weight / sum of the weights: `a:3 b:1` and `a:6 b:2` are one mixture)
+  and count, and the seed. The mixed examples are a prepared folder
+  (in the cache under a key of the sources' keys, their shares, `--dataset-size` and the seed, or
   `prepare --output-dir`), whose manifest has the usual keys (`format`/`template`: the sources'
   joined with `+`) and `mixture`: `sources` ({ref, weight, share, format, template, fingerprint,
   rows_read, rows_available (prepared examples), rows_used, tokens, loss_tokens, prepared, key}),
@@ -87,6 +88,7 @@ class _Part:
     weight: float
     prepared: Prepared
     count: int = 0
+    share: Fraction = Fraction(0)  # weight / the sum of the weights: 3:1 and 6:2 are the same mixture
 
 
 def source_config(config: Any, ref: str) -> Any:
@@ -113,7 +115,7 @@ def prepare_mixture(config: Any, tokenizer: Any, *, output: str | Path | None = 
     notes = allocate(parts, config.dataset_size)
     fingerprint = mixture_fingerprint(parts, config.seed)
     fields = {"layout": cache.LAYOUT_VERSION, "ftcli_version": __version__, "source": fingerprint,
-              "mixture": [{"key": p.prepared.manifest["key"], "weight": p.weight} for p in parts],
+              "mixture": [{"key": p.prepared.manifest["key"], "share": str(p.share)} for p in parts],
               "dataset_size": config.dataset_size, "seed": config.seed,
               "tokenizer": parts[0].prepared.manifest["key_fields"]["tokenizer"]}
     key = cache.cache_key(fields)
@@ -148,6 +150,7 @@ def allocate(parts: list[_Part], size: int | None) -> list[str]:
     for i in by_remainder[:total - sum(counts)]:
         counts[i] += 1
     for part, count, have, share in zip(parts, counts, available, shares):
+        part.share = share
         if count > have:
             raise DataError(f"--dataset-size {size}: the mixture needs {count:,} examples of {part.ref} "
                             f"({float(share):.1%} of {size:,}), which has {have:,} once prepared; no example "
@@ -159,9 +162,9 @@ def allocate(parts: list[_Part], size: int | None) -> list[str]:
 
 
 def mixture_fingerprint(parts: list[_Part], seed: int) -> str:
-    """What the mixed examples are made of: each source's content, format, template, weight and count."""
+    """What the mixed examples are made of: each source's content, format, template, share and count."""
     record = {"sources": [{"fingerprint": p.prepared.report.fingerprint, "format": p.prepared.manifest["format"],
-                           "template": p.prepared.manifest["template"], "weight": p.weight, "rows": p.count}
+                           "template": p.prepared.manifest["template"], "share": str(p.share), "rows": p.count}
                           for p in parts], "seed": seed}
     return "sha256:" + hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
@@ -220,7 +223,6 @@ def _manifest(config: Any, parts: list[_Part], fields: dict[str, Any], key: str,
     manifests = [p.prepared.manifest for p in parts]
     fmt, template = _joined([m["format"] for m in manifests]), _joined([m["template"] for m in manifests])
     stats = mixture_stats(mixed, parts, config, eos_id)
-    weights = sum(p.weight for p in parts)
     return {
         "layout": cache.LAYOUT_VERSION, "complete": True, "ftcli_version": __version__, "created_at": utc_now(),
         "key": key, "key_fields": fields,
@@ -236,15 +238,15 @@ def _manifest(config: Any, parts: list[_Part], fields: dict[str, Any], key: str,
         "columns": ["input_ids", "labels", "length"],
         "build": {"num_proc": 1, "seconds": round(seconds, 3),
                   "tokens_per_second": round(stats["tokens"] / max(seconds, 1e-9), 1)},
-        "mixture": {"size": len(mixed), "seed": config.seed, "sources": [_source_record(p, p.weight / weights) for p in parts]},
+        "mixture": {"size": len(mixed), "seed": config.seed, "sources": [_source_record(p) for p in parts]},
     }
 
 
-def _source_record(part: _Part, share: float) -> dict[str, Any]:
+def _source_record(part: _Part) -> dict[str, Any]:
     m = part.prepared.manifest
     tokens, loss_tokens = count_tokens(part.prepared.dataset.select(range(part.count))) if part.count else (0, 0)
-    return {"ref": part.ref, "weight": part.weight, "share": round(share, 6), "format": m["format"], "template": m["template"],
-            "fingerprint": m["source"]["fingerprint"], "rows_read": m["stats"]["rows_read"],
+    return {"ref": part.ref, "weight": part.weight, "share": round(float(part.share), 6), "format": m["format"],
+            "template": m["template"], "fingerprint": m["source"]["fingerprint"], "rows_read": m["stats"]["rows_read"],
             "rows_available": len(part.prepared.dataset), "rows_used": part.count, "tokens": tokens,
             "loss_tokens": loss_tokens, "prepared": str(part.prepared.folder), "key": m["key"]}
 
