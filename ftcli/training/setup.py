@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ftcli.console import console
+from ftcli.training.recipe import check_recipe
 
 
 @dataclass
@@ -56,6 +57,7 @@ def set_up(config: Any, command: str) -> RunSetup:
 
     # Before anything can start CUDA (importing bitsandbytes does): a one-process run narrows the visible GPUs.
     device = resolve_device(config.device)
+    check_recipe(config, device)  # an optimizer or tracker that cannot run here: one line, before anything loads
     quiet_libraries()  # next: importing transformers pulls in peft -> bitsandbytes, which warns on import
     from transformers import set_seed
 
