@@ -229,7 +229,8 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_schedule(self) -> RunConfig:
-        given = self.model_fields_set
+        # Set to other than its default (the copied ftcli_config.yaml gives every key, at its default too).
+        given = {n for n in self.model_fields_set if getattr(self, n) != type(self).model_fields[n].default}
         if self.warmup_ratio and self.warmup_steps:
             raise ValueError("--warmup-ratio and --warmup-steps both set the warmup: pass one")
         if self.lr_scheduler == "constant" and (self.warmup_ratio or self.warmup_steps):

@@ -33,9 +33,9 @@ AUTO = "auto"
 COSINE_MIN_LR_RATIO = 0.1
 # warmup_stable_decay's --decay-ratio rides in the scheduler arguments until the run's length is known (`trainer_class`).
 DECAY_RATIO_KEY = "ftcli_decay_ratio"
-# --report-to NAME -> (the module it needs, the ftcli extra that installs it).
-TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
-            "mlflow": ("mlflow", "mlflow"), "trackio": ("trackio", "trackio")}
+# --report-to NAME -> (the module it needs, what installs it: an ftcli extra; TensorBoard is a dependency of ftcli).
+TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "wandb": ("wandb", "pip install 'ftcli[wandb]'"),
+            "mlflow": ("mlflow", "pip install 'ftcli[mlflow]'"), "trackio": ("trackio", "pip install 'ftcli[trackio]'")}
 # Optimizers (by name prefix) that need a library ftcli does not install: the module and its pip package.
 OPTIMIZER_LIBRARIES = {"adamw_torch_4bit": ("torchao", "torchao"), "adamw_torch_8bit": ("torchao", "torchao"),
                        "schedule_free": ("schedulefree", "schedulefree"), "grokadamw": ("grokadamw", "grokadamw"),
@@ -95,10 +95,10 @@ def check_recipe(config: Any, device: str) -> None:
         raise ConfigError(f"--optim {optim} pages the optimizer state between GPU and CPU memory, which needs CUDA "
                           f"(this run is on {device})", hint=f"use --optim {unpaged}: the same optimizer, unpaged")
     for name in config.report_to:
-        module, extra = TRACKERS[name]
+        module, install = TRACKERS[name]
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"--report-to {name}: the {module} library is not installed",
-                              hint=f"pip install 'ftcli[{extra}]', or drop {name} from --report-to")
+                              hint=f"{install}, or drop {name} from --report-to")
 
 
 # ---- schedule -------------------------------------------------------------------------------------
