@@ -247,7 +247,7 @@ def train_options(
         metavar="[PATH]",
         help="Resume from the latest complete checkpoint in --output-dir (bare `--resume`) or from PATH "
         "(a checkpoint-N folder or a run folder). Refused when the method, model, data, batch size, "
-        "accumulation or seed differ, unless --force.", rich_help_panel=OUTPUT)] = None,
+        "accumulation, seed, optimizer or schedule differ, unless --force.", rich_help_panel=OUTPUT)] = None,
     force: Annotated[Optional[bool], typer.Option(
         "--force", help="Resume even though the config differs from the checkpoint's.", rich_help_panel=OUTPUT)] = None,
     # str, not Path: Typer turns "" into Path(".") and the emptiness could no longer be refused.

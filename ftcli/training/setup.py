@@ -57,8 +57,8 @@ def set_up(config: Any, command: str) -> RunSetup:
 
     # Before anything can start CUDA (importing bitsandbytes does): a one-process run narrows the visible GPUs.
     device = resolve_device(config.device)
-    check_recipe(config, device)  # an optimizer or tracker that cannot run here: one line, before anything loads
     quiet_libraries()  # next: importing transformers pulls in peft -> bitsandbytes, which warns on import
+    check_recipe(config, device)  # an optimizer or tracker that cannot run here: one line, before anything loads
     from transformers import set_seed
 
     from ftcli.data import load_datasets
