@@ -70,6 +70,21 @@ class RunConfig(BaseModel):
     gradient_checkpointing: bool | None = None
     seed: int = 42
 
+    # Optimizer and schedule (see README "Optimizer and schedule"): handed to the trainer by ftcli/training/recipe.py.
+    optim: str = "auto"  # a transformers OptimizerNames value; auto: adamw_torch_fused where it runs, else adamw_torch
+    lr_scheduler: Literal["linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup",
+                          "warmup_stable_decay"] = "linear"
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)  # a fraction of the run's optimizer steps
+    warmup_steps: int = Field(default=0, ge=0)
+    min_lr_ratio: float | None = Field(default=None, ge=0, le=1)  # None: 0.1 cosine_with_min_lr, 0 warmup_stable_decay
+    decay_ratio: float = Field(default=0.1, gt=0, le=1)  # warmup_stable_decay: the share of steps that decays
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, ge=0)  # 0: no clipping
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    adam_beta2: float = Field(default=0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(default=1e-8, gt=0)
+    neftune_noise_alpha: float | None = Field(default=None, gt=0)
+
     # Batching (see README "Performance").
     group_by_length: bool = True
     padding_free: bool | None = None  # None: on where attention is variable-length (FlashAttention 2)
@@ -105,6 +120,9 @@ class RunConfig(BaseModel):
     rdzv_endpoint: str | None = None
 
     logging_steps: int = Field(default=1, ge=1)
+    # Experiment trackers, through transformers' integrations (see README "Experiment trackers").
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = ["tensorboard"]  # []: none
+    run_name: str | None = None  # None: the run folder's name
     log_dir: str | None = None
     output_dir: str | None = None
     overwrite: bool = False
@@ -189,6 +207,50 @@ class RunConfig(BaseModel):
         if value is not None and (value <= 0 or (isinstance(value, float) and value >= 1)):
             raise ValueError("must be a fraction between 0 and 1 (0.1) or a number of rows >= 1 (50)")
         return value
+
+    @field_validator("optim", mode="before")
+    @classmethod
+    def _optimizer_name(cls, value: Any) -> Any:
+        """Spelled as transformers spells it (lower case); the installed transformers' list is checked before the run
+        loads anything (ftcli.training.recipe.check_recipe), as this module must not import torch."""
+        if isinstance(value, str):
+            value = value.strip().lower().replace("-", "_")
+            if not value:
+                raise ValueError("must name an optimizer (auto, adamw_torch, adamw_8bit, adafactor, sgd, ...)")
+        return value
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_list(cls, value: Any) -> Any:
+        """`mlflow,wandb` or a list of names (a flag given several times); `none` alone: no tracker."""
+        names = value.split(",") if isinstance(value, str) else value
+        if not isinstance(names, (list, tuple)):
+            return value
+        names = [n.strip().lower() if isinstance(n, str) else n for n in names]
+        names = list(dict.fromkeys(n for n in names if n != ""))
+        if "none" in names:
+            if len(names) > 1:
+                raise ValueError("'none' turns every tracker off: pass it alone, or name the trackers")
+            return []
+        return names
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> RunConfig:
+        # Set to other than its default (the copied ftcli_config.yaml gives every key, at its default too).
+        given = {n for n in self.model_fields_set if getattr(self, n) != type(self).model_fields[n].default}
+        if self.warmup_ratio and self.warmup_steps:
+            raise ValueError("--warmup-ratio and --warmup-steps both set the warmup: pass one")
+        if self.lr_scheduler == "constant" and (self.warmup_ratio or self.warmup_steps):
+            raise ValueError("--lr-scheduler constant has no warmup: use constant_with_warmup")
+        if self.min_lr_ratio is not None and self.lr_scheduler not in ("cosine_with_min_lr", "warmup_stable_decay"):
+            raise ValueError("--min-lr-ratio applies to --lr-scheduler cosine_with_min_lr and warmup_stable_decay")
+        if "decay_ratio" in given and self.lr_scheduler != "warmup_stable_decay":
+            raise ValueError("--decay-ratio applies to --lr-scheduler warmup_stable_decay only")
+        adam = [f"--{n.replace('_', '-')}" for n in ("adam_beta1", "adam_beta2", "adam_epsilon") if n in given]
+        if adam and self.optim in ("sgd", "adafactor", "adagrad", "rmsprop"):
+            raise ValueError(f"{', '.join(adam)} have no effect with --optim {self.optim}: drop them, or pick an "
+                             "Adam-type optimizer")
+        return self
 
     @model_validator(mode="after")
     def _check_batching(self) -> RunConfig:

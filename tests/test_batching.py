@@ -9,7 +9,7 @@ import torch
 
 from conftest import losses, read_manifest
 
-from ftcli.training import batching
+from ftcli.training import batching, recipe
 
 TINY = ["--model", "builtin:tiny-llama", "--dataset", "builtin:alpaca-sample"]
 
@@ -45,7 +45,8 @@ def make_trainer(data, model, tmp_path: Path, batch: int, accum: int, **override
     config = config.model_copy(update=overrides)
     args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
                      seed=config.seed, use_cpu=True, bf16=False, report_to="none", max_length=config.seq_length,
-                     dataset_kwargs={"skip_prepare_dataset": True}, **batching.training_args(config, "cpu"))
+                     dataset_kwargs={"skip_prepare_dataset": True}, optim=recipe.resolved_optim(config, "cpu"),
+                     **batching.training_args(config, "cpu"))
     cls = batching.trainer_class(SFTTrainer)
     return cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                data_collator=batching.data_collator(config, tokenizer))
@@ -108,9 +109,9 @@ def test_defaults_group_by_length_without_a_custom_collator(data) -> None:
     # SDPA on CPU: padded, length-grouped batches (the trainer's own collator).
     assert batching.data_collator(config, tokenizer) is None
     # The same AdamW as the reference, as one fused kernel; FSDP's sharded parameters keep the per-tensor one.
-    assert batching.training_args(config, "cpu")["optim"] == "adamw_torch_fused"
-    assert "optim" not in batching.training_args(config.model_copy(update={"method": "fsdp"}), "cpu")
-    assert "optim" not in batching.training_args(config.model_copy(update={"compile": True}), "cpu")
+    assert recipe.resolved_optim(config, "cpu") == "adamw_torch_fused"
+    assert recipe.resolved_optim(config.model_copy(update={"method": "fsdp"}), "cpu") == "adamw_torch"
+    assert recipe.resolved_optim(config.model_copy(update={"compile": True}), "cpu") == "adamw_torch"
 
 
 def test_grouping_follows_the_effective_batch(data, model, tmp_path: Path) -> None:

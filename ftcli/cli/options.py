@@ -26,6 +26,7 @@ LORA = "LoRA"
 OUTPUT = "Output"
 DIST = "Processes and machines"
 EVAL = "Evaluation"
+RECIPE = "Optimizer and schedule"
 
 
 # ---- defaults in help texts -------------------------------------------------------------------------
@@ -138,6 +139,41 @@ def train_options(
         rich_help_panel=TRAIN)] = None,
     seed: Annotated[Optional[int], typer.Option(help=with_default("Seed for shuffling and training.", "seed"),
                                                 rich_help_panel=TRAIN)] = None,
+    optim: Annotated[Optional[str], typer.Option(
+        help=with_default("Any optimizer of the installed transformers: adamw_torch, adamw_torch_fused, adamw_8bit, "
+                          "paged_adamw_8bit (CUDA), adafactor, sgd, ... auto: adamw_torch_fused (CPU and CUDA; "
+                          "adamw_torch with fsdp or --compile).", "optim"), rich_help_panel=RECIPE)] = None,
+    lr_scheduler: Annotated[Optional[str], typer.Option(
+        help=with_default("linear | cosine | cosine_with_min_lr | constant | constant_with_warmup | "
+                          "warmup_stable_decay.", "lr_scheduler"), rich_help_panel=RECIPE)] = None,
+    warmup_ratio: Annotated[Optional[float], typer.Option(
+        help=with_default("Linear warmup over this fraction of the optimizer steps (rounded up).", "warmup_ratio"),
+        rich_help_panel=RECIPE)] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(
+        help=with_default("Linear warmup over N optimizer steps (instead of --warmup-ratio).", "warmup_steps"),
+        rich_help_panel=RECIPE)] = None,
+    min_lr_ratio: Annotated[Optional[float], typer.Option(
+        help=with_default("The learning rate the decay ends at, as a fraction of the peak (cosine_with_min_lr, "
+                          "warmup_stable_decay).", default="0.1 cosine_with_min_lr, 0 warmup_stable_decay"),
+        rich_help_panel=RECIPE)] = None,
+    decay_ratio: Annotated[Optional[float], typer.Option(
+        help=with_default("warmup_stable_decay: the fraction of the optimizer steps that decays (cosine), after "
+                          "the warmup and the stable phase.", "decay_ratio"), rich_help_panel=RECIPE)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(
+        help=with_default("Decoupled weight decay (not on biases and norms).", "weight_decay"),
+        rich_help_panel=RECIPE)] = None,
+    max_grad_norm: Annotated[Optional[float], typer.Option(
+        help=with_default("Clip the gradients to this norm (0: no clipping).", "max_grad_norm"),
+        rich_help_panel=RECIPE)] = None,
+    adam_beta1: Annotated[Optional[float], typer.Option(help=with_default("Adam's beta1.", "adam_beta1"),
+                                                        rich_help_panel=RECIPE)] = None,
+    adam_beta2: Annotated[Optional[float], typer.Option(help=with_default("Adam's beta2.", "adam_beta2"),
+                                                        rich_help_panel=RECIPE)] = None,
+    adam_epsilon: Annotated[Optional[float], typer.Option(help=with_default("Adam's epsilon.", "adam_epsilon"),
+                                                          rich_help_panel=RECIPE)] = None,
+    neftune_noise_alpha: Annotated[Optional[float], typer.Option(
+        help=with_default("NEFTune: noise of this scale on the input embeddings while training.", default="off"),
+        rich_help_panel=RECIPE)] = None,
     group_by_length: Annotated[Optional[bool], typer.Option(
         "--group-by-length/--no-group-by-length",
         help=with_default("Batch examples of similar length together (less padding).", "group_by_length"),
@@ -215,7 +251,7 @@ def train_options(
         metavar="[PATH]",
         help="Resume from the latest complete checkpoint in --output-dir (bare `--resume`) or from PATH "
         "(a checkpoint-N folder or a run folder). Refused when the method, model, data, batch size, "
-        "accumulation or seed differ, unless --force.", rich_help_panel=OUTPUT)] = None,
+        "accumulation, seed, optimizer or schedule differ, unless --force.", rich_help_panel=OUTPUT)] = None,
     force: Annotated[Optional[bool], typer.Option(
         "--force", help="Resume even though the config differs from the checkpoint's.", rich_help_panel=OUTPUT)] = None,
     # str, not Path: Typer turns "" into Path(".") and the emptiness could no longer be refused.
@@ -230,6 +266,13 @@ def train_options(
                                                    rich_help_panel=OUTPUT)] = None,
     logging_steps: Annotated[Optional[int], typer.Option(help=with_default("Log every N steps.", "logging_steps"),
                                                          rich_help_panel=OUTPUT)] = None,
+    report_to: Annotated[Optional[list[str]], typer.Option(
+        metavar="NAME[,NAME]", help=with_default("Experiment trackers: tensorboard, wandb, mlflow, trackio or none; "
+                                                 "comma-separated or repeated. Their files go in the run folder.",
+                                                 "report_to"), rich_help_panel=OUTPUT)] = None,
+    run_name: Annotated[Optional[str], typer.Option(
+        help=with_default("The run's name in the trackers.", default="the run folder's name"),
+        rich_help_panel=OUTPUT)] = None,
     config: Annotated[Optional[str], typer.Option(
         "--config", metavar="<path>", help="YAML file with the same keys as these flags (snake_case); flags override it.",
         rich_help_panel=OUTPUT)] = None,
@@ -270,6 +313,10 @@ def run_config_from_flags(values: dict) -> RunConfig:
         del flags["dataset"]  # a repeatable option not given
     if "columns" in flags:
         flags["columns"] = parse_columns(flags["columns"])
+    if "report_to" in flags:
+        flags["report_to"] = ",".join(flags["report_to"])
+        if not flags["report_to"]:
+            del flags["report_to"]
     if "lora_target_modules" in flags:
         flags["lora_target_modules"] = [m.strip() for m in flags["lora_target_modules"].split(",") if m.strip()]
     config_file = values.get("config")

@@ -92,16 +92,9 @@ def resolved_attn_implementation(config: Any) -> str:
     return resolve_attn_implementation(config.attn_implementation, device, resolve_dtype(config.dtype, device))
 
 
-def use_fused_adamw(config: Any, device: str) -> bool:
-    """Fused AdamW on CPU and CUDA; FSDP keeps the per-tensor kernel (its sharded parameters are DTensors),
-    and so does --compile (with the fused kernel, Inductor's cache stays empty and `ftcli warmup` cannot help)."""
-    from ftcli.methods import METHODS
-
-    return device.split(":")[0] in ("cpu", "cuda") and not METHODS[config.method].shards and not config.compile
-
-
 def training_args(config: Any, device: str) -> dict[str, Any]:
-    """The SFTConfig arguments that decide throughput: batching and the optimizer kernel (Liger: the trainer's).
+    """The SFTConfig arguments that decide throughput: batching (the optimizer kernel: ftcli.training.recipe; Liger: the
+    trainer's).
 
     Packing and padding-free rows are built by ftcli's own collator (TRL's would re-check lengths and refuse
     a custom collator), so TRL's `packing` / `padding_free` stay off here.
@@ -113,10 +106,6 @@ def training_args(config: Any, device: str) -> dict[str, Any]:
         # and each new shape costs kernel set-up and cached workspace (measured: +90-130 MiB peak on CPU).
         "pad_to_multiple_of": PAD_MULTIPLE,
     }
-    if use_fused_adamw(config, device):
-        # The same AdamW in one fused kernel: torch's default on CPU is a per-tensor Python loop, which in
-        # bfloat16 costs more than the forward and backward of a small model (see README "Performance").
-        args["optim"] = "adamw_torch_fused"
     return args
 
 

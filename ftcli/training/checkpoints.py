@@ -19,8 +19,9 @@ scheduler, RNG, and the position in the data, mid-epoch included). ftcli adds wh
   crash is skipped;
 - ftcli's own rotation (`--save-total-limit`) counts complete checkpoints only and never deletes
   the newest one;
-- resuming refuses a checkpoint whose method, model, data, batch size, accumulation, seed or number
-  of processes differ from the run's, listing each difference (`--force` resumes anyway).
+- resuming refuses a checkpoint whose method, model, data, batch size, accumulation, seed, number
+  of processes, optimizer or schedule settings differ from the run's, listing each difference
+  (`--force` resumes anyway).
 
 Signals, the non-finite guard and FSDP resume loading live in ftcli/training/guard.py."""
 
@@ -54,6 +55,19 @@ IDENTITY_FIELDS = ("method", "model", "data_fingerprint", "batch_size", "gradien
 EVAL_IDENTITY_FIELDS = ("eval_split", "eval_fingerprint")
 
 
+# ... and the optimizer and schedule, each only when it is not at its default: a checkpoint written before they were
+# recorded (whose runs all used the defaults) keeps resuming, as a missing setting is compared as its default.
+RECIPE_IDENTITY_FIELDS = ("optim", "lr_scheduler", "warmup_ratio", "warmup_steps", "min_lr_ratio", "decay_ratio",
+                          "weight_decay", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_epsilon",
+                          "neftune_noise_alpha")
+
+
+def recipe_default(name: str) -> Any:
+    from ftcli.config import RunConfig
+
+    return RunConfig.model_fields[name].default
+
+
 def run_identity(config: Any, data_fingerprint: str, processes: int,
                  eval_fingerprint: str | None = None) -> dict[str, Any]:
     identity = {"method": config.method, "model": local_path_or_id(config.model), "data_fingerprint": data_fingerprint,
@@ -63,6 +77,8 @@ def run_identity(config: Any, data_fingerprint: str, processes: int,
         identity["eval_split"] = config.eval_split
     if eval_fingerprint is not None:
         identity["eval_fingerprint"] = eval_fingerprint
+    identity.update({name: getattr(config, name) for name in RECIPE_IDENTITY_FIELDS
+                     if getattr(config, name, recipe_default(name)) != recipe_default(name)})
     return identity
 
 
@@ -172,6 +188,10 @@ def check_compatible(checkpoint: Path, identity: dict[str, Any], force: bool) ->
     diffs = [f"{name} {saved.get(name)!r} -> {identity.get(name)!r}" for name in (*IDENTITY_FIELDS,
                                                                                   *EVAL_IDENTITY_FIELDS)
              if saved.get(name) != identity.get(name)]
+    for name in RECIPE_IDENTITY_FIELDS:
+        old, new = saved.get(name, recipe_default(name)), identity.get(name, recipe_default(name))
+        if old != new:
+            diffs.append(f"{name} {old!r} -> {new!r}")
     if diffs and not force:
         raise ConfigError(f"--resume {checkpoint}: this run differs from the checkpoint's: {'; '.join(diffs)}",
                           hint="resume with the checkpoint's settings, or pass --force to resume anyway "

@@ -46,6 +46,7 @@ from ftcli.training.runfolder import (
     CONFIG_COPY, LOCK_HELD_ENV, MANIFEST, METRICS, PROBE, check_log_dir, claim_run_dir, create_run_dir, read_manifest,
     put_back, remove_replaced,
 )
+from ftcli.training import recipe
 from ftcli.training.setup import set_up
 from ftcli.training.precision import precision_record
 from ftcli.training.trainer import build_trainer, compute_dtype, final_metrics
@@ -342,6 +343,7 @@ def _start_manifest(config: RunConfig, command: list[str] | None, out: Path, log
             "saves": plan.saves, "trainable_parameters": plan.trainable_parameters,
             "total_parameters": plan.total_parameters,
             "processes": world_size(),
+            **recipe.resolved(config, device, out, log_dir),
             **physical_device(device),
         },
         "versions": library_versions(),

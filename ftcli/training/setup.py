@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ftcli.console import console
+from ftcli.training.recipe import check_recipe
 
 
 @dataclass
@@ -57,6 +58,7 @@ def set_up(config: Any, command: str) -> RunSetup:
     # Before anything can start CUDA (importing bitsandbytes does): a one-process run narrows the visible GPUs.
     device = resolve_device(config.device)
     quiet_libraries()  # next: importing transformers pulls in peft -> bitsandbytes, which warns on import
+    check_recipe(config, device)  # an optimizer or tracker that cannot run here: one line, before anything loads
     from transformers import set_seed
 
     from ftcli.data import load_datasets

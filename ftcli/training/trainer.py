@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ftcli.training import batching, precision
+from ftcli.training import batching, precision, recipe
 from ftcli.training.distributed import max_over_ranks, world_size
 from ftcli.training.guard import guarded_trainer_class
 from ftcli.training.runfolder import METRICS
@@ -26,7 +26,6 @@ def build_trainer(config: Any, plan: Any, tokenizer: Any, dataset: Any, out: Pat
     of a real run; warmup, which never calls `train()`, builds the same trainer without one. `evaluator`
     (ftcli.training.evalsteps) evaluates at the run's eval steps."""
     from transformers import PrinterCallback
-    from transformers.integrations import TensorBoardCallback
     from trl import SFTConfig, SFTTrainer
 
     from ftcli.training.progress import TrainingDisplay  # a transformers callback: imported with the trainer
@@ -39,7 +38,6 @@ def build_trainer(config: Any, plan: Any, tokenizer: Any, dataset: Any, out: Pat
         max_steps=config.max_steps,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate,
-        optim="adamw_torch",
         # The trainer writes checkpoint folders; the guard marks them complete and rotates them (the trainer's
         # own rotation would count a half-written folder as the newest one).
         save_strategy="steps" if config.save_steps else "no",
@@ -63,16 +61,14 @@ def build_trainer(config: Any, plan: Any, tokenizer: Any, dataset: Any, out: Pat
         dataloader_pin_memory=device.startswith("cuda"),
     )
     kwargs.update(batching.training_args(config, device))
+    kwargs.update(recipe.training_args(config, device, out))
     kwargs.update(liger_args(config, device))
     kwargs.update(data_parallel_args(config))
     # The method's own arguments (e.g. FSDP's) win over ftcli's defaults.
     args = SFTConfig(**{**kwargs, **plan.training_args})
     display = TrainingDisplay(device=device, metrics_path=out / METRICS, evaluates=evaluator is not None)
-    tensorboard = TensorBoardCallback()
-    # transformers 5 dropped `logging_dir`; the callback reads its folder from this attribute.
-    tensorboard.logging_dir = str(log_dir)
-    trainer_class = guarded_trainer_class(batching.trainer_class(plan.trainer_class or SFTTrainer))
-    callbacks = [display, tensorboard]
+    trainer_class = guarded_trainer_class(recipe.trainer_class(batching.trainer_class(plan.trainer_class or SFTTrainer)))
+    callbacks = [display, *recipe.tracker_callbacks(config, out, log_dir)]
     if evaluator is not None:
         # Before the guard: a checkpoint the evaluator asks for at a step is unmarked by the guard like its own.
         callbacks.append(evaluator)
