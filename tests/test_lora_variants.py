@@ -71,7 +71,8 @@ def biased_model(tmp_path_factory, tiny_model_dir: Path) -> Path:
 RUNS = {
     # name: (method, extra train flags, what the manifest's config records)
     "dora": ("lora", ["--use-dora"], {"use_dora": True}),
-    "rslora": ("lora", ["--use-rslora", "--lora-alpha", "4"], {"use_rslora": True, "lora_alpha": 4.0}),
+    "rslora": ("lora", ["--use-rslora", "--lora-alpha", "4", "--lora-init", "gaussian"],
+               {"use_rslora": True, "lora_alpha": 4.0, "lora_init": "gaussian"}),
     "pissa": ("lora", ["--lora-init", "pissa", "--save-steps", "1"], {"lora_init": "pissa"}),
     "qlora-dora": ("qlora", ["--use-dora"], {"use_dora": True}),
     "olora-bias": ("lora", ["--lora-init", "olora", "--lora-bias", "all", "--use-rslora"],
@@ -95,6 +96,7 @@ def runs(tmp_path_factory, biased_model: Path, tiny_model_dir: Path) -> dict[str
         result = invoke("export", run, "--output", export)
         assert result.exit_code == 0, result.stdout + result.stderr
         assert "verify: largest logit difference vs base + adapter" in flat(result.stdout)
+        (export.parent / f"export-{name}.txt").write_text(flat(result.stdout))
         out[name] = (run, export, base)
     return out
 
@@ -180,7 +182,20 @@ def test_variant_is_recorded_in_manifest_config_copy_and_adapter(runs, name: str
         factor = math.sqrt(2) if config["use_rslora"] else 2
         assert adapter["lora_alpha"] == pytest.approx(config["lora_alpha"] * factor)
     else:
-        assert adapter["r"] == RANK
+        assert adapter["r"] == RANK and adapter["init_lora_weights"] == {"default": True}.get(config["lora_init"],
+                                                                                             config["lora_init"])
+
+
+@pytest.mark.parametrize("name, variant", [
+    ("dora", "DoRA"), ("rslora", "rsLoRA, gaussian start"), ("pissa", "pissa start converted to plain LoRA of rank 16 on the original base"),
+    ("qlora-dora", "DoRA"), ("olora-bias", "rsLoRA, biases all, olora start converted to plain LoRA of rank 16"),
+])
+def test_export_names_the_variant_on_screen_record_and_card(runs, name: str, variant: str) -> None:
+    run, export, _ = runs[name]
+    assert f"adapter: {variant}" in (export.parent / f"export-{name}.txt").read_text()
+    record = json.loads((export / "ftcli_export.json").read_text())
+    assert variant in record["lora"]["variant"] and record["verification"]["passed"] is True
+    assert f"| LoRA variant | {record['lora']['variant']} |" in (export / "README.md").read_text()
 
 
 def test_dora_magnitude_is_saved_and_merged(runs, tmp_path: Path) -> None:
@@ -301,3 +316,20 @@ def test_help_shows_the_variant_defaults() -> None:
                           ("--lora-bias", "none")):
         start = text.index(flag)
         assert f"[default: {default}]" in text[start:start + 400], flag
+
+
+def test_compile_cache_key_tells_variants_apart(tiny_model_dir: Path) -> None:
+    """`warmup` and `train --compile` share a compile cache only where the compiled graph is the same."""
+    from ftcli.config import build_run_config
+    from ftcli.training.warmup import cache_key_fields
+
+    dataset = {"input_ids": [[1, 2, 3]]}
+
+    def key(**flags):
+        config = build_run_config({"method": "lora", "model": "builtin:tiny-llama", **flags})
+        return cache_key_fields(config, dataset, "cpu", torch.float32)
+
+    plain, dora = key(), key(use_dora=True)
+    assert "variant" not in plain["lora"]  # plain LoRA keeps the key it had before the variants existed
+    assert dora["lora"]["variant"] == "dora" and dora != plain
+    assert key(lora_bias="all") != plain and key(use_rslora=True) != plain

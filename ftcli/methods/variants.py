@@ -48,6 +48,23 @@ def describe(config: Any) -> str:
     return ", ".join(parts)
 
 
+def adapter_variant(adapter_config: dict[str, Any], trained_init: str | None = None) -> str:
+    """What a saved adapter is, in words (`DoRA, rsLoRA, biases all, PiSSA start converted to plain LoRA of rank
+    16`), "" for plain LoRA; `trained_init` is the run's --lora-init when its manifest is known."""
+    parts = [name for key, name in (("use_dora", "DoRA"), ("use_rslora", "rsLoRA")) if adapter_config.get(key)]
+    if adapter_config.get("bias", "none") != "none":
+        parts.append(f"biases {adapter_config['bias']}")
+    init = adapter_config.get("init_lora_weights", True)
+    if init in CHANGES_BASE:
+        parts.append(f"{init} start, saved as trained: peft rebuilds the residual base from the base model as it loads")
+    elif trained_init in CHANGES_BASE:
+        parts.append(f"{trained_init} start converted to plain LoRA of rank {adapter_config.get('r')} on the "
+                     "original base")
+    elif init not in (True, None) or trained_init not in (None, "default"):
+        parts.append(f"{trained_init or init} start")
+    return ", ".join(parts)
+
+
 def lora_config_args(config: Any) -> dict[str, Any]:
     """The LoraConfig arguments of the variant options."""
     return {"use_dora": config.use_dora, "use_rslora": config.use_rslora,
