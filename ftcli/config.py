@@ -30,8 +30,6 @@ from ftcli.methods import METHODS
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
-LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
-LORA_BIASES = ("none", "all", "lora_only")
 # The options of the LoRA variants: each changes what the adapter computes (or where it starts).
 LORA_VARIANT_FIELDS = ("use_dora", "use_rslora", "lora_init", "lora_bias")
 

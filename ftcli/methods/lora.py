@@ -1,6 +1,10 @@
 """LoRA: the base model stays frozen, low-rank adapters train (reference: 8B LoRA, r=8, alpha 16, lr 1e-4).
 
     >>> plan = lora.plan(config, model)   # plan.model is a peft.PeftModel; the run saves the adapter
+
+The variant options (--use-dora, --use-rslora, --lora-init, --lora-bias) go into the same LoraConfig
+(ftcli/methods/variants.py); a PiSSA/OLoRA start also gives the plan a trainer whose final save
+converts the adapter to plain LoRA on the original base.
 """
 
 from __future__ import annotations
