@@ -31,6 +31,8 @@ from ftcli.methods import METHODS
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+# The options of the LoRA variants: each changes what the adapter computes (or where it starts).
+LORA_VARIANT_FIELDS = ("use_dora", "use_rslora", "lora_init", "lora_bias")
 
 # Each method's defaults of the options that depend on the method (the reference scripts'): declared
 # by the method itself (ftcli/methods/), read here and nowhere else.
@@ -109,6 +111,12 @@ class RunConfig(BaseModel):
     lora_alpha: float = Field(default=16.0, gt=0)
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
     lora_target_modules: list[str] | None = None
+    # LoRA variants (peft; see README "LoRA variants"): DoRA's magnitude vectors, rank-stabilised scaling
+    # (alpha / sqrt(r)), how the adapters start, and which biases train with them.
+    use_dora: bool = False
+    use_rslora: bool = False
+    lora_init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = "default"
+    lora_bias: Literal["none", "all", "lora_only"] = "none"
     full_parameters: bool = False  # fsdp only: train every weight instead of LoRA adapters
 
     # Processes and machines (fsdp): handed to torch.distributed.run, the engine behind torchrun.
@@ -296,6 +304,35 @@ class RunConfig(BaseModel):
             raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes}")
         if self.max_steps == 0:
             raise ValueError("max_steps must be -1 (use num_epochs) or a positive number of steps")
+        return self
+
+    @model_validator(mode="after")
+    def _check_lora_variants(self) -> RunConfig:
+        """The LoRA variants apply where LoRA adapters train, and each initialisation where peft's fits the base."""
+        method = METHODS[self.method]
+        given = [f"--{name.replace('_', '-')}" for name in LORA_VARIANT_FIELDS
+                 if getattr(self, name) != RunConfig.model_fields[name].default]
+        if given and (not method.uses_lora or self.full_parameters):
+            trains = "--full-parameters trains" if self.full_parameters else f"--method {self.method} trains"
+            lora = "/".join(m for m, facts in METHODS.items() if facts.uses_lora)
+            raise ValueError(f"{', '.join(given)} shape LoRA adapters, and {trains} every weight instead: "
+                             f"drop them, or use --method {lora}")
+        quantized = "/".join(m for m, facts in METHODS.items() if facts.loads_4bit)
+        if self.lora_init in ("pissa", "olora") and method.loads_4bit:
+            raise ValueError(f"--lora-init {self.lora_init} moves part of each base weight into the adapter, and on "
+                             f"--method {self.method}'s 4-bit base that remainder would be quantised again, so base + "
+                             "adapter would no longer be the trained model: use --method lora, or --lora-init loftq "
+                             "(made for a 4-bit base)")
+        if self.lora_init == "loftq" and not method.loads_4bit:
+            raise ValueError(f"--lora-init loftq starts the adapter to make up for a 4-bit base's quantisation error, "
+                             f"and --method {self.method} does not quantise its base: use --method {quantized}, or "
+                             "--lora-init pissa/olora")
+        if self.lora_init == "loftq" and self.use_dora:
+            raise ValueError("--lora-init loftq sets the adapter after DoRA has sized its magnitude vectors to the "
+                             "weights without it: pass one of --use-dora and --lora-init loftq")
+        if self.lora_init == "loftq" and self.device.startswith("cpu"):
+            raise ValueError(f"--lora-init loftq needs CUDA (peft computes its 4-bit round trips on the GPU), and "
+                             f"--device is {self.device}: run on a CUDA GPU, or use --lora-init default")
         return self
 
     @model_validator(mode="after")

@@ -223,6 +223,21 @@ def train_options(
     lora_target_modules: Annotated[Optional[str], typer.Option(
         help=with_default("Comma-separated module names, or all-linear.", "lora_target_modules"),
         rich_help_panel=LORA)] = None,
+    use_dora: Annotated[Optional[bool], typer.Option(
+        "--use-dora/--no-use-dora", help=with_default("DoRA: a trained magnitude per output row on top of the LoRA "
+                                                      "direction update (export merges it).", "use_dora"),
+        rich_help_panel=LORA)] = None,
+    use_rslora: Annotated[Optional[bool], typer.Option(
+        "--use-rslora/--no-use-rslora", help=with_default("rsLoRA: scale the adapter by alpha/sqrt(r) instead of "
+                                                          "alpha/r.", "use_rslora"), rich_help_panel=LORA)] = None,
+    lora_init: Annotated[Optional[str], typer.Option(
+        help=with_default("default (peft's: Kaiming-uniform A, zero B) | gaussian (A ~ N(0, 1/r), zero B) | pissa | "
+                          "olora (lora/fsdp: start from the base's SVD / QR; saved as plain LoRA of rank 2r) | "
+                          "loftq (qlora on CUDA: make up for the 4-bit rounding).", "lora_init"),
+        rich_help_panel=LORA)] = None,
+    lora_bias: Annotated[Optional[str], typer.Option(
+        help=with_default("none | all (every bias of the model trains) | lora_only (the biases of the adapted "
+                          "layers); export merges them.", "lora_bias"), rich_help_panel=LORA)] = None,
     full_parameters: Annotated[Optional[bool], typer.Option(
         "--full-parameters", help=with_default("fsdp: train every weight instead of LoRA adapters.",
                                                "full_parameters"), rich_help_panel=DIST)] = None,

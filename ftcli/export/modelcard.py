@@ -49,8 +49,12 @@ def _lora_shape(src: ExportSource) -> dict[str, Any] | None:
     targets = ac.get("target_modules")
     # peft records every targeted module by its full path; the card names the layer kinds.
     targets = sorted({t.rsplit(".", 1)[-1] for t in targets}) if isinstance(targets, list) else targets
+    from ftcli.methods.variants import adapter_variant
+
+    trained_init = ((src.manifest or {}).get("config") or {}).get("lora_init")
     return {"r": ac.get("r"), "alpha": ac.get("lora_alpha"), "dropout": ac.get("lora_dropout"),
-            "target_modules": targets}
+            "target_modules": targets, "use_dora": bool(ac.get("use_dora")), "use_rslora": bool(ac.get("use_rslora")),
+            "bias": ac.get("bias", "none"), "variant": adapter_variant(ac, trained_init) or "plain LoRA"}
 
 
 def write_model_card(path: Path, src: ExportSource, record: dict[str, Any], title: str) -> None:
@@ -119,6 +123,8 @@ def _training_rows(src: ExportSource, record: dict[str, Any]) -> list[str]:
         targets = lora["target_modules"]
         targets = ", ".join(targets) if isinstance(targets, list) else targets
         rows.append(f"| LoRA | r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, targets: {targets} |")
+        if lora.get("variant", "plain LoRA") != "plain LoRA":
+            rows.append(f"| LoRA variant | {lora['variant']} |")
     return rows
 
 

@@ -88,6 +88,12 @@ def _export(opts: ExportOptions, src: ExportSource, out: Path) -> ExportResult:
     device = resolve_device(opts.device)
     console.print(f"[bold]ftcli export[/] {src.path} -> {out} (base {src.base}, {src.method}, "
                   f"{'merge into ' + merge_into + ' weights' if src.kind == 'adapter' else 're-save'}, {dtype_name})")
+    if src.adapter_config:
+        from ftcli.methods.variants import adapter_variant
+
+        variant = adapter_variant(src.adapter_config, ((src.manifest or {}).get("config") or {}).get("lora_init"))
+        if variant:
+            console.print(f"adapter: {variant}", soft_wrap=True)
     if merge_into == "original" and src.trained_4bit:
         console.print(f"[yellow]note:[/] {ORIGINAL_NOTE}")
     if src.kind == "adapter" and src.manifest is None and merge_into == "original":

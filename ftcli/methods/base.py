@@ -33,6 +33,8 @@ class MethodPlan:
     # Extra SFTConfig keyword arguments (e.g. FSDP settings), merged over ftcli's own by the trainer builder.
     training_args: dict[str, Any] = field(default_factory=dict)
     trainer_class: Any = None  # None: trl's SFTTrainer
+    # PiSSA/OLoRA: the adapter's start (A0, B0), which the final save subtracts (ftcli/methods/variants.py).
+    initial_adapter: Any = None
 
 
 def weight_count(param: Any) -> int:

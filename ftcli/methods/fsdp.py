@@ -17,7 +17,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from ftcli.methods import full, lora
+from ftcli.methods import full, lora, variants
 from ftcli.methods.base import LLAMA_PROJECTIONS, Method
 
 # Collectives that wait longer than this are a stuck rank, not slow work: fail instead of hanging.
@@ -68,6 +68,8 @@ def plan(config: Any, model: Any) -> Any:
         "ddp_timeout": COLLECTIVE_TIMEOUT_S,
     }
     base.trainer_class = fsdp_trainer_class()
+    if base.initial_adapter is not None:
+        base.trainer_class = variants.plain_lora_saving(base.trainer_class, base.initial_adapter)
     base.notes.append(f"FSDP2 wraps each {', '.join(layers)}; "
                       f"{'all weights train' if config.full_parameters else 'LoRA adapters train'}")
     return base

@@ -1,6 +1,10 @@
 """LoRA: the base model stays frozen, low-rank adapters train (reference: 8B LoRA, r=8, alpha 16, lr 1e-4).
 
     >>> plan = lora.plan(config, model)   # plan.model is a peft.PeftModel; the run saves the adapter
+
+The variant options (--use-dora, --use-rslora, --lora-init, --lora-bias) go into the same LoraConfig
+(ftcli/methods/variants.py); a PiSSA/OLoRA start also gives the plan a trainer whose final save
+converts the adapter to plain LoRA on the original base.
 """
 
 from __future__ import annotations
@@ -8,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ftcli.errors import ConfigError
+from ftcli.methods import variants
 from ftcli.methods.base import LLAMA_PROJECTIONS, Method, MethodPlan, count_parameters
 
 
@@ -29,13 +34,15 @@ def plan(config: Any, model: Any) -> Any:
         if unknown:
             raise ConfigError(f"--lora-target-modules names {', '.join(unknown)}, which this model does not have",
                               hint=f"its linear layers are: {', '.join(available)} (or use all-linear)")
+    target_modules = targets[0] if targets == ["all-linear"] else targets
+    variants.check_biases(config, model, target_modules)
     lora_config = LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=targets[0] if targets == ["all-linear"] else targets,
-        bias="none",
+        target_modules=target_modules,
         task_type="CAUSAL_LM",
+        **variants.lora_config_args(config),
     )
     if config.gradient_checkpointing:
         # Frozen embeddings give checkpointed blocks inputs without grad; this keeps the graph connected.
@@ -43,7 +50,16 @@ def plan(config: Any, model: Any) -> Any:
         model.config.use_cache = False
     peft_model = get_peft_model(model, lora_config)
     trainable, total = count_parameters(peft_model)
-    return MethodPlan(model=peft_model, saves="adapter", trainable_parameters=trainable, total_parameters=total)
+    plan = MethodPlan(model=peft_model, saves="adapter", trainable_parameters=trainable, total_parameters=total)
+    if config.lora_init in variants.CHANGES_BASE:
+        # The base now holds the residual: the run's final adapter is saved converted to plain LoRA on the original.
+        from trl import SFTTrainer
+
+        plan.initial_adapter = variants.initial_adapter(peft_model)
+        plan.trainer_class = variants.plain_lora_saving(SFTTrainer, plan.initial_adapter)
+        plan.notes.append(f"{config.lora_init} start: the final adapter is saved as plain LoRA of rank "
+                          f"{2 * config.lora_rank} on the original base")
+    return plan
 
 
 METHOD = Method(

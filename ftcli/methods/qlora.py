@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftcli.methods import lora
+from ftcli.methods import lora, variants
 from ftcli.methods.base import Method
 
 
@@ -38,6 +38,7 @@ def quantization_config(torch_dtype: Any) -> Any:
 def load_options(config: Any, device: str) -> dict[str, Any]:
     from ftcli.models import resolve_dtype
 
+    variants.check_device(config, device)  # LoftQ: CUDA only, refused before the model loads
     return {"quantization_config": quantization_config(resolve_dtype(config.dtype, device))}
 
 
@@ -51,7 +52,11 @@ def plan(config: Any, model: Any) -> Any:
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     keep_cpu_inference_in_compute_dtype(model)
-    return lora.plan(config, model)
+    plan = lora.plan(config, model)
+    if config.lora_init == "loftq":
+        variants.apply_loftq(plan.model, config)
+        plan.notes.append("LoftQ start: the adapter makes up for the 4-bit base's quantisation error")
+    return plan
 
 
 def keep_cpu_inference_in_compute_dtype(model: Any) -> int:

@@ -53,6 +53,9 @@ IDENTITY_FIELDS = ("method", "model", "data_fingerprint", "batch_size", "gradien
 # ... and, only in runs that evaluate (a run without an eval set keeps its identity): the held-out split and
 # the eval data, which decide the evaluations and so where early stopping stops and which model is best.
 EVAL_IDENTITY_FIELDS = ("eval_split", "eval_fingerprint")
+# ... and, only in runs with a LoRA variant (DoRA, rsLoRA, another start, trained biases): which one.
+LORA_IDENTITY_FIELDS = ("lora_variant",)
+SHOWN_WHEN_ABSENT = {"lora_variant": "plain LoRA"}
 
 
 # ... and the optimizer and schedule, each only when it is not at its default: a checkpoint written before they were
@@ -79,6 +82,10 @@ def run_identity(config: Any, data_fingerprint: str, processes: int,
         identity["eval_fingerprint"] = eval_fingerprint
     identity.update({name: getattr(config, name) for name in RECIPE_IDENTITY_FIELDS
                      if getattr(config, name, recipe_default(name)) != recipe_default(name)})
+    from ftcli.methods.variants import describe
+
+    if describe(config):
+        identity["lora_variant"] = describe(config)
     return identity
 
 
@@ -185,8 +192,11 @@ def check_compatible(checkpoint: Path, identity: dict[str, Any], force: bool) ->
     """The differences `field old -> new` between the checkpoint's run and this one; refused unless `force`."""
     saved = dict((read_marker(checkpoint) or {}).get("run", {}))
     saved["model"] = local_path_or_id(saved.get("model"))  # recorded relative by older versions
+    identity = {**SHOWN_WHEN_ABSENT, **identity}
+    saved = {**SHOWN_WHEN_ABSENT, **saved}
     diffs = [f"{name} {saved.get(name)!r} -> {identity.get(name)!r}" for name in (*IDENTITY_FIELDS,
-                                                                                  *EVAL_IDENTITY_FIELDS)
+                                                                                  *EVAL_IDENTITY_FIELDS,
+                                                                                  *LORA_IDENTITY_FIELDS)
              if saved.get(name) != identity.get(name)]
     for name in RECIPE_IDENTITY_FIELDS:
         old, new = saved.get(name, recipe_default(name)), identity.get(name, recipe_default(name))

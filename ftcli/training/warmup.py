@@ -103,6 +103,10 @@ def cache_key_fields(config: Any, dataset: Any, device: str, torch_dtype: Any) -
     if METHODS[config.method].uses_lora:
         fields["lora"] = {"rank": config.lora_rank, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
                           "targets": sorted(config.lora_target_modules or [])}
+        from ftcli.methods.variants import describe
+
+        if describe(config):  # DoRA, rsLoRA, trained biases change the graph (plain LoRA keeps its key)
+            fields["lora"]["variant"] = describe(config)
     return fields
 
 
