@@ -27,6 +27,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 
 from ftcli.data.specs import check_dataset
 from ftcli.errors import ConfigError
+from ftcli.files import read_yaml_document
 from ftcli.methods import METHODS
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -390,7 +391,7 @@ def closest_key(key: str) -> str | None:
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML run file into a dict of config keys (validated later, with the flags)."""
     path = Path(path)
-    data = _read_yaml(path)
+    data = read_yaml_document(path, normalize_key)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -405,70 +406,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"unknown key '{key}' in config file {path}", hint=hint)
         out[name] = value
     return out
-
-
-def _read_yaml(path: Path) -> Any:
-    """The file's one YAML document, refused (naming the file and line) when it is not UTF-8 text, is not
-    valid YAML, or gives one key twice (also as snake and kebab case: `batch_size` and `batch-size`)."""
-    import yaml
-
-    if path.is_dir():
-        raise ConfigError(f"config file {path} is a folder", hint="pass the YAML file itself to --config")
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist", hint="check the path given to --config")
-    try:
-        raw = path.read_bytes()
-        text = raw.decode("utf-8-sig")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}",
-                          hint="check the path and its permissions") from None
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise ConfigError(f"config file {path}:{line} is not UTF-8 text (byte 0x{raw[exc.start]:02x})",
-                          hint="save the file as UTF-8") from None
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _refuse_repeated_keys(node, path, top=True)
-        return loader.construct_document(node)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError(f"config file {where} is not valid YAML", hint="fix the syntax at that line") from None
-    finally:
-        loader.dispose()
-
-
-def _refuse_repeated_keys(node: Any, path: Path, top: bool, seen_nodes: set[int] | None = None) -> None:
-    """YAML keeps the last of two equal keys without a word: refuse them (the run's keys also by their
-    snake_case name), in every mapping of the file."""
-    import yaml
-
-    seen_nodes = set() if seen_nodes is None else seen_nodes
-    if id(node) in seen_nodes:  # an alias met again
-        return
-    seen_nodes.add(id(node))
-    children: list[Any] = []
-    if isinstance(node, yaml.MappingNode):
-        first: dict[str, tuple[str, int]] = {}
-        for key_node, value_node in node.value:
-            children.append(value_node)
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key, line = key_node.value, key_node.start_mark.line + 1
-            name = normalize_key(key) if top else key
-            if name in first:
-                was, was_line = first[name]
-                same = f"gives '{key}' twice (also on line {was_line})" if was == key else \
-                    f"gives '{key}', the same option as '{was}' on line {was_line}"
-                raise ConfigError(f"config file {path}:{line} {same}", hint="keep one of them")
-            first[name] = (key, line)
-    elif isinstance(node, yaml.SequenceNode):
-        children = list(node.value)
-    for child in children:
-        _refuse_repeated_keys(child, path, top=False, seen_nodes=seen_nodes)
 
 
 def build_run_config(flags: dict[str, Any], config_file: str | Path | None = None) -> RunConfig:

@@ -15,6 +15,7 @@ means "complete" (checkpoint markers).
 `exclusive` locks a target that may not exist yet through `.<name>.ftcli-lock` beside it: an OS
 lock (flock) held for the life of the block and released by the kernel when the process dies, so a
 crashed holder never blocks the next run; the file names the holder (host, pid, command, start).
+`read_yaml_document` reads the run's YAML file strictly (UTF-8, one document, no key given twice).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ftcli.errors import ConfigError, OutputError
 
@@ -269,3 +270,71 @@ def disk_full_note(folder: Path, below: int = 16 * 2**20) -> str:
         return ""
     return f"; the disk holding {folder} is full ({free} bytes free)" if free < below else ""
 
+
+# ---- reading the run's YAML file ------------------------------------------------------------------
+
+
+def read_yaml_document(path: Path, normalize_key: Callable[[str], str]) -> Any:
+    """The file's one YAML document, refused (naming the file and line) when it is not UTF-8 text, is not
+    valid YAML, or gives one key twice (a top-level key also by `normalize_key(key)`: `batch_size` and
+    `batch-size` are one key). The run config's reader (ftcli.config.load_config_file)."""
+    import yaml
+
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder", hint="pass the YAML file itself to --config")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist", hint="check the path given to --config")
+    try:
+        raw = path.read_bytes()
+        text = raw.decode("utf-8-sig")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}",
+                          hint="check the path and its permissions") from None
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path}:{line} is not UTF-8 text (byte 0x{raw[exc.start]:02x})",
+                          hint="save the file as UTF-8") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_repeated_keys(node, path, normalize_key, top=True)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"config file {where} is not valid YAML", hint="fix the syntax at that line") from None
+    finally:
+        loader.dispose()
+
+
+def _refuse_repeated_keys(node: Any, path: Path, normalize_key: Callable[[str], str], top: bool,
+                          seen_nodes: set[int] | None = None) -> None:
+    """YAML keeps the last of two equal keys without a word: refuse them (the run's keys also by their
+    snake_case name), in every mapping of the file."""
+    import yaml
+
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:  # an alias met again
+        return
+    seen_nodes.add(id(node))
+    children: list[Any] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, tuple[str, int]] = {}
+        for key_node, value_node in node.value:
+            children.append(value_node)
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = key_node.value, key_node.start_mark.line + 1
+            name = normalize_key(key) if top else key
+            if name in first:
+                was, was_line = first[name]
+                same = f"gives '{key}' twice (also on line {was_line})" if was == key else \
+                    f"gives '{key}', the same option as '{was}' on line {was_line}"
+                raise ConfigError(f"config file {path}:{line} {same}", hint="keep one of them")
+            first[name] = (key, line)
+    elif isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    for child in children:
+        _refuse_repeated_keys(child, path, normalize_key, top=False, seen_nodes=seen_nodes)
