@@ -1,6 +1,7 @@
 """`ftcli export`: registered in ftcli/cli/__init__.py.
 
     $ ftcli export runs/lora-1 --output models/lora-1 --dtype bfloat16 --max-shard-size 2GB
+    $ ftcli export runs/lora-1 --output models/lora-1-gguf --format gguf --gguf-type q8_0
 
 The work happens in ftcli/export/ (imported inside the command, so `ftcli --help` stays light).
 """
@@ -40,20 +41,31 @@ def export(
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N: where the merge and the check run.",
                                         rich_help_panel=OUT)] = "cpu",
     verify: Annotated[bool, typer.Option(
-        "--verify/--no-verify", help="Compare the merged model's logits with base + adapter on fixed prompts.",
+        "--verify/--no-verify", help="Compare the merged model's logits with base + adapter on fixed prompts (--format gguf: and the "
+        "GGUF's, in llama.cpp, with the merged model's when llama-cpp-python is installed).",
         rich_help_panel=OUT)] = True,
+    format: Annotated[str, typer.Option(
+        "--format", help="hf | gguf. hf: a transformers model folder (safetensors). gguf: one GGUF file for "
+        "llama.cpp / Ollama / LM Studio (converted by llama.cpp's own code, with the run's chat template) and an "
+        "Ollama Modelfile.", rich_help_panel=OUT)] = "hf",
+    gguf_type: Annotated[Optional[str], typer.Option(
+        "--gguf-type", help=with_default("f32 | f16 | bf16 | q8_0: the GGUF's weight type.",
+                                         default="bf16 for a bfloat16 model, else f16"),
+        show_default=False, rich_help_panel=OUT)] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace an earlier ftcli export in --output (only once the new export is complete).",
         rich_help_panel=OUT)] = False,
 ) -> None:
-    """Merge a LoRA/QLoRA adapter into its base (or re-save a full fine-tune) as one verified model folder."""
+    """Merge a LoRA/QLoRA adapter into its base (or re-save a full fine-tune) as one verified model folder,
+    or as a GGUF file checked against it (--format gguf)."""
 
     def go() -> None:
         from ftcli.export.run import ExportOptions, export_model
 
         export_model(ExportOptions(source=source, output=output, base=base, revision=revision,
                                    trust_remote_code=trust_remote_code, dtype=dtype, merge_into=merge_into,
-                                   max_shard_size=max_shard_size, device=device, verify=verify, overwrite=overwrite))
+                                   max_shard_size=max_shard_size, device=device, verify=verify, overwrite=overwrite,
+                                   format=format, gguf_type=gguf_type))
 
     run_guarded(go)
 

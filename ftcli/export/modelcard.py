@@ -29,6 +29,7 @@ def export_record(src: ExportSource, opts: ExportOptions, merge_into: str, dtype
         "method": src.method,
         "base_model": src.base if src.kind == "adapter" else (manifest.get("config", {}).get("model")),
         "merge_into": merge_into,
+        "format": opts.format,
         "dtype": dtype_name,
         "max_shard_size": opts.max_shard_size,
         "verification": None if comparison is None else {
@@ -91,10 +92,40 @@ def write_model_card(path: Path, src: ExportSource, record: dict[str, Any], titl
               f"| verification | {check} |",
               f"| exported | {record['exported_at']} with ftcli {__version__}, transformers "
               f"{record['versions'].get('transformers')}, peft {record['versions'].get('peft')} |", ""]
+    if record.get("gguf"):
+        lines += _gguf_lines(record["gguf"])
+        path.write_text("\n".join(lines), encoding="utf-8")
+        return
     lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")",
               "tokenizer = AutoTokenizer.from_pretrained(\"path/to/this/folder\")", "```", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _gguf_lines(gguf: dict[str, Any]) -> list[str]:
+    """The card's GGUF section: the file, its checks with their figures, and how to run it."""
+    read = gguf["reader_check"]
+    errors = ", ".join(f"{k} {v:.2g}" for k, v in sorted(read["max_relative_value_error"].items()))
+    llama = gguf["llama_cpp_check"]
+    if isinstance(llama, dict):
+        checked = (f"ids identical: {llama['ids_identical']}, largest relative logit difference "
+                   f"{llama['max_relative_logit_difference']:.3g}, top-1 agreement {llama['min_top1_agreement']:.1%}, "
+                   f"greedy continuation identical: {llama['greedy_identical']} ({llama['prompts']} prompts)")
+    else:
+        checked = f"llama.cpp was not run ({llama.removeprefix('not run: ')})"
+    prompt = gguf["prompt"]
+    pre = gguf.get("pre_tokenizer") or {}
+    name = gguf["file"]
+    return ["## GGUF", "", "| | |", "|---|---|", f"| file | `{name}` ({gguf['type']}) |",
+            f"| converted by | {gguf['converter']} |",
+            f"| pre-tokenizer | {pre.get('name')} (from {pre.get('from')}) |",
+            f"| prompt format | {prompt['format']} data, template {prompt['template']}; EOS id {prompt['eos_id']}, "
+            f"end-of-turn id {prompt['eot_id']}, BOS added: {prompt['add_bos']} |",
+            f"| gguf reader check | {read['matched']} of {read['tensors']} tensors match the merged weights "
+            f"(largest relative value error {errors}) |",
+            f"| llama.cpp check | {checked} |", "",
+            "## Use", "", "```sh", f"llama-cli -m {name} --jinja -cnv", f"llama-server -m {name} --jinja",
+            "ollama create my-model -f Modelfile && ollama run my-model", "```", ""]
 
 
 def _training_rows(src: ExportSource, record: dict[str, Any]) -> list[str]:

@@ -32,6 +32,7 @@ from typing import Any
 
 from ftcli.console import console
 from ftcli.errors import ConfigError, RunFailed
+from ftcli.export.gguf import step as gguf_step
 from ftcli.export.merge import model_bytes
 from ftcli.export.modelcard import export_record, write_model_card
 from ftcli.export.source import (
@@ -104,24 +105,40 @@ def _export(opts: ExportOptions, src: ExportSource, out: Path) -> ExportResult:
 
     return_freed_memory_promptly()
     tokenizer = load_source_tokenizer(src)
+    gguf = opts.format == "gguf"
+    prompt = gguf_step.prepare(src, tokenizer) if gguf else None  # a template it cannot carry fails before loading
     with sigterm_as_interrupt(), staging_folder(out, opts.overwrite) as stage:
+        folder = stage.path / gguf_step.MERGED if gguf else stage.path
+        folder.mkdir(exist_ok=True)
         scratch = stage.path / NARROWED
         model, comparison, effect = build_model(src, merge_into, dtype_name, device, tokenizer, opts.verify,
                                                 base_is_4bit=is_4bit(base_config), scratch=scratch)
         shutil.rmtree(scratch, ignore_errors=True)  # loaded (and still mapped) weights outlive the files
         size = model_bytes(model)
-        model.save_pretrained(str(stage.path), max_shard_size=_shard_size(opts.max_shard_size))
+        model.save_pretrained(str(folder), max_shard_size=_shard_size(opts.max_shard_size))
+        reference = gguf_step.reference_for(model, prompt, opts.verify) if gguf else None
         del model  # the weights are on disk; free them before the small files
-        tokenizer.save_pretrained(str(stage.path))
+        tokenizer.save_pretrained(str(folder))
+        gguf_record = None
+        if gguf:
+            gguf_type = gguf_step.gguf_type_for(opts.gguf_type, dtype_name)
+            gguf_record = gguf_step.write_gguf(folder, stage.path, out.name, gguf_type, prompt, reference,
+                                               opts.verify)
+            shutil.rmtree(folder)
         files = sorted(p.name for p in stage.path.iterdir())
         record = export_record(src, opts, merge_into, dtype_name, comparison, effect, files)
+        record["gguf"] = gguf_record
         write_model_card(stage.path / CARD, src, record, title=out.name)
         (stage.path / EXPORT_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
         stage.commit()
     files = sorted(p.name for p in out.iterdir())
-    shards = [f for f in files if f.endswith(".safetensors")]
-    console.print(f"exported {len(shards)} safetensors shard(s), {format_bytes(size)} of {dtype_name} weights, "
-                  f"to {out}")
+    if gguf_record:
+        console.print(f"exported {gguf_record['file']} ({gguf_record['type']}) and an Ollama {gguf_step.MODELFILE} "
+                      f"to {out}")
+    else:
+        shards = [f for f in files if f.endswith(".safetensors")]
+        console.print(f"exported {len(shards)} safetensors shard(s), {format_bytes(size)} of {dtype_name} weights, "
+                      f"to {out}")
     return ExportResult(out, dtype_name, merge_into, comparison, effect, size, files)
 
 
@@ -246,6 +263,7 @@ def _probe_reference(probe: Path) -> tuple[list[Any] | None, list[Any]]:
 
 
 def _check_options(opts: ExportOptions) -> None:
+    gguf_step.check_gguf_options(opts.format, opts.gguf_type)
     if opts.dtype != "auto" and opts.dtype not in DTYPES:
         raise ConfigError(f"--dtype {opts.dtype} is not a dtype", hint="use auto, float32, float16 or bfloat16")
     if opts.merge_into.lower() in QUANTIZED_TARGETS:

@@ -41,6 +41,8 @@ class ExportOptions:
     device: str = "cpu"
     verify: bool = True
     overwrite: bool = False
+    format: str = "hf"  # hf (a model folder) | gguf (llama.cpp / Ollama)
+    gguf_type: str | None = None  # f32 | f16 | bf16 | q8_0; None: bf16 for a bfloat16 model, else f16
 
 
 @dataclass
