@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -307,7 +308,8 @@ def test_a_missing_tracker_names_its_extra(cli, tmp_path: Path) -> None:
 def test_help_shows_the_recipe_defaults(cli, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "250")
     monkeypatch.setenv("TERMINAL_WIDTH", "250")
-    text = " ".join(cli("train", "--help").stdout.split())
+    # The box drawing and the wrapping taken out (an earlier test may have fixed the console's width).
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", cli("train", "--help").stdout).split())
     assert "Optimizer and schedule" in text
     for fragment in ("[default: auto]", "[default: linear]", "[default: 0.9]", "[default: 0.999]", "[default: 1e-8]",
                      "[default: 0.1 cosine_with_min_lr, 0 warmup_stable_decay]", "[default: tensorboard]",
