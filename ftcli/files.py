@@ -271,6 +271,17 @@ def disk_full_note(folder: Path, below: int = 16 * 2**20) -> str:
     return f"; the disk holding {folder} is full ({free} bytes free)" if free < below else ""
 
 
+
+def file_sha256(path: Path) -> str:
+    """The file's sha256, read in 1 MiB blocks (never whole into memory)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
 # ---- reading the run's YAML file ------------------------------------------------------------------
 
 

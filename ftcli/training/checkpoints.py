@@ -27,7 +27,6 @@ Signals, the non-finite guard and FSDP resume loading live in ftcli/training/gua
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shlex
@@ -37,7 +36,7 @@ from typing import Any
 
 from ftcli.data.specs import map_spec
 from ftcli.errors import ConfigError, OutputError
-from ftcli.files import fsync_tree, write_json_atomic
+from ftcli.files import file_sha256, fsync_tree, write_json_atomic
 
 MARKER = "ftcli_checkpoint.json"
 METRICS_COPY = "ftcli_metrics.jsonl"  # metrics.jsonl up to this checkpoint, restored on resume
@@ -167,14 +166,6 @@ def resolve_verified(resume: str, out: Path) -> Path:
     path = resolve_resume(resume, out)
     verify_checkpoint(path)
     return path
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_checkpoint(path: Path) -> None:

