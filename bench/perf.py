@@ -17,14 +17,18 @@ template plus EOS as one `text` column, `pad_token = eos_token`, a plain TRL `SF
 seed 42, one epoch, TensorBoard logging every step). ftcli runs through its real CLI with its
 defaults (`ftcli train --method full`), plus `--train-on-inputs` so that both put the whole text in
 the loss, and `--dtype` set to the reference's dtype (its default, bfloat16: the same numerics on
-both sides). Runs alternate (reference, ftcli, reference, ftcli, ...), each in its own process.
+both sides). A third workflow, plain (skip it with --no-plain), is what a peer built on the plain
+`transformers.Trainer` runs (LLaMA-Factory, axolotl): the same text + EOS tokenized once, the Trainer's own
+defaults (random order, its optimizer), the reference's batch, learning rate, epoch and seed, padded
+batches to a multiple of 8. Runs alternate (reference, plain, ftcli, reference, ...), each in its own process.
 
 Figures per run: real tokens/s = non-padding tokens trained / the trainer's train_runtime; wall =
 the whole process (start-up, loading, training, saving); peak = the process's own peak RSS (its
 VmHWM); loss = the final model's mean token loss on the same held-out rows (the reference's
 tokenization, whole text, evaluated here in float32): the fair comparison, since the two tokenize
 the prompt/response seam slightly differently and order the data differently; train loss = the
-trainer's mean training loss. The table prints medians with [min-max] ranges and ftcli/reference ratios.
+trainer's mean training loss. The table prints medians with [min-max] ranges, ftcli/reference and
+ftcli/plain ratios.
 """
 
 from __future__ import annotations
@@ -206,6 +210,49 @@ def reference_main(argv: list[str]) -> None:
     }))
 
 
+def plain_main(argv: list[str]) -> None:
+    """The plain-Trainer workflow a peer runs (LLaMA-Factory, axolotl): tokenize the same text + EOS, then
+    `transformers.Trainer` with its own defaults (random order, its optimizer) and the reference's batch,
+    learning rate, epochs and seed; padded batches (a multiple of 8) behind an attention mask."""
+    parser = argparse.ArgumentParser()
+    for name in ("--model_name", "--data", "--output_dir", "--result"):
+        parser.add_argument(name, required=True)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dataset_size", type=int, default=500)
+    args = parser.parse_args(argv)
+
+    import torch
+    from datasets import load_dataset
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
+                              TrainingArguments)
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name)
+    tokenizer.pad_token = tokenizer.eos_token
+
+    def tokenize(x):
+        texts = [ALPACA_PROMPT_TEMPLATE.format(i, n, o) + tokenizer.eos_token
+                 for i, n, o in zip(x["instruction"], x["input"], x["output"])]
+        ids = tokenizer(texts, truncation=True, max_length=REFERENCE["seq_length"])["input_ids"]
+        return {"input_ids": ids, "labels": [list(r) for r in ids]}
+
+    dataset = load_dataset("json", data_files=args.data, split="train").select(range(args.dataset_size))
+    dataset = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names)
+    model = AutoModelForCausalLM.from_pretrained(args.model_name, dtype=getattr(torch, args.dtype))
+    targs = TrainingArguments(output_dir=args.output_dir, per_device_train_batch_size=REFERENCE["batch_size"],
+                              learning_rate=REFERENCE["learning_rate"], num_train_epochs=1, seed=42,
+                              logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+                              use_cpu=not torch.cuda.is_available(), bf16=args.dtype == "bfloat16")
+    trainer = Trainer(model=model, args=targs, train_dataset=dataset,
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8))
+    stats = trainer.train()
+    trainer.save_model(args.output_dir)
+    tokenizer.save_pretrained(args.output_dir)
+    Path(args.result).write_text(json.dumps({
+        "train_runtime": stats.metrics["train_runtime"], "train_loss": stats.metrics["train_loss"],
+        "real_tokens": sum(len(ids) for ids in dataset["input_ids"]), "steps": trainer.state.global_step,
+    }))
+
+
 # ---- one run of each side -------------------------------------------------------------------------
 
 
@@ -233,14 +280,15 @@ def run_process(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[int, fl
     return proc.returncode, wall, peak
 
 
-def run_reference(model: Path, data: Path, rows: int, dtype: str, work: Path, tag: str) -> dict:
+def run_reference(model: Path, data: Path, rows: int, dtype: str, work: Path, tag: str, mode: str = "_reference") -> dict:
+    tag = f"{mode.strip('_')}-{tag}"
     out, result = work / f"ref-{tag}", work / f"ref-{tag}.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TENSORBOARD_LOGGING_DIR": str(work / f"ref-{tag}-tb")}
-    cmd = [sys.executable, os.path.abspath(__file__), "_reference", "--model_name", str(model), "--data", str(data),
+    cmd = [sys.executable, os.path.abspath(__file__), mode, "--model_name", str(model), "--data", str(data),
            "--dtype", dtype, "--dataset_size", str(rows), "--output_dir", str(out), "--result", str(result)]
     code, wall, peak = run_process(cmd, work / f"ref-{tag}.log", env)
     if code != 0:
-        raise SystemExit(f"reference run failed (exit {code}); see the end of {work / f'ref-{tag}.log'}:\n"
+        raise SystemExit(f"{mode} run failed (exit {code}); see the end of {work / f'ref-{tag}.log'}:\n"
                          + "\n".join((work / f"ref-{tag}.log").read_text().splitlines()[-15:]))
     r = json.loads(result.read_text())
     return {"tps": r["real_tokens"] / r["train_runtime"], "wall": wall, "peak": peak, "train_loss": r["train_loss"],
@@ -363,18 +411,19 @@ def table(results: dict[str, dict[str, list[dict]]]) -> str:
             ("train_loss", "train loss", ".4f", 1), ("peak", "peak RSS MiB", ",.0f", 2**20))
     lines = ["| data | workflow | " + " | ".join(c[1] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for data, sides in results.items():
-        for side in ("reference", "ftcli"):
+        for side in [s for s in ("reference", "plain", "ftcli") if sides.get(s)]:
             cells = [fmt_range([r[key] / scale for r in sides[side]], f) for key, _, f, scale in cols]
             lines.append(f"| {data} | {side} | " + " | ".join(cells) + " |")
-        cells = []
-        for key, _, _, _ in cols:
-            if key in ("tps", "runtime"):
-                pairs = [f[key] / r[key] for r, f in zip(sides["reference"], sides["ftcli"])]
-                cells.append(f"**{statistics.median(pairs):.2f}x** [{min(pairs):.2f}-{max(pairs):.2f}]")
-            else:
-                ref = statistics.median(r[key] for r in sides["reference"])
-                cells.append(f"{statistics.median(r[key] for r in sides['ftcli']) / ref:.3f}x")
-        lines.append(f"| {data} | ftcli / reference | " + " | ".join(cells) + " |")
+        for base in [s for s in ("reference", "plain") if sides.get(s)]:
+            cells = []
+            for key, _, _, _ in cols:
+                if key in ("tps", "runtime"):
+                    pairs = [f[key] / r[key] for r, f in zip(sides[base], sides["ftcli"])]
+                    cells.append(f"**{statistics.median(pairs):.2f}x** [{min(pairs):.2f}-{max(pairs):.2f}]")
+                else:
+                    ref = statistics.median(r[key] for r in sides[base])
+                    cells.append(f"{statistics.median(r[key] for r in sides['ftcli']) / ref:.3f}x")
+            lines.append(f"| {data} | ftcli / {base} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -405,8 +454,8 @@ def machine() -> str:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "_reference":
-        reference_main(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] in ("_reference", "_plain"):
+        (reference_main if sys.argv[1] == "_reference" else plain_main)(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="alternating pairs per dataset (default 3)")
@@ -424,6 +473,8 @@ def main() -> None:
                         "default on the long-tailed data (0: skip)")
     parser.add_argument("--pairs-only", dest="micro", action="store_const", const=0, help="skip that measurement")
     parser.add_argument("--quick", action="store_true", help="1 pair, 200 rows: a smoke run")
+    parser.add_argument("--no-plain", dest="plain", action="store_false", help="skip the plain-Trainer workflow "
+                        "(transformers.Trainer with its defaults: what a peer built on it runs)")
     parser.add_argument("--keep", type=Path, help="keep the run folders here instead of a temporary folder")
     args = parser.parse_args()
     if args.quick:
@@ -455,15 +506,17 @@ def main() -> None:
               f"seq {REFERENCE['seq_length']}, 1 epoch); ftcli train --method full {args.ftcli_args}".rstrip())
         if args.micro and "longtail" in data:
             print("\n".join(micro(model, data["longtail"][0], args.rows, args.dtype, args.micro)), flush=True)
-        results: dict[str, dict[str, list[dict]]] = {kind: {"reference": [], "ftcli": []} for kind in data}
+        results: dict[str, dict[str, list[dict]]] = {kind: {"reference": [], "plain": [], "ftcli": []}
+                                                      for kind in data}
+        sides = ("reference", "plain", "ftcli") if args.plain else ("reference", "ftcli")
         extra = args.ftcli_args.split()
         # Repeat-major order: every repeat runs each data set's pair, so slow drifts in load hit both alike.
         for rep in range(args.repeats):
             for kind, (path, heldout) in data.items():
-                for side in ("reference", "ftcli"):
+                for side in sides:
                     tag = f"{kind}-{rep}"
-                    if side == "reference":
-                        r = run_reference(model, path, args.rows, args.dtype, work, tag)
+                    if side != "ftcli":
+                        r = run_reference(model, path, args.rows, args.dtype, work, tag, f"_{side}")
                     else:
                         r = run_ftcli(model, path, args.rows, args.dtype, work, tag, extra)
                     r["heldout"] = heldout_loss(r["dir"], heldout, model)

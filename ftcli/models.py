@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -416,3 +419,31 @@ def load_adapter_tokenizer(folder: Path, base: str, *, revision: str | None = No
                          hint="the source or its base needs tokenizer files (tokenizer.json, tokenizer_config.json)"
                          ) from None
 
+
+
+# Functions of the libraries that remember whether bitsandbytes is installed (cleared when `without_bitsandbytes`
+# ends, so that a later 4-bit load in the same process finds it again).
+_BNB_CHECKS = (("peft.import_utils", "is_bnb_available"), ("peft.import_utils", "is_bnb_4bit_available"),
+               ("transformers.utils.import_utils", "is_bitsandbytes_available"))
+
+
+@contextmanager
+def without_bitsandbytes(active: bool = True) -> Iterator[None]:
+    """Within: bitsandbytes counts as not installed (unless it is already imported), so that a method that loads
+    no 4-bit weights never imports it.
+
+    peft imports it whenever it is installed (`peft.helpers`, and LoRA's layer dispatch), and importing it costs
+    seconds (it pulls in torch's Inductor compiler) and starts CUDA probing, for nothing outside QLoRA."""
+    if not active or sys.modules.get("bitsandbytes") is not None:
+        yield
+        return
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # import fails, find_spec says absent
+    try:
+        yield
+    finally:
+        if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]
+        for module, name in _BNB_CHECKS:
+            check = getattr(sys.modules.get(module), name, None)
+            if hasattr(check, "cache_clear"):
+                check.cache_clear()

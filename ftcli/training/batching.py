@@ -34,6 +34,9 @@ PAD_MULTIPLE = 8  # padded batches are this many tokens long, times n (not with 
 MEGABATCH_STEPS = 64
 # ... and at least this many megabatches per epoch, so that small data sets still mix between epochs.
 MIN_MEGABATCHES = 2
+# Grouped steps divide their summed token loss by the epoch's mean loss tokens per step, not by their own count
+# (see `loss_tokens_per_step`); False brings back the per-step mean (bench/grouping.py's "before").
+TOKEN_WEIGHTED_GROUPING = True
 # Batch key the padding-free collator adds: the number of real tokens (the trainer removes it before the forward).
 REAL_TOKENS = "ftcli_real_tokens"
 
@@ -242,6 +245,32 @@ def example_lengths(dataset: Any) -> list[int]:
         return [len(row["input_ids"]) for row in dataset]
 
 
+def loss_tokens(dataset: Any) -> int:
+    """Loss tokens of a datasets.Dataset as the trainer counts them (labels after the first that are not -100)."""
+    try:
+        import pyarrow.compute as pc
+
+        column = dataset.with_format("arrow")[:]["labels"]
+        scored = pc.sum(pc.not_equal(pc.list_flatten(column), IGNORE)).as_py() or 0
+        first = pc.sum(pc.not_equal(pc.list_element(column, 0), IGNORE)).as_py() or 0
+        return int(scored - first)
+    except Exception:  # noqa: BLE001 - any other dataset type: count in Python
+        return sum(sum(1 for t in row["labels"][1:] if t != IGNORE) for row in dataset)
+
+
+def loss_tokens_per_step(dataset: Any, effective_batch: int) -> float:
+    """The mean loss tokens of an optimizer step over the epoch: what a grouped step divides its summed loss by.
+
+    A grouped step holds examples of one length, so dividing by its own token count (as a random-order step
+    does) would give every token of a short-example step many times the weight of a token of a long-example
+    step: the run would fit short examples at the expense of long ones and end with a worse token-weighted
+    loss (bench/grouping.py). Divided by the epoch's mean instead, every token weighs the same in every step,
+    as in expectation in random order; it depends only on the data and the effective batch, so accumulation
+    (batch 8 = 2 x 4) and resume give the same steps."""
+    steps = max(1, -(-len(dataset) // max(1, effective_batch)))
+    return max(1.0, loss_tokens(dataset) / steps)
+
+
 def grouped_order(lengths: list[int], effective_batch: int, seed: int, epoch: int) -> list[int]:
     """The example order of one epoch: each consecutive `effective_batch` slice is one optimizer step.
 
@@ -333,12 +362,32 @@ def trainer_class(base: type) -> type:
                     dataset, "__len__"):
                 return super()._get_train_sampler(train_dataset)
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            if TOKEN_WEIGHTED_GROUPING:
+                self._ftcli_step_tokens = loss_tokens_per_step(dataset, effective_batch_size(self.args))
             return EffectiveBatchLengthSampler(example_lengths(dataset), effective_batch_size(self.args), seed)
+
+        def _get_num_items_in_batch(self, batch_samples: list, device: Any) -> Any:
+            counted = super()._get_num_items_in_batch(batch_samples, device)
+            expected = getattr(self, "_ftcli_step_tokens", None)
+            self._ftcli_loss_scale = None
+            if expected is None or counted is None:
+                return counted
+            import torch
+
+            counted = torch.as_tensor(counted, device=device)
+            # The same division by parallel sizes as the count (1 under DDP and FSDP).
+            mean = counted.new_tensor(expected, dtype=torch.float32) / (
+                self.get_tp_size() * self.get_cp_size() * self.get_sp_size())
+            # Reported (logged) losses stay this step's mean token loss: the loss trained is rescaled, not the record.
+            self._ftcli_loss_scale = mean / counted.float().clamp(min=1)
+            return mean
 
         def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
             # The count rides in the batch from the collator; the model must not see it.
             self._ftcli_real_tokens = inputs.pop(REAL_TOKENS, None)
-            return super().training_step(model, inputs, *args, **kwargs)
+            loss = super().training_step(model, inputs, *args, **kwargs)
+            scale = getattr(self, "_ftcli_loss_scale", None)
+            return loss if scale is None else loss * scale.to(loss.device)
 
         def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
             real = self._ftcli_real_tokens

@@ -65,6 +65,16 @@ def resolved_optim(config: Any, device: str) -> str:
     return "adamw_torch_fused" if use_fused_adamw(config, device) else "adamw_torch"
 
 
+# Optimizers that bitsandbytes implements (transformers' own list, by name prefix): a run with one of them imports it
+# even when its method loads no 4-bit weights.
+BITSANDBYTES_OPTIMIZERS = ("adamw_bnb", "adamw_8bit", "paged_", "ademamix", "lion", "rmsprop_bnb")
+
+
+def needs_bitsandbytes(config: Any) -> bool:
+    """Whether the run's --optim is a bitsandbytes optimizer (`auto` never is)."""
+    return config.optim != AUTO and config.optim.startswith(BITSANDBYTES_OPTIMIZERS)
+
+
 def optimizer_names() -> list[str]:
     """Every --optim the installed transformers knows."""
     from transformers.training_args import OptimizerNames

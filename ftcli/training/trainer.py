@@ -11,6 +11,7 @@ and runs its own `training_step`, so the warm cache is the one the run uses).
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,8 @@ def build_trainer(config: Any, plan: Any, tokenizer: Any, dataset: Any, out: Pat
     # The method's own arguments (e.g. FSDP's) win over ftcli's defaults.
     args = SFTConfig(**{**kwargs, **plan.training_args})
     display = TrainingDisplay(device=device, metrics_path=out / METRICS, evaluates=evaluator is not None)
-    trainer_class = guarded_trainer_class(recipe.trainer_class(batching.trainer_class(plan.trainer_class or SFTTrainer)))
+    trainer_class = guarded_trainer_class(recipe.trainer_class(batching.trainer_class(
+        lean_loss_class(plan.trainer_class or SFTTrainer))))
     callbacks = [display, *recipe.tracker_callbacks(config, out, log_dir)]
     if evaluator is not None:
         # Before the guard: a checkpoint the evaluator asks for at a step is unmarked by the guard like its own.
@@ -87,6 +89,62 @@ def build_trainer(config: Any, plan: Any, tokenizer: Any, dataset: Any, out: Pat
     # The display replaces the trainer's own printing of raw log dicts.
     trainer.remove_callback(PrinterCallback)
     return trainer, display
+
+
+# Devices where TRL's fused LM head runs its Triton kernel: only the loss positions are projected and the
+# (batch, length, vocabulary) logits never exist. Elsewhere it falls back to torch tiles over every position,
+# with the projection computed again in the backward pass.
+FUSED_HEAD_DEVICES = ("cuda", "xpu")
+
+
+@lru_cache(maxsize=None)
+def lean_loss_class(base: type) -> type:
+    """`base` (SFTTrainer or a method's subclass) whose training loss is the plain `transformers.Trainer` one
+    (the model's own logits and cross-entropy, as a peer's trainer computes it) where TRL's fused LM head has no
+    kernel to run on (CPU, MPS).
+
+    There TRL's head costs a second projection over the whole vocabulary for every position in the backward
+    pass, plus the entropy and top-1 accuracy of every position (its `entropy` and `mean_token_accuracy`
+    metrics, each read back with a device sync per micro-batch): measured by bench/steps.py, most of what made
+    a training step cost more than the plain Trainer's. The loss is the same sum of token losses over
+    `num_items_in_batch`; TRL's `num_tokens` count is kept. Anything else TRL's loss handles itself (another
+    loss type, label smoothing, MoE auxiliary loss, a custom loss function, evaluation) goes to TRL."""
+
+    class LeanLoss(base):  # type: ignore[misc,valid-type]
+        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            if return_outputs or not self.model.training or not self._ftcli_plain_loss():
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            from transformers import Trainer
+
+            inputs["use_cache"] = False
+            loss = Trainer.compute_loss(self, model, inputs, num_items_in_batch=num_items_in_batch)
+            if "attention_mask" in inputs:  # TRL's running count of the tokens trained (padding excluded)
+                local = inputs["attention_mask"].sum()
+            else:
+                local = torch_tensor(inputs["position_ids"].size(1), inputs["position_ids"].device)
+            self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+        def _ftcli_plain_loss(self) -> bool:
+            if "_ftcli_plain" not in self.__dict__:
+                device = getattr(self.args, "device", None)
+                self._ftcli_plain = (getattr(device, "type", "cpu") not in FUSED_HEAD_DEVICES
+                                     and getattr(self.args, "loss_type", "nll") == "nll"
+                                     and self.compute_loss_func is None and self.label_smoother is None
+                                     and not getattr(self, "aux_loss_enabled", False))
+            return self._ftcli_plain
+
+    LeanLoss.__name__ = LeanLoss.__qualname__ = f"Lean{base.__name__}"
+    return LeanLoss
+
+
+def torch_tensor(value: int, device: Any) -> Any:
+    import torch
+
+    return torch.tensor(value, device=device)
 
 
 def compute_dtype(config: Any, device: str) -> Any:
