@@ -68,6 +68,9 @@ def print_prepared(prepared: Any, config: Any) -> None:
     from ftcli.console import console
 
     m = prepared.manifest
+    if m.get("kind") == "preference":
+        _print_pairs(prepared)
+        return
     s = m["stats"]
     d = s["dropped"]
     length = s["length"]
@@ -95,6 +98,17 @@ def print_prepared(prepared: Any, config: Any) -> None:
     console.print(table)
     if prepared.report.sources:
         console.print(source_table(prepared.report.sources))
+    for note in prepared.report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+
+
+def _print_pairs(prepared: Any) -> None:
+    from ftcli.console import console
+    from ftcli.data.preference_prepare import pairs_table
+
+    where = "already prepared[/] (cache hit):" if prepared.reused else "prepared[/]"
+    console.print(f"[bold]{where} {prepared.folder}")
+    console.print(pairs_table(prepared.manifest))
     for note in prepared.report.notes:
         console.print(f"[yellow]note:[/] {note}")
 

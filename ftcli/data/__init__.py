@@ -32,8 +32,12 @@ def load_datasets(config: Any, tokenizer: Any) -> tuple[Any, DataReport, Any]:
     """(training data, its report, the eval set or None): `--eval-split` rows held out of the training
     data, or `--eval-dataset` prepared the same way (see ftcli.data.split)."""
     from ftcli.data.mixture import prepare_data
-    from ftcli.data.split import hold_out, prepare_eval_dataset
+    from ftcli.objectives import OBJECTIVES
 
+    if OBJECTIVES[getattr(config, "objective", "sft")].pairs:  # preference pairs (ftcli.data.preference)
+        from ftcli.data.preference_prepare import hold_out_pairs as hold_out, prepare_eval_pairs as prepare_eval_dataset
+    else:
+        from ftcli.data.split import hold_out, prepare_eval_dataset
     prepared = prepare_data(config, tokenizer)
     dataset, report = prepared.dataset, prepared.report
     if getattr(config, "eval_split", None) is not None:

@@ -218,7 +218,8 @@ def _save_final(trainer: Any, ready: Any, out: Path, guard: Any, manifest: dict[
             ready.tokenizer.save_pretrained(str(out))
             # The trainer also pickles its arguments; the manifest already records them, and ftcli ships no pickles.
             (out / "training_args.bin").unlink(missing_ok=True)
-        _save_probe(trainer.model, ready.dataset[0]["input_ids"][:PROBE_TOKENS], out / PROBE, write=main)
+        _save_probe(trainer.model, ready.objective.probe_ids(ready.dataset[0])[:PROBE_TOKENS], out / PROBE,
+                    write=main)
     except Exception as exc:
         if main:
             # Half-written weights are not left where export or from_pretrained would trust them (and a full

@@ -32,6 +32,7 @@ class RunSetup:
     method: Any  # ftcli.methods.Method
     plan: Any  # ftcli.methods.MethodPlan
     eval_set: Any = None  # ftcli.data.split.EvalSet, when the run evaluates
+    objective: Any = None  # ftcli.objectives.Objective
 
 
 def quiet_libraries() -> None:
@@ -63,10 +64,12 @@ def set_up(config: Any, command: str) -> RunSetup:
 
     from ftcli.data import load_datasets
     from ftcli.methods import METHODS
+    from ftcli.objectives import OBJECTIVES
     from ftcli.models import apply_pad_policy, load_model, load_model_config, load_tokenizer, resolve_dtype
 
     torch_dtype = resolve_dtype(config.dtype, device)
-    console.print(f"[bold]ftcli {command}[/] method={config.method} model={config.model} dataset={config.dataset}")
+    console.print(f"[bold]ftcli {command}[/] method={config.method} objective={config.objective} model={config.model} "
+                  f"dataset={config.dataset}", soft_wrap=True)
     model_config = load_model_config(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
     context = getattr(model_config, "max_position_embeddings", None)
     if isinstance(context, int) and config.seq_length > context:
@@ -90,7 +93,8 @@ def set_up(config: Any, command: str) -> RunSetup:
     plan = method.plan(config, model)
     console.print(f"model: {plan.total_parameters:,} parameters, {plan.trainable_parameters:,} trainable "
                   f"({config.method}, {str(torch_dtype).removeprefix('torch.')}, {device})")
-    return RunSetup(device, torch_dtype, tokenizer, pad_policy, dataset, report, method, plan, eval_set)
+    return RunSetup(device, torch_dtype, tokenizer, pad_policy, dataset, report, method, plan, eval_set,
+                    OBJECTIVES[config.objective])
 
 
 def print_data_lines(report: Any, config: Any) -> None:
