@@ -94,8 +94,13 @@ def trainer_kwargs(config: Any, plan: Any, evaluator: Any) -> dict[str, Any]:
 
 
 def evaluate(trainer: Any) -> dict[str, Any]:
-    """The DPO loss and rewards on the held-out pairs (TRL's evaluate, logged by the trainer as eval_*)."""
-    return trainer.evaluate()
+    """The DPO loss and rewards on the held-out pairs (TRL's evaluate, logged by the trainer as eval_*). The model
+    goes back to training mode at once: DPOTrainer.log files the step's training rewards by the model's mode."""
+    training = trainer.model.training
+    try:
+        return trainer.evaluate()
+    finally:
+        trainer.model.train(training)
 
 
 def flag(name: str) -> str:
