@@ -152,7 +152,7 @@ def _build_pairs(config: Any, tokenizer: Any, loaded: Any, fields: dict[str, Any
                         "max_prompt_length": max_prompt_length(config)},
             "source": {"ref": config.dataset, "kind": loaded.source_kind, "fingerprint": loaded.fingerprint,
                        "files": loaded.files, "split": config.dataset_split, "revision": config.dataset_revision},
-            "format": f"preference ({fmt})", "template": template_identity(template),
+            "format": fmt, "template": template_identity(template),  # as SFT names them: what inference renders
             "template_digest": template.digest, "stats": stats, "columns": COLUMNS,
             "build": {"num_proc": 1, "seconds": round(time.perf_counter() - started, 3)},
         }
@@ -279,7 +279,7 @@ def pairs_table(manifest: dict[str, Any]) -> Any:
 
     s, options = manifest["stats"], manifest["options"]
     table = Table(show_header=False, title="prepared preference pairs")
-    table.add_row("format / template", f"{manifest['format']} / {manifest['template']}")
+    table.add_row("format / template", f"preference pairs ({manifest['format']}) / {manifest['template']}")
     table.add_row("loss", "both answers + their EOS / end of turn (prompts masked)")
     table.add_row("pairs", f"{s['rows_read']:,} read, {s['rows_selected']:,} selected, {s['rows_kept']:,} kept")
     table.add_row("dropped", f"{s['dropped']['empty']:,} with an empty answer, {s['dropped']['no_response']:,} "

@@ -48,6 +48,8 @@ class Objective:
     - `evaluate(trainer)`: held-out metrics with `eval_loss` (None: ftcli's token-weighted SFT eval loss).
     - `reference(method, config)`: how the run's reference model is held (None: the objective has none).
     - `probe_ids(row)`: the tokens of a prepared row the run's probe logits are taken on.
+    - `rows_per_example`: sequences one example puts through the model per step (DPO: the chosen and the
+      rejected answer, each after the prompt), for the memory estimate.
     """
 
     name: str
@@ -63,3 +65,4 @@ class Objective:
     evaluate: Callable[[Any], dict[str, Any]] | None = None
     reference: Callable[[Any, Any], str] | None = None
     probe_ids: Callable[[dict[str, Any]], list[int]] = example_ids
+    rows_per_example: int = 1

@@ -152,4 +152,5 @@ OBJECTIVE = Objective(
     evaluate=evaluate,
     reference=reference,
     probe_ids=probe_ids,
+    rows_per_example=2,
 )
