@@ -67,6 +67,11 @@ def runner():
     return invoke
 
 
+def train_losses(run: Path) -> list[float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
 def ok(result) -> None:
     assert result.exit_code == 0, result.stdout + (result.stderr or "")
 
@@ -209,10 +214,17 @@ def test_data_without_a_pair_is_refused_in_one_line(tmp_path: Path, runner) -> N
     (["--objective", "dpo", "--packing"], "--packing applies to single examples"),
     (["--objective", "dpo", "--compile"], "--compile is not available with --objective dpo"),
     (["--objective", "dpo", "--dpo-loss", "nope"], "--dpo-loss"),
+    (["--objective", "dpo", "--method", "lora", "--lora-init", "pissa"], "--lora-init pissa starts the adapter"),
 ])
 def test_options_that_make_no_sense_are_refused(tmp_path: Path, runner, args: list[str], needle: str) -> None:
     result = runner("train", *TINY, "--dataset", "builtin:alpaca-sample", *args, "--output-dir", tmp_path / "r")
     assert result.exit_code == 2 and needle in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_warmup_is_refused(tmp_path: Path, sample, runner) -> None:
+    result = runner("warmup", "--objective", "dpo", "--method", "lora", *TINY, "--dataset", sample["train"])
+    assert result.exit_code == 2 and "does not take" in result.stderr, result.stderr
 
 
 # ---- training: lora (SFT -> DPO), margin, export, generate --------------------------------------------------------
@@ -246,7 +258,13 @@ def test_held_out_margin_is_positive_computed_without_trl(dpo_run, sft_run, samp
     train = [r for r in records if "loss" in r]
     assert all(k in train[-1] for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"))
     assert any("eval_rewards/margins" in r for r in records)
-    assert list((out / "logs").rglob("events.out.tfevents*"))  # TensorBoard got them too
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert f"train/{name}" in tags and f"eval/{name}" in tags, tags  # TensorBoard got them too
 
 
 def test_sft_then_dpo_is_recorded_as_a_chain(dpo_run, sft_run) -> None:
@@ -287,9 +305,11 @@ def test_generate_on_the_dpo_run(dpo_run, runner) -> None:
 
 def test_full_with_a_frozen_copy_and_precomputed_reference(tmp_path: Path, sample, runner) -> None:
     common = ["train", "--objective", "dpo", "--method", "full", *TINY, "--dataset", sample["train"],
-              "--max-steps", 2, "--batch-size", 4, "--seq-length", 96]
+              "--max-steps", 2, "--batch-size", 4, "--seq-length", 96, "--eval-split", 4]
     ok(runner(*common, "--output-dir", tmp_path / "copy"))
-    assert read_manifest(tmp_path / "copy")["resolved"]["reference"] == "frozen copy"
+    manifest = read_manifest(tmp_path / "copy")
+    assert manifest["resolved"]["reference"] == "frozen copy"
+    assert manifest["eval"]["examples"] == 4 and manifest["data"]["rows_used"] == TRAIN - 4  # held-out pairs
     first = runner(*common, "--precompute-ref", "--output-dir", tmp_path / "pre1")
     ok(first)
     assert "computed once and cached" in " ".join(first.stdout.split())
@@ -298,7 +318,7 @@ def test_full_with_a_frozen_copy_and_precomputed_reference(tmp_path: Path, sampl
     assert "reused from" in " ".join(second.stdout.split())  # a second run does not compute them again
     assert read_manifest(tmp_path / "pre2")["resolved"]["reference"] == "precomputed"
     # The precomputed reference is the frozen copy's numbers: the same losses.
-    assert losses(tmp_path / "pre2") == pytest.approx(losses(tmp_path / "copy"), abs=1e-5)
+    assert train_losses(tmp_path / "pre2") == pytest.approx(train_losses(tmp_path / "copy"), abs=1e-5)
 
 
 def test_qlora(tmp_path: Path, sample, runner) -> None:
@@ -308,6 +328,9 @@ def test_qlora(tmp_path: Path, sample, runner) -> None:
     manifest = read_manifest(out)
     assert manifest["status"] == "finished" and manifest["resolved"]["reference"] == "adapter disabled"
     assert (out / "adapter_model.safetensors").is_file() and not (out / "ref").exists()
+    exported = runner("export", out, "--output", tmp_path / "merged")  # merged into the dequantised base, verified
+    ok(exported)
+    assert re.search(r"verify: largest logit difference", " ".join(exported.stdout.split()))
 
 
 def test_fsdp_two_processes(tmp_path: Path, sample) -> None:

@@ -186,7 +186,8 @@ def train_options(
         rich_help_panel=RECIPE)] = None,
     group_by_length: Annotated[Optional[bool], typer.Option(
         "--group-by-length/--no-group-by-length",
-        help=with_default("Batch examples of similar length together (less padding).", "group_by_length"),
+        help=with_default("Batch examples of similar length together (less padding; --objective dpo batches its "
+                          "pairs in random order).", "group_by_length"),
         rich_help_panel=TRAIN)] = None,
     padding_free: Annotated[Optional[bool], typer.Option(
         "--padding-free/--no-padding-free", help=with_default(

@@ -48,6 +48,8 @@ class Objective:
     - `evaluate(trainer)`: held-out metrics with `eval_loss` (None: ftcli's token-weighted SFT eval loss).
     - `reference(method, config)`: how the run's reference model is held (None: the objective has none).
     - `probe_ids(row)`: the tokens of a prepared row the run's probe logits are taken on.
+    - `compiles`: `--compile` and `ftcli warmup` apply (ftcli's compile warmup drives this objective's trainer).
+    - `notes(config)`: lines the run prints about options this objective handles its own way.
     - `rows_per_example`: sequences one example puts through the model per step (DPO: the chosen and the
       rejected answer, each after the prompt), for the memory estimate.
     """
@@ -66,3 +68,5 @@ class Objective:
     reference: Callable[[Any, Any], str] | None = None
     probe_ids: Callable[[dict[str, Any]], list[int]] = example_ids
     rows_per_example: int = 1
+    compiles: bool = True
+    notes: Callable[[Any], list[str]] = lambda config: []  # noqa: E731

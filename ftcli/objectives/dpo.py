@@ -31,6 +31,9 @@ EXO_LABEL_SMOOTHING = 1e-3
 # The LoRA starts whose adapter is zero at step 0, so that disabling it gives the starting model back.
 ZERO_START_INITS = ("default", "gaussian")
 
+COMPILE_REFUSAL = ("--compile is not available with --objective dpo (TRL's DPO forward runs its fused log-prob LM "
+                   "head, which ftcli's compile warmup and its shape buckets do not cover)")
+
 ADAPTER_DISABLED = "adapter disabled"
 FROZEN_COPY = "frozen copy"
 PRECOMPUTED = "precomputed"
@@ -117,8 +120,7 @@ def check(config: Any) -> None:
         raise ValueError(f"{which} applies to single examples; --objective dpo batches each prompt with its two "
                          f"answers (TRL's preference collator): drop {which}")
     if config.compile:
-        raise ValueError("--compile is not available with --objective dpo (TRL's DPO forward replaces the LM head "
-                         "with its fused log-prob head, which ftcli's compile warmup does not cover): drop --compile")
+        raise ValueError(COMPILE_REFUSAL + ": drop --compile")
     if config.precompute_ref and reference(method, config) == ADAPTER_DISABLED:
         raise ValueError(f"--precompute-ref: with --method {config.method} the reference is the model with its "
                          "adapter disabled, computed alongside at no memory cost: drop --precompute-ref")
@@ -132,6 +134,12 @@ def check(config: Any) -> None:
     if max_prompt_length(config) >= config.seq_length:
         raise ValueError(f"--max-prompt-length {max_prompt_length(config)} leaves no room for the answers within "
                          f"--seq-length {config.seq_length}: pass a smaller --max-prompt-length")
+
+
+def notes(config: Any) -> list[str]:
+    if "group_by_length" in config.model_fields_set and config.group_by_length:
+        return ["--group-by-length sorts single examples; --objective dpo batches its pairs in random order"]
+    return []
 
 
 def probe_ids(row: dict[str, Any]) -> list[int]:
@@ -153,4 +161,6 @@ OBJECTIVE = Objective(
     reference=reference,
     probe_ids=probe_ids,
     rows_per_example=2,
+    compiles=False,
+    notes=notes,
 )

@@ -85,6 +85,8 @@ def set_up(config: Any, command: str) -> RunSetup:
     pad_policy = apply_pad_policy(tokenizer)
     dataset, report, eval_set = load_datasets(config, tokenizer)
     print_data_lines(report, config)
+    for note in OBJECTIVES[config.objective].notes(config):
+        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
     if eval_set is not None:
         console.print(f"eval: {eval_set.examples:,} examples, {eval_set.loss_tokens:,} loss tokens "
                       f"({eval_set.source})", soft_wrap=True)
