@@ -198,6 +198,18 @@ def test_message_pairs_masked_token_by_token(tmp_path: Path, runner, tokenizer) 
     assert [p["loss"] for p in report["example"]["chosen"]].count(False) == len(tok(prompt_text))
 
 
+def test_columns_map_other_names(tmp_path: Path, runner, tokenizer) -> None:
+    from datasets import load_from_disk
+
+    data = write_jsonl(tmp_path / "named.jsonl", [{"question": "Say hi.\n", "good": "Hi!", "bad": "No."}])
+    out = tmp_path / "prepared"
+    ok(runner("prepare", "--objective", "dpo", *TINY, "--dataset", data, "--columns",
+              "prompt=question,chosen=good,rejected=bad", "--output-dir", out))
+    want = plain_pair_ids(tokenizer, {"prompt": "Say hi.\n", "chosen": "Hi!", "rejected": "No."})
+    row = load_from_disk(str(out))[0]
+    assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == want
+
+
 def test_data_without_a_pair_is_refused_in_one_line(tmp_path: Path, runner) -> None:
     data = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "Hi", "input": "", "output": "Hello"}])
     result = runner("train", "--objective", "dpo", "--method", "lora", *TINY, "--dataset", data,
@@ -215,6 +227,7 @@ def test_data_without_a_pair_is_refused_in_one_line(tmp_path: Path, runner) -> N
     (["--objective", "dpo", "--compile"], "--compile is not available with --objective dpo"),
     (["--objective", "dpo", "--dpo-loss", "nope"], "--dpo-loss"),
     (["--objective", "dpo", "--method", "lora", "--lora-init", "pissa"], "--lora-init pissa starts the adapter"),
+    (["--objective", "dpo", "--train-on-inputs"], "--train-on-inputs puts the prompt in an SFT loss"),
 ])
 def test_options_that_make_no_sense_are_refused(tmp_path: Path, runner, args: list[str], needle: str) -> None:
     result = runner("train", *TINY, "--dataset", "builtin:alpaca-sample", *args, "--output-dir", tmp_path / "r")

@@ -115,6 +115,12 @@ def check(config: Any) -> None:
     from ftcli.methods import METHODS
 
     method = METHODS[config.method]
+    if config.train_on_inputs:
+        raise ValueError("--train-on-inputs puts the prompt in an SFT loss; DPO compares the two answers only (the "
+                         "prompt is never in its loss): drop --train-on-inputs")
+    if config.format != "auto":
+        raise ValueError(f"--format {config.format} names an SFT data format; preference pairs are read from their "
+                         "prompt/chosen/rejected columns (map other names with --columns): drop --format")
     if config.packing or config.padding_free:
         which = "--packing" if config.packing else "--padding-free"
         raise ValueError(f"{which} applies to single examples; --objective dpo batches each prompt with its two "
