@@ -171,7 +171,10 @@ def test_message_pairs_masked_token_by_token(tmp_path: Path, runner, tokenizer) 
     user = {"role": "user", "content": "Name a color."}
     shapes = {"shared": [{"chosen": [user, {"role": "assistant", "content": "Blue."}],  # the shared prefix: prompt
                           "rejected": [user, {"role": "assistant", "content": "Seven."}]}],
-              "prompt": [{"prompt": [user], "chosen": "Red.", "rejected": {"role": "assistant", "content": "Tuesday."}}]}
+              "prompt": [{"prompt": [user], "chosen": "Red.", "rejected": {"role": "assistant", "content": "Tuesday."}}],
+              # UltraFeedback: a prompt string that repeats the conversations' first turn
+              "repeated": [{"prompt": "Name a color.", "chosen": [user, {"role": "assistant", "content": "Blue."}],
+                            "rejected": [user, {"role": "assistant", "content": "Seven."}]}]}
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     tok = (lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
     prompt_text = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
@@ -196,6 +199,19 @@ def test_message_pairs_masked_token_by_token(tmp_path: Path, runner, tokenizer) 
     ok(shown)
     report = json.loads(shown.stdout)
     assert [p["loss"] for p in report["example"]["chosen"]].count(False) == len(tok(prompt_text))
+
+
+def test_whole_text_pairs_split_at_their_shared_words(tmp_path: Path, runner, tokenizer) -> None:
+    from datasets import load_from_disk
+
+    data = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": "Human: hi Assistant: Hello friend",
+                                                "rejected": "Human: hi Assistant: Go away"}])
+    out = tmp_path / "prepared"
+    ok(runner("prepare", "--objective", "dpo", *TINY, "--dataset", data, "--output-dir", out))
+    row = load_from_disk(str(out))[0]
+    want = plain_pair_ids(tokenizer, {"prompt": "Human: hi Assistant: ", "chosen": "Hello friend",
+                                      "rejected": "Go away"})
+    assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == want
 
 
 def test_columns_map_other_names(tmp_path: Path, runner, tokenizer) -> None:

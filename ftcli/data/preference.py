@@ -10,8 +10,9 @@ The shapes a row may have (after `--columns`, e.g. `--columns prompt=question,ch
 | prompt | chosen / rejected | rendered as |
 |---|---|---|
 | a string | strings | SFT's prompt/completion rules: as is (`--template auto`), Alpaca, or a chat template |
-| none | message lists | their shared leading messages are the prompt (Anthropic HH, UltraFeedback) |
-| a message list (or a string) | strings, one assistant message, or message lists | the chat template |
+| none | strings (whole texts) | the same; the prompt is their shared leading text, up to a whitespace |
+| none (or a copy of the first turn) | message lists | their shared leading messages are the prompt (HH, UltraFeedback) |
+| a message list (or a string) | strings, one assistant message, or answer-only message lists | the chat template |
 
 The rendering is SFT's (ftcli/data/pipeline.py, templates.py): plain strings get the tokenizer's special
 prefix before the prompt and one EOS after each answer (an answer that already ends with the EOS text
@@ -100,19 +101,34 @@ def row_pair(row: dict[str, Any], keys: dict[str, str]) -> Pair:
     role, content = keys.get("role", "role"), keys.get("content", "content")
     prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
     if isinstance(chosen, str) and isinstance(rejected, str) and not isinstance(prompt, list):
-        return Pair(False, "" if prompt is None else str(prompt), chosen, rejected)
+        if prompt is None:  # whole texts (Anthropic HH as strings): the shared leading words are the prompt
+            shared = shared_text(chosen, rejected)
+            return Pair(False, chosen[:shared], chosen[shared:], rejected[shared:])
+        return Pair(False, str(prompt), chosen, rejected)
     c, r = _answer(chosen, role, content, "chosen"), _answer(rejected, role, content, "rejected")
-    if prompt is None:
-        shared = 0
-        while shared < min(len(c), len(r)) - 1 and c[shared] == r[shared]:
-            shared += 1
-        if shared == 0:
-            raise RowError("chosen and rejected share no leading messages, and there is no 'prompt' column: "
-                           "the prompt must be the conversation both answers continue")
+    shared = 0
+    while shared < min(len(c), len(r)) - 1 and c[shared] == r[shared]:
+        shared += 1
+    if shared:  # whole conversations (HH, UltraFeedback, whose `prompt` column only repeats the first turn)
         return Pair(True, c[:shared], c[shared:], r[shared:])
+    if prompt is None:
+        raise RowError("chosen and rejected share no leading messages, and there is no 'prompt' column: "
+                       "the prompt must be the conversation both answers continue")
     p = _messages(prompt, role, content, roles=None) if isinstance(prompt, list) else \
         [{"role": "user", "content": str(prompt)}]
     return Pair(True, p, c, r)
+
+
+def shared_text(a: str, b: str) -> int:
+    """Where two texts part, moved back to just after the last whitespace they share (an answer starts a word)."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    if n == len(a) == len(b):
+        raise RowError("chosen and rejected are the same text")
+    while n > 0 and not a[n - 1].isspace():
+        n -= 1
+    return n
 
 
 def _answer(value: Any, role: str, content: str, name: str) -> list[dict[str, str]]:
