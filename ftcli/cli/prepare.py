@@ -45,10 +45,10 @@ def prepare(values: dict) -> None:
         print_prepared(prepared, config)
         if config.eval_dataset is not None:
             from ftcli.console import console
-            from ftcli.data.split import prepare_eval_dataset
+            from ftcli.data import prepare_eval_set
 
             # Into the cache, where `train --eval-dataset` with the same flags finds it.
-            held = prepare_eval_dataset(config, tokenizer)
+            held = prepare_eval_set(config, tokenizer)
             console.print(f"eval: {held.examples:,} examples, {held.loss_tokens:,} loss tokens ({held.source}), "
                           f"cached in {held.report.prepared}", soft_wrap=True)
 

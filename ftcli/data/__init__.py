@@ -48,4 +48,17 @@ def load_datasets(config: Any, tokenizer: Any) -> tuple[Any, DataReport, Any]:
     return dataset, report, None
 
 
-__all__ = ["DataReport", "explain_example", "load_datasets", "load_training_dataset"]
+def prepare_eval_set(config: Any, tokenizer: Any) -> Any:
+    """`--eval-dataset` prepared (and cached) as the objective's training data is: examples, or preference pairs."""
+    from ftcli.objectives import OBJECTIVES
+
+    if OBJECTIVES[getattr(config, "objective", "sft")].pairs:
+        from ftcli.data.preference_prepare import prepare_eval_pairs
+
+        return prepare_eval_pairs(config, tokenizer)
+    from ftcli.data.split import prepare_eval_dataset
+
+    return prepare_eval_dataset(config, tokenizer)
+
+
+__all__ = ["DataReport", "explain_example", "load_datasets", "load_training_dataset", "prepare_eval_set"]
