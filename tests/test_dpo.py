@@ -244,6 +244,7 @@ def test_data_without_a_pair_is_refused_in_one_line(tmp_path: Path, runner) -> N
     (["--objective", "dpo", "--dpo-loss", "nope"], "--dpo-loss"),
     (["--objective", "dpo", "--method", "lora", "--lora-init", "pissa"], "--lora-init pissa starts the adapter"),
     (["--objective", "dpo", "--train-on-inputs"], "--train-on-inputs puts the prompt in an SFT loss"),
+    (["--objective", "dpo", "--method", "lora", "--lora-dropout", "0.1"], "DPO runs without dropout"),
 ])
 def test_options_that_make_no_sense_are_refused(tmp_path: Path, runner, args: list[str], needle: str) -> None:
     result = runner("train", *TINY, "--dataset", "builtin:alpaca-sample", *args, "--output-dir", tmp_path / "r")

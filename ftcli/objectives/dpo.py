@@ -121,6 +121,10 @@ def check(config: Any) -> None:
     if config.format != "auto":
         raise ValueError(f"--format {config.format} names an SFT data format; preference pairs are read from their "
                          "prompt/chosen/rejected columns (map other names with --columns): drop --format")
+    if config.lora_dropout:
+        raise ValueError(f"--lora-dropout {config.lora_dropout:g}: DPO runs without dropout (TRL's disable_dropout), "
+                         "so that the policy's and the reference's log-probabilities are computed alike: drop "
+                         "--lora-dropout")
     if config.packing or config.padding_free:
         which = "--packing" if config.packing else "--padding-free"
         raise ValueError(f"{which} applies to single examples; --objective dpo batches each prompt with its two "
