@@ -323,6 +323,21 @@ def test_export_merges_base_sft_and_dpo(dpo_run, sft_run, tmp_path: Path, runner
     assert "training chain" in card and "dpo" in card
 
 
+def test_full_dpo_starts_from_the_merged_sft_run(sft_run, sample, tmp_path: Path, runner,
+                                                 tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "full"
+    ok(runner("train", "--objective", "dpo", "--method", "full", "--model", sft_run, "--dataset", sample["train"],
+              "--max-steps", 1, "--batch-size", 2, "--seq-length", 96, "--learning-rate", "1e-12", "--output-dir", out))
+    assert read_manifest(out)["resolved"]["start"]["adapters"] == [str(sft_run)]
+    trained = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    start = sft_merged_base(tiny_model_dir, sft_run).eval()
+    ids = torch.tensor([[1, 450, 3681, 338, 29871]]) % trained.config.vocab_size
+    with torch.no_grad():  # a step at a negligible learning rate: the saved model is the start, base + SFT merged
+        assert torch.allclose(trained(input_ids=ids).logits, start(input_ids=ids).logits, atol=1e-5)
+
+
 def test_generate_on_the_dpo_run(dpo_run, runner) -> None:
     out, _ = dpo_run
     result = runner("generate", out, "--prompt", "What is 2 + 2?", "--max-new-tokens", 4)
