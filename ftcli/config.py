@@ -29,6 +29,8 @@ from ftcli.data.specs import check_dataset
 from ftcli.errors import ConfigError
 from ftcli.files import read_yaml_document
 from ftcli.methods import METHODS
+from ftcli.objectives import OBJECTIVES
+from ftcli.objectives.dpo import DPO_LOSSES
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
@@ -47,6 +49,7 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
     method: str = "full"  # a name in ftcli.methods.METHODS
+    objective: str = "sft"  # a name in ftcli.objectives.OBJECTIVES
     model: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
@@ -128,6 +131,12 @@ class RunConfig(BaseModel):
     master_port: int = Field(default=29500, ge=1, le=65535)
     rdzv_endpoint: str | None = None
 
+    # Preference tuning (--objective dpo; see ftcli/objectives/dpo.py): TRL's DPO beta and loss, the prompt's share.
+    dpo_beta: float = Field(default=0.1, gt=0)
+    dpo_loss: Literal[DPO_LOSSES] = "sigmoid"  # type: ignore[valid-type]
+    max_prompt_length: int | None = Field(default=None, ge=1)  # None: half of --seq-length
+    precompute_ref: bool = False  # full: reference log-probs computed once before training (cached)
+
     logging_steps: int = Field(default=1, ge=1)
     # Experiment trackers, through transformers' integrations (see README "Experiment trackers").
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = ["tensorboard"]  # []: none
@@ -183,6 +192,14 @@ class RunConfig(BaseModel):
     def _known_method(cls, value: str) -> str:
         if value not in METHODS:
             names = [repr(m) for m in METHODS]
+            raise ValueError(f"Input should be {', '.join(names[:-1])} or {names[-1]}")
+        return value
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, value: str) -> str:
+        if value not in OBJECTIVES:
+            names = [repr(o) for o in OBJECTIVES]
             raise ValueError(f"Input should be {', '.join(names[:-1])} or {names[-1]}")
         return value
 
@@ -334,6 +351,20 @@ class RunConfig(BaseModel):
         if self.lora_init == "loftq" and self.device.startswith("cpu"):
             raise ValueError(f"--lora-init loftq needs CUDA (peft computes its 4-bit round trips on the GPU), and "
                              f"--device is {self.device}: run on a CUDA GPU, or use --lora-init default")
+        return self
+
+    @model_validator(mode="after")
+    def _check_objective(self) -> RunConfig:
+        """An objective's own options only with that objective; then the objective's own checks."""
+        objective = OBJECTIVES[self.objective]
+        foreign = [f"--{name.replace('_', '-')}" for o in OBJECTIVES.values() if o is not objective
+                   for name in o.options if getattr(self, name) != type(self).model_fields[name].default]
+        if foreign:
+            owners = "/".join(o.name for o in OBJECTIVES.values() if o.options)
+            verb = "applies" if len(foreign) == 1 else "apply"
+            raise ValueError(f"{', '.join(foreign)} {verb} to --objective {owners}, and this run's objective is "
+                             f"{self.objective}: drop them, or pass --objective {owners}")
+        objective.check(self)
         return self
 
     @model_validator(mode="after")

@@ -93,6 +93,7 @@ def _find(ref: str, base_override: str | None) -> TargetInfo:
 
 
 def _run_target(ref: str, path: Path) -> TargetInfo:
+    from ftcli.chain import resolve_start
     from ftcli.methods import METHODS
 
     manifest = _read(path / MANIFEST)
@@ -106,7 +107,9 @@ def _run_target(ref: str, path: Path) -> TargetInfo:
         raise ModelError(f"the manifest in {path} does not say what the run trained and saved",
                          hint="pass a run folder written by `ftcli train`")
     # The tokenizer the run loaded (its data cache is keyed by it); load_tokenizer applies the same pad policy.
-    common = dict(base=config["model"], run_config=config, tokenizer=config["model"], revision=config.get("revision"),
+    # A run that continued an earlier one (ftcli.chain) loaded its start's base tokenizer.
+    tokenizer = resolve_start(config["model"]).base
+    common = dict(base=config["model"], run_config=config, tokenizer=tokenizer, revision=config.get("revision"),
                   trust_remote_code=bool(config.get("trust_remote_code")), data=manifest.get("data") or {},
                   trained_dtype=(manifest.get("resolved") or {}).get("dtype"))
     if saves == "adapter":
@@ -116,13 +119,15 @@ def _run_target(ref: str, path: Path) -> TargetInfo:
 
 def load_target_model(target: TargetInfo, config: Any, device: str, base_only: bool = False) -> Any:
     """The model to score: the target (with its adapter), or with `base_only` the base before fine-tuning."""
+    from ftcli.chain import load_start_model, resolve_start
     from ftcli.methods import METHODS
-    from ftcli.models import load_model
 
     ref = (target.base or target.model) if base_only else target.model
     options = METHODS[config.method].load_options(config, device) if target.loads_4bit else {}
-    model = load_model(ref, dtype=config.dtype, device=device, attn_implementation=config.attn_implementation,
-                       revision=target.revision_of(ref), trust_remote_code=target.trust_remote_code, **options)
+    # A run that continued an earlier fine-tune starts from it: the base with the earlier adapters merged in.
+    model = load_start_model(resolve_start(ref), dtype=config.dtype, device=device,
+                             attn_implementation=config.attn_implementation, revision=target.revision_of(ref),
+                             trust_remote_code=target.trust_remote_code, **options)
     if target.loads_4bit:
         from peft import prepare_model_for_kbit_training
 

@@ -131,6 +131,22 @@ def test_code_asks_methods_for_their_facts_never_their_names() -> None:
     assert comparisons == []
 
 
+def test_code_asks_objectives_for_their_facts_never_their_names() -> None:
+    from ftcli.objectives import OBJECTIVES
+
+    names = set(OBJECTIVES)
+    comparisons = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "objectives":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Compare):
+                consts = [n for n in ast.walk(node) if isinstance(n, ast.Constant) and n.value in names]
+                if consts:
+                    comparisons.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {ast.unparse(node)}")
+    assert comparisons == []
+
+
 def test_registry_config_and_defaults_agree() -> None:
     from ftcli.config import METHOD_DEFAULTS, RunConfig, build_run_config
     from ftcli.errors import ConfigError

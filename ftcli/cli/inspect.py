@@ -38,6 +38,13 @@ def inspect(
                                        rich_help_panel=ESTIMATE)] = "bfloat16",
     lora_rank: Annotated[int, typer.Option(help="LoRA rank r for the adapter methods.", rich_help_panel=ESTIMATE,
                                            min=1)] = 8,
+    objective: Annotated[Optional[str], typer.Option(
+        help=with_default("sft | dpo. Models: the estimate counts dpo's reference model and its two sequences per "
+                          "example; dataset files: read as preference pairs.",
+                          default="sft; a dataset file with chosen/rejected columns is read as pairs"))] = None,
+    precompute_ref: Annotated[bool, typer.Option(
+        "--precompute-ref", help=with_default("dpo estimate: the full method's reference log-probs precomputed "
+                                              "(no frozen copy).", default="off"), rich_help_panel=ESTIMATE)] = False,
     example: Annotated[int, typer.Option(help="Which example to render (0 = the first).", min=0,
                                          rich_help_panel=DATA)] = 0,
     model: Annotated[str, typer.Option(help="Dataset files: the model whose tokenizer (and chat template) counts "
@@ -63,7 +70,8 @@ def inspect(
         options = InspectOptions(batch_size=batch_size, seq_length=seq_length,
                                  gradient_checkpointing=gradient_checkpointing, nproc=nproc, gpu_memory=gpu_memory,
                                  dtype=dtype, lora_rank=lora_rank, example=example, model=model, format=format,
-                                 template=template, train_on_inputs=train_on_inputs)
+                                 template=template, train_on_inputs=train_on_inputs, objective=objective,
+                                 precompute_ref=precompute_ref)
         if not json_output:
             render(inspect_target(target, options))
             return

@@ -18,6 +18,8 @@ from rich.markup import escape
 from ftcli.config import METHOD_DEFAULTS, RunConfig
 from ftcli.methods import METHODS
 from ftcli.methods.base import LLAMA_PROJECTIONS, PER_METHOD_OPTIONS
+from ftcli.objectives import OBJECTIVES
+from ftcli.objectives.dpo import DPO_LOSSES
 
 DATA = "Data"
 MODEL = "Model"
@@ -27,6 +29,7 @@ OUTPUT = "Output"
 DIST = "Processes and machines"
 EVAL = "Evaluation"
 RECIPE = "Optimizer and schedule"
+PREFERENCE = "Preference tuning (--objective dpo)"
 
 
 # ---- defaults in help texts -------------------------------------------------------------------------
@@ -70,13 +73,20 @@ def method_help() -> str:
     return with_default(f"{' | '.join(METHODS)}. {listing}.", "method")
 
 
+def objective_help() -> str:
+    listing = "; ".join(f"{name}: {o.summary}" for name, o in OBJECTIVES.items())
+    return with_default(f"{' | '.join(OBJECTIVES)}. {listing}.", "objective")
+
+
 # ---- train's options (shared by train, prepare, warmup) ---------------------------------------------
 
 
 def train_options(
     method: Annotated[Optional[str], typer.Option(help=method_help(), rich_help_panel=TRAIN)] = None,
+    objective: Annotated[Optional[str], typer.Option(help=objective_help(), rich_help_panel=TRAIN)] = None,
     model: Annotated[Optional[str], typer.Option(
-        help=with_default("Hub id, local folder or builtin:tiny-llama.", "model"), rich_help_panel=MODEL)] = None,
+        help=with_default("Hub id, local folder, builtin:tiny-llama, or a finished run folder / adapter folder to "
+                          "continue from (e.g. an SFT run for DPO).", "model"), rich_help_panel=MODEL)] = None,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) of the model.",
                                                     rich_help_panel=MODEL)] = None,
     trust_remote_code: Annotated[Optional[bool], typer.Option(
@@ -176,7 +186,8 @@ def train_options(
         rich_help_panel=RECIPE)] = None,
     group_by_length: Annotated[Optional[bool], typer.Option(
         "--group-by-length/--no-group-by-length",
-        help=with_default("Batch examples of similar length together (less padding).", "group_by_length"),
+        help=with_default("Batch examples of similar length together (less padding; --objective dpo batches its "
+                          "pairs in random order).", "group_by_length"),
         rich_help_panel=TRAIN)] = None,
     padding_free: Annotated[Optional[bool], typer.Option(
         "--padding-free/--no-padding-free", help=with_default(
@@ -214,6 +225,19 @@ def train_options(
         "--load-best", help=with_default("The run folder's final model is the one with the best eval loss "
                                          "(a checkpoint is saved at each new best).", "load_best"),
         rich_help_panel=EVAL)] = None,
+    dpo_beta: Annotated[Optional[float], typer.Option(
+        help=with_default("DPO's beta: how far the policy may move from the reference.", "dpo_beta"),
+        rich_help_panel=PREFERENCE)] = None,
+    dpo_loss: Annotated[Optional[str], typer.Option(
+        help=with_default(f"{' | '.join(DPO_LOSSES)} (TRL's DPO losses).", "dpo_loss"),
+        rich_help_panel=PREFERENCE)] = None,
+    max_prompt_length: Annotated[Optional[int], typer.Option(
+        help=with_default("Cut longer prompts to N tokens (keeping their start); the answers get the rest of "
+                          "--seq-length.", default="half of --seq-length"), rich_help_panel=PREFERENCE)] = None,
+    precompute_ref: Annotated[Optional[bool], typer.Option(
+        "--precompute-ref", help=with_default("full: compute the reference log-probs once before training (cached "
+                                              "with the data) instead of keeping a frozen copy of the model.",
+                                              "precompute_ref"), rich_help_panel=PREFERENCE)] = None,
     lora_rank: Annotated[Optional[int], typer.Option(help=with_default("LoRA rank r.", "lora_rank"),
                                                      rich_help_panel=LORA)] = None,
     lora_alpha: Annotated[Optional[float], typer.Option(help=with_default("LoRA alpha.", "lora_alpha"),

@@ -45,10 +45,10 @@ def prepare(values: dict) -> None:
         print_prepared(prepared, config)
         if config.eval_dataset is not None:
             from ftcli.console import console
-            from ftcli.data.split import prepare_eval_dataset
+            from ftcli.data import prepare_eval_set
 
             # Into the cache, where `train --eval-dataset` with the same flags finds it.
-            held = prepare_eval_dataset(config, tokenizer)
+            held = prepare_eval_set(config, tokenizer)
             console.print(f"eval: {held.examples:,} examples, {held.loss_tokens:,} loss tokens ({held.source}), "
                           f"cached in {held.report.prepared}", soft_wrap=True)
 
@@ -68,6 +68,9 @@ def print_prepared(prepared: Any, config: Any) -> None:
     from ftcli.console import console
 
     m = prepared.manifest
+    if m.get("kind") == "preference":
+        _print_pairs(prepared)
+        return
     s = m["stats"]
     d = s["dropped"]
     length = s["length"]
@@ -95,6 +98,17 @@ def print_prepared(prepared: Any, config: Any) -> None:
     console.print(table)
     if prepared.report.sources:
         console.print(source_table(prepared.report.sources))
+    for note in prepared.report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+
+
+def _print_pairs(prepared: Any) -> None:
+    from ftcli.console import console
+    from ftcli.data.preference_prepare import pairs_table
+
+    where = "already prepared[/] (cache hit):" if prepared.reused else "prepared[/]"
+    console.print(f"[bold]{where} {prepared.folder}")
+    console.print(pairs_table(prepared.manifest))
     for note in prepared.report.notes:
         console.print(f"[yellow]note:[/] {note}")
 

@@ -32,8 +32,12 @@ def load_datasets(config: Any, tokenizer: Any) -> tuple[Any, DataReport, Any]:
     """(training data, its report, the eval set or None): `--eval-split` rows held out of the training
     data, or `--eval-dataset` prepared the same way (see ftcli.data.split)."""
     from ftcli.data.mixture import prepare_data
-    from ftcli.data.split import hold_out, prepare_eval_dataset
+    from ftcli.objectives import OBJECTIVES
 
+    if OBJECTIVES[getattr(config, "objective", "sft")].pairs:  # preference pairs (ftcli.data.preference)
+        from ftcli.data.preference_prepare import hold_out_pairs as hold_out, prepare_eval_pairs as prepare_eval_dataset
+    else:
+        from ftcli.data.split import hold_out, prepare_eval_dataset
     prepared = prepare_data(config, tokenizer)
     dataset, report = prepared.dataset, prepared.report
     if getattr(config, "eval_split", None) is not None:
@@ -44,4 +48,17 @@ def load_datasets(config: Any, tokenizer: Any) -> tuple[Any, DataReport, Any]:
     return dataset, report, None
 
 
-__all__ = ["DataReport", "explain_example", "load_datasets", "load_training_dataset"]
+def prepare_eval_set(config: Any, tokenizer: Any) -> Any:
+    """`--eval-dataset` prepared (and cached) as the objective's training data is: examples, or preference pairs."""
+    from ftcli.objectives import OBJECTIVES
+
+    if OBJECTIVES[getattr(config, "objective", "sft")].pairs:
+        from ftcli.data.preference_prepare import prepare_eval_pairs
+
+        return prepare_eval_pairs(config, tokenizer)
+    from ftcli.data.split import prepare_eval_dataset
+
+    return prepare_eval_dataset(config, tokenizer)
+
+
+__all__ = ["DataReport", "explain_example", "load_datasets", "load_training_dataset", "prepare_eval_set"]

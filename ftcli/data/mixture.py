@@ -62,7 +62,15 @@ from ftcli.system import utc_now
 
 def prepare_data(config: Any, tokenizer: Any, *, output: str | Path | None = None, overwrite: bool = False,
                  num_proc: int | None = None, use_cache: bool = True) -> Prepared:
-    """`prepare_dataset` for one source, `prepare_mixture` for several."""
+    """`prepare_dataset` for one source, `prepare_mixture` for several; preference pairs for an objective that
+    trains on them (ftcli.data.preference)."""
+    from ftcli.objectives import OBJECTIVES
+
+    if OBJECTIVES[getattr(config, "objective", "sft")].pairs:
+        from ftcli.data.preference_prepare import prepare_pairs
+
+        return prepare_pairs(config, tokenizer, output=output, overwrite=overwrite, num_proc=num_proc,
+                             use_cache=use_cache)
     for spec in [config.dataset] if isinstance(config.dataset, str) else config.dataset:
         _check_not_a_weight(spec)
     if mixture_specs(config.dataset) is None:

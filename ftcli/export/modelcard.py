@@ -143,6 +143,11 @@ def _training_rows(src: ExportSource, record: dict[str, Any]) -> list[str]:
                  f"| final train loss | {_fmt(metrics.get('train_loss'))} |",
                  f"| training precision | {resolved.get('dtype', config.get('dtype'))} on "
                  f"{resolved.get('device', '?')} ({resolved.get('processes', 1)} process(es)) |"]
+        if len(resolved.get("chain") or []) > 2:  # base -> earlier runs -> this run (ftcli.chain)
+            rows.append(f"| training chain | {' -> '.join(_chain_step(step) for step in resolved['chain'])} |")
+        if resolved.get("reference") is not None:  # an objective with a reference model (DPO)
+            rows.append(f"| objective | {config.get('objective')} (beta {config.get('dpo_beta')}, loss "
+                        f"{config.get('dpo_loss')}, reference: {resolved.get('reference')}) |")
         if run.get("command"):
             rows.append(f"| command | `{' '.join(map(str, run['command']))}` |")
         rows.append(f"| trained with | ftcli {versions.get('ftcli')}, transformers {versions.get('transformers')}, "
@@ -157,6 +162,14 @@ def _training_rows(src: ExportSource, record: dict[str, Any]) -> list[str]:
         if lora.get("variant", "plain LoRA") != "plain LoRA":
             rows.append(f"| LoRA variant | {lora['variant']} |")
     return rows
+
+
+def _chain_step(step: dict[str, Any]) -> str:
+    if "model" in step:
+        return f"`{step['model']}`"
+    if "run" in step:
+        return f"`{step['run']}` ({step.get('method')} {step.get('objective')})"
+    return f"`{step.get('adapter')}` (adapter)"
 
 
 def _fmt(value: Any) -> str:

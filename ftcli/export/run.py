@@ -87,7 +87,8 @@ def _export(opts: ExportOptions, src: ExportSource, out: Path) -> ExportResult:
     merge_into = resolve_merge_target(src, opts.merge_into, base_config)
     dtype_name = opts.dtype if opts.dtype != "auto" else config_dtype(base_config)
     device = resolve_device(opts.device)
-    console.print(f"[bold]ftcli export[/] {src.path} -> {out} (base {src.base}, {src.method}, "
+    earlier = "".join(f" + {a}" for a in src.earlier_adapters)
+    console.print(f"[bold]ftcli export[/] {src.path} -> {out} (base {src.base}{earlier}, {src.method}, "
                   f"{'merge into ' + merge_into + ' weights' if src.kind == 'adapter' else 're-save'}, {dtype_name})")
     if src.adapter_config:
         from ftcli.methods.variants import adapter_variant
@@ -167,6 +168,8 @@ def build_model(src: ExportSource, merge_into: str, dtype_name: str, device: str
             merge.release_file_mapping(base)
         else:
             base = load_model(_narrowed(src.base, dtype_name, scratch), dtype=dtype_name, **load)
+        for earlier in src.earlier_adapters:  # the run continued an earlier fine-tune (ftcli.chain): as it trained
+            base = attach_adapter(base, Path(earlier)).merge_and_unload()
         model = attach_adapter(base, src.path)
         # The same 4-bit kernel as training on CPU (see ftcli.methods.qlora); a no-op without 4-bit layers.
         qlora.keep_cpu_inference_in_compute_dtype(model)

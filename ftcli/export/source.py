@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ftcli.chain import resolve_start
 from ftcli.errors import ConfigError, ModelError
 from ftcli.files import read_json_object
 from ftcli.training.checkpoints import MARKER, checkpoint_step, latest_checkpoint, read_marker
@@ -57,6 +58,9 @@ class ExportSource:
     trust_remote_code: bool
     manifest: dict[str, Any] | None = None
     adapter_config: dict[str, Any] | None = None
+    # Adapters of earlier runs the adapter was trained on top of (a DPO run continuing an SFT LoRA run, see
+    # ftcli.chain): merged into `base`, oldest first, before this adapter is merged.
+    earlier_adapters: tuple[str, ...] = ()
 
     @property
     def trained_4bit(self) -> bool:
@@ -148,8 +152,9 @@ def _adapter_source(path: Path, opts: ExportOptions, manifest: dict[str, Any] | 
         raise ModelError(f"the adapter in {path} does not record its base model", hint="pass it with --base")
     revision = opts.revision if opts.base else (config.get("revision") or adapter_config.get("revision"))
     trust = bool(opts.trust_remote_code if opts.trust_remote_code is not None else config.get("trust_remote_code"))
-    return ExportSource(path, "adapter", config.get("method", "adapter"), str(base), revision, trust,
-                        manifest=manifest, adapter_config=adapter_config)
+    start = resolve_start(str(base))  # an earlier run as the base: its own base, its adapters merged first
+    return ExportSource(path, "adapter", config.get("method", "adapter"), str(start.base), revision, trust,
+                        manifest=manifest, adapter_config=adapter_config, earlier_adapters=start.adapters)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -71,6 +71,9 @@ class MemoryEstimate:
     optimizer_bytes: int
     activations_bytes: int
     total_bytes: int
+    reference_bytes: int = 0  # a preference objective's frozen reference copy (0: none, or no objective needs one)
+    reference: str | None = None  # how the objective holds its reference model (ftcli.objectives)
+    objective: str = "sft"
     fits: bool | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -213,9 +216,18 @@ def master_weight_bytes(dtype: str, trains_adapter: bool, loads_4bit: bool) -> i
 
 def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length: int,
                     gradient_checkpointing: bool = False, nproc: int = 1, dtype: str | None = None,
-                    lora_rank: int = 8, lora_targets: list[str] | None = None) -> MemoryEstimate:
-    """Peak training memory per process for `method`, from the model's shapes alone."""
+                    lora_rank: int = 8, lora_targets: list[str] | None = None, objective: str = "sft",
+                    precompute_ref: bool = False) -> MemoryEstimate:
+    """Peak training memory per process for `method` and `objective`, from the model's shapes alone.
+
+    A preference objective (DPO) puts `rows_per_example` sequences through the model per example (the chosen and
+    the rejected answer after the prompt): activations for twice the batch. Its reference model is the same
+    weights with the adapter disabled for LoRA methods (nothing more), a frozen copy of the weights in the
+    training dtype for full fine-tuning (sharded like the policy under fsdp), or nothing with --precompute-ref."""
+    from types import SimpleNamespace
+
     from ftcli.methods import METHODS
+    from ftcli.objectives import OBJECTIVES
 
     if method not in METHODS:
         raise ConfigError(f"unknown method {method}", hint=f"use one of: {', '.join(METHODS)}")
@@ -247,7 +259,9 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
     # more temporary of that size while it runs.
     grads = trainable * master
     optimizer = 3 * trainable * master
-    tokens = batch_size * seq_length
+    goal = OBJECTIVES[objective]
+    rows = batch_size * goal.rows_per_example
+    tokens = rows * seq_length
     # QLoRA's residual stream is float32 (its embeddings are upcast, and bitsandbytes' 4-bit layers return their
     # input's dtype), so its activations are float32 whatever the compute dtype.
     act_width = 4 if facts.loads_4bit else width
@@ -255,10 +269,18 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
     # TRL's fused LM head: one float32 logits tile forward and one backward, never the full logits.
     activations += 2 * min(tokens, LOGIT_TILE_TOKENS) * min(info.vocab_size, LOGIT_TILE_VOCAB) * 4
     # The attention mask SDPA gets with padding: one byte per (query, key) pair of each row.
-    activations += batch_size * seq_length * seq_length
+    activations += rows * seq_length * seq_length
+    reference, reference_bytes = None, 0
+    if goal.reference is not None:
+        reference = goal.reference(facts, SimpleNamespace(full_parameters=False, precompute_ref=precompute_ref))
+        if not facts.trains_adapter and not precompute_ref:
+            reference_bytes = total * width
+        notes.append(f"{objective}: {goal.rows_per_example} sequences per example; reference model: {reference}"
+                     + (" (the weights once more, no gradients or optimizer state)" if reference_bytes else ""))
     notes.append(how_it_scales(facts))
     if facts.shards and nproc > 1:
         weights, grads, optimizer = weights // nproc, grads // nproc, optimizer // nproc
+        reference_bytes //= nproc
         notes.append(f"weights, gradients and optimizer state sharded over {nproc} processes")
     elif nproc > 1 and facts.multi_process:
         notes.append(f"data parallel over {nproc} processes: each holds all of the above; "
@@ -267,8 +289,9 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
         notes.append(f"{method} runs in one process")
     return MemoryEstimate(method=method, trainable_parameters=trainable, weights_bytes=int(weights),
                           gradients_bytes=int(grads), optimizer_bytes=int(optimizer),
-                          activations_bytes=int(activations),
-                          total_bytes=int(weights + grads + optimizer + activations), notes=notes)
+                          activations_bytes=int(activations), reference_bytes=int(reference_bytes),
+                          reference=reference, objective=objective,
+                          total_bytes=int(weights + grads + optimizer + activations + reference_bytes), notes=notes)
 
 
 def how_it_scales(facts: Any) -> str:

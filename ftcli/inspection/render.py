@@ -48,11 +48,12 @@ def _render_model(report: dict[str, Any]) -> None:
     ]))
     mem = report["memory"]
     gpu = mem["gpu_memory_bytes"]
-    title = (f"training memory per process, estimated: seq length {mem['seq_length']}, {mem['dtype']}, "
-             f"{mem['nproc']} process(es)" + (f", GPU {format_bytes(gpu)}" if gpu else ""))
+    pairs = any(est.get("reference") for est in mem["methods"])
+    title = (f"training memory per process, estimated: objective {mem.get('objective', 'sft')}, seq length "
+             f"{mem['seq_length']}, {mem['dtype']}, {mem['nproc']} process(es)" + (f", GPU {format_bytes(gpu)}" if gpu else ""))
     table = Table(title=title, title_justify="left")
     for column in ("method", "batch", "grad ckpt", "trainable", "weights", "gradients", "optimizer",
-                   "activations", "total"):
+                   "activations", *(("reference",) if pairs else ()), "total"):
         table.add_column(column, justify="left" if column == "method" else "right")
     if gpu:
         table.add_column("fits")
@@ -60,7 +61,9 @@ def _render_model(report: dict[str, Any]) -> None:
         row = [est["method"], str(est["batch_size"]), "on" if est["gradient_checkpointing"] else "off",
                f"{est['trainable_parameters']:,}", format_bytes(est["weights_bytes"]),
                format_bytes(est["gradients_bytes"]), format_bytes(est["optimizer_bytes"]),
-               format_bytes(est["activations_bytes"]), f"[bold]{format_bytes(est['total_bytes'])}"]
+               format_bytes(est["activations_bytes"]),
+               *((f"{format_bytes(est['reference_bytes'])} ({est['reference']})",) if pairs else ()),
+               f"[bold]{format_bytes(est['total_bytes'])}"]
         if gpu:
             row.append("[green]yes" if est["fits"] else "[red]no")
         table.add_row(*row)
@@ -195,6 +198,9 @@ def _render_data(report: dict[str, Any]) -> None:
 
     from ftcli.console import console
 
+    if "pairs" in report:
+        _render_pairs(report)
+        return
     d = report["data"]
     length = d.get("length") or {}
     dropped = d.get("dropped") or {}
@@ -227,6 +233,39 @@ def _render_data(report: dict[str, Any]) -> None:
     for piece in example["pieces"]:
         text.append(piece["text"], style="bold green" if piece["loss"] else "dim")
     console.print(text)
+
+
+def _render_pairs(report: dict[str, Any]) -> None:
+    """Preference pairs: statistics, then one pair: the prompt (masked) and each answer (in the loss)."""
+    from rich.text import Text
+
+    from ftcli.console import console
+
+    d = report["pairs"]
+    console.print(_kv_table("preference pairs", [
+        ("source", f"{d['source']} ({d['source_kind']})"), ("format / template", f"{d['format']} / {d['template']}"),
+        ("tokenizer", d["tokenizer"]), ("pairs", f"{d['rows_kept']} kept of {d['rows_read']} read"
+                                        + (f" (dropped: {d['dropped']})" if any((d["dropped"] or {}).values()) else "")),
+        ("tokens", f"{d['tokens']:,} ({d['loss_tokens']:,} answer tokens in the loss)"),
+        ("truncated", f"{d['prompt_truncated']} prompts at --max-prompt-length {d['max_prompt_length']}; "
+                      f"{d['chosen_truncated']} chosen, {d['rejected_truncated']} rejected at --seq-length "
+                      f"{d['seq_length']}; {d['cut_differently']} pairs cut differently"),
+        ("EOS trained once (both answers)", d["eos_trained_once"]), ("prepared folder", d["prepared_folder"]),
+    ]))
+    example = report.get("example")
+    if example is None:
+        if report.get("example_note"):
+            console.print(report["example_note"])
+        return
+    for side in ("chosen", "rejected"):
+        pieces = example[side]
+        console.print(f"[bold]pair {example['index']}, {side}[/]: {len(pieces)} tokens, "
+                      f"{sum(1 for p in pieces if p['loss'])} in the loss ([bold green]green[/] = in the loss, "
+                      "[dim]dim[/] = masked prompt)")
+        text = Text()
+        for piece in pieces:
+            text.append(piece["text"], style="bold green" if piece["loss"] else "dim")
+        console.print(text)
 
 
 def _mixture_rows(sources: list[dict[str, Any]] | None) -> list[tuple[str, Any]]:

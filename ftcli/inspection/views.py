@@ -37,6 +37,9 @@ class InspectOptions:
     format: str | None = None
     template: str | None = None
     train_on_inputs: bool | None = None
+    # The training objective (ftcli.objectives): the estimate counts its reference and rows; pairs for datasets.
+    objective: str | None = None  # None: sft for models; dataset files with chosen/rejected columns read as pairs
+    precompute_ref: bool = False
 
 
 # ---- models ---------------------------------------------------------------------------------------
@@ -57,7 +60,8 @@ def inspect_model(target: str, options: InspectOptions) -> dict[str, Any]:
         batch = options.batch_size or int(defaults["batch_size"])
         est = estimate_memory(info, method, batch_size=batch, seq_length=options.seq_length,
                               gradient_checkpointing=checkpointing, nproc=options.nproc, dtype=options.dtype,
-                              lora_rank=options.lora_rank, lora_targets=list(defaults["lora_target_modules"]))
+                              lora_rank=options.lora_rank, lora_targets=list(defaults["lora_target_modules"]),
+                              objective=options.objective or "sft", precompute_ref=options.precompute_ref)
         if gpu is not None:
             est.fits = fits(est.total_bytes, gpu)
         estimates.append({**est.to_dict(), "batch_size": batch, "gradient_checkpointing": checkpointing})
@@ -65,7 +69,8 @@ def inspect_model(target: str, options: InspectOptions) -> dict[str, Any]:
     model.pop("linear_layers")
     return {
         "model": model,
-        "memory": {"seq_length": options.seq_length, "dtype": options.dtype, "nproc": options.nproc,
+        "memory": {"objective": options.objective or "sft", "seq_length": options.seq_length,
+                   "dtype": options.dtype, "nproc": options.nproc,
                    "gpu_memory_bytes": gpu, "methods": estimates},
     }
 
@@ -290,6 +295,8 @@ def inspect_prepared(target: str, options: InspectOptions) -> dict[str, Any]:
         tokenizer = load_tokenizer(tokenizer_ref) if tokenizer_ref else None
     except Exception:  # noqa: BLE001 - the stats stand without it; the example needs it
         tokenizer = None
+    if manifest.get("kind") == "preference":
+        return _pair_view(folder, manifest, tokenizer, tokenizer_ref, options)
     return _data_view(folder, manifest, tokenizer, tokenizer_ref, options)
 
 
@@ -298,12 +305,22 @@ def inspect_dataset(target: str, options: InspectOptions) -> dict[str, Any]:
     from ftcli.config import build_run_config
     from ftcli.data.prepare import prepare_dataset
     from ftcli.models import load_tokenizer
+    from ftcli.objectives import OBJECTIVES
 
     flags: dict[str, Any] = {"dataset": target, "model": options.model, "seq_length": options.seq_length,
                              "dataset_size": None, "format": options.format, "template": options.template,
                              "train_on_inputs": options.train_on_inputs}
+    if options.objective is not None:
+        flags["objective"] = options.objective
+    elif _has_pair_columns(target):
+        flags["objective"] = next(name for name, o in OBJECTIVES.items() if o.pairs)
     config = build_run_config({k: v for k, v in flags.items() if v is not None or k == "dataset_size"})
     tokenizer = load_tokenizer(config.model)
+    if OBJECTIVES[config.objective].pairs:
+        from ftcli.data.preference_prepare import prepare_pairs
+
+        prepared = prepare_pairs(config, tokenizer)
+        return _pair_view(prepared.folder, prepared.manifest, tokenizer, config.model, options, prepared.dataset)
     prepared = prepare_dataset(config, tokenizer)
     return _data_view(prepared.folder, prepared.manifest, tokenizer, config.model, options, dataset=prepared.dataset)
 
@@ -351,6 +368,43 @@ def _data_view(folder: Path, manifest: dict[str, Any], tokenizer: Any, tokenizer
     return view
 
 
+def _has_pair_columns(target: str) -> bool:
+    """Whether a dataset file's rows have chosen and rejected columns (preference pairs)."""
+    from ftcli.data.sources import load_rows
+
+    try:
+        columns = load_rows(target).dataset.column_names
+    except Exception:  # noqa: BLE001 - unreadable here: SFT's preparation says why, in its own words
+        return False
+    return "chosen" in columns and "rejected" in columns
 
 
+def _pair_view(folder: Path, manifest: dict[str, Any], tokenizer: Any, tokenizer_ref: str | None,
+               options: InspectOptions, dataset: Any = None) -> dict[str, Any]:
+    """Prepared preference pairs: their statistics and one pair, each answer's tokens with its mask."""
+    from ftcli.data.preference import explain_pair
+
+    stats, source, opts = manifest.get("stats", {}), manifest.get("source", {}), manifest.get("options", {})
+    view: dict[str, Any] = {"pairs": {
+        "source": source.get("ref"), "source_kind": source.get("kind"), "prepared_folder": str(folder),
+        "format": manifest.get("format"), "template": manifest.get("template"), "tokenizer": tokenizer_ref,
+        "seq_length": opts.get("seq_length"), "max_prompt_length": opts.get("max_prompt_length"),
+        **{k: stats.get(k) for k in ("rows_read", "rows_kept", "dropped", "tokens", "loss_tokens", "truncated",
+                                     "prompt_truncated", "chosen_truncated", "rejected_truncated",
+                                     "cut_differently", "eos_trained_once", "length")}}, "example": None}
+    if tokenizer is None:
+        view["example_note"] = f"tokenizer {tokenizer_ref} is not available here: no pair rendered"
+        return view
+    if dataset is None:
+        from datasets import load_from_disk
+
+        dataset = load_from_disk(str(folder))
+    if options.example >= len(dataset):
+        raise ConfigError(f"--example {options.example} is beyond the {len(dataset)} pairs of {folder}",
+                          hint=f"pick an index in 0..{len(dataset) - 1}")
+    row = dataset[options.example]
+    sides = explain_pair(row, tokenizer)
+    view["example"] = {"index": options.example, "prompt_tokens": len(row["prompt_ids"]),
+                       **{side: [{"text": t, "loss": on} for t, on in pieces] for side, pieces in sides.items()}}
+    return view
 

@@ -32,7 +32,9 @@ class MethodPlan:
     notes: list[str] = field(default_factory=list)
     # Extra SFTConfig keyword arguments (e.g. FSDP settings), merged over ftcli's own by the trainer builder.
     training_args: dict[str, Any] = field(default_factory=dict)
-    trainer_class: Any = None  # None: trl's SFTTrainer
+    # The method's trainer, built on the objective's (TRL's SFTTrainer, ftcli's DPOTrainer: ftcli/objectives/):
+    # a function of that class (e.g. FSDP's saving on top of it); None: the objective's class as it is.
+    trainer_class: Callable[[type], type] | None = None
     # PiSSA/OLoRA: the adapter's start (A0, B0), which the final save subtracts (ftcli/methods/variants.py).
     initial_adapter: Any = None
 

@@ -67,9 +67,11 @@ def plan(config: Any, model: Any) -> Any:
         },
         "ddp_timeout": COLLECTIVE_TIMEOUT_S,
     }
-    base.trainer_class = fsdp_trainer_class()
+    base.trainer_class = fsdp_trainer_class
     if base.initial_adapter is not None:
-        base.trainer_class = variants.plain_lora_saving(base.trainer_class, base.initial_adapter)
+        initial = base.initial_adapter
+        base.trainer_class = lambda objective_class: variants.plain_lora_saving(fsdp_trainer_class(objective_class),
+                                                                                initial)
     base.notes.append(f"FSDP2 wraps each {', '.join(layers)}; "
                       f"{'all weights train' if config.full_parameters else 'LoRA adapters train'}")
     return base
@@ -87,13 +89,13 @@ def full_state_dict(model: Any, keep: bool) -> dict[str, Any]:
     return out
 
 
-@lru_cache(maxsize=1)
-def fsdp_trainer_class() -> type:
-    """SFTTrainer that shards with FSDP on CPU too, and saves a plain folder from gathered weights."""
+@lru_cache(maxsize=None)
+def fsdp_trainer_class(base: type) -> type:
+    """`base` (the objective's trainer: SFTTrainer, DPO's) sharding with FSDP on CPU too, and saving a plain folder
+    from gathered weights."""
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-    from trl import SFTTrainer
 
-    class FsdpTrainer(SFTTrainer):  # type: ignore[misc,valid-type]
+    class FsdpTrainer(base):  # type: ignore[misc,valid-type]
         def create_accelerator_and_postprocess(self) -> None:
             super().create_accelerator_and_postprocess()
             state = self.accelerator.state

@@ -53,10 +53,8 @@ def plan(config: Any, model: Any) -> Any:
     plan = MethodPlan(model=peft_model, saves="adapter", trainable_parameters=trainable, total_parameters=total)
     if config.lora_init in variants.CHANGES_BASE:
         # The base now holds the residual: the run's final adapter is saved converted to plain LoRA on the original.
-        from trl import SFTTrainer
-
-        plan.initial_adapter = variants.initial_adapter(peft_model)
-        plan.trainer_class = variants.plain_lora_saving(SFTTrainer, plan.initial_adapter)
+        initial = plan.initial_adapter = variants.initial_adapter(peft_model)
+        plan.trainer_class = lambda objective_class: variants.plain_lora_saving(objective_class, initial)
         plan.notes.append(f"{config.lora_init} start: the final adapter is saved as plain LoRA of rank "
                           f"{2 * config.lora_rank} on the original base")
     return plan

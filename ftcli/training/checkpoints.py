@@ -62,6 +62,9 @@ SHOWN_WHEN_ABSENT = {"lora_variant": "plain LoRA"}
 RECIPE_IDENTITY_FIELDS = ("optim", "lr_scheduler", "warmup_ratio", "warmup_steps", "min_lr_ratio", "decay_ratio",
                           "weight_decay", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_epsilon",
                           "neftune_noise_alpha")
+# ... and the objective and its options (ftcli/objectives/), the same way: an SFT checkpoint keeps its identity.
+OBJECTIVE_IDENTITY_FIELDS = ("objective", "dpo_beta", "dpo_loss", "max_prompt_length", "precompute_ref")
+DEFAULTED_IDENTITY_FIELDS = (*RECIPE_IDENTITY_FIELDS, *OBJECTIVE_IDENTITY_FIELDS)
 
 
 def recipe_default(name: str) -> Any:
@@ -79,7 +82,7 @@ def run_identity(config: Any, data_fingerprint: str, processes: int,
         identity["eval_split"] = config.eval_split
     if eval_fingerprint is not None:
         identity["eval_fingerprint"] = eval_fingerprint
-    identity.update({name: getattr(config, name) for name in RECIPE_IDENTITY_FIELDS
+    identity.update({name: getattr(config, name) for name in DEFAULTED_IDENTITY_FIELDS
                      if getattr(config, name, recipe_default(name)) != recipe_default(name)})
     from ftcli.methods.variants import describe
 
@@ -189,7 +192,7 @@ def check_compatible(checkpoint: Path, identity: dict[str, Any], force: bool) ->
                                                                                   *EVAL_IDENTITY_FIELDS,
                                                                                   *LORA_IDENTITY_FIELDS)
              if saved.get(name) != identity.get(name)]
-    for name in RECIPE_IDENTITY_FIELDS:
+    for name in DEFAULTED_IDENTITY_FIELDS:
         old, new = saved.get(name, recipe_default(name)), identity.get(name, recipe_default(name))
         if old != new:
             diffs.append(f"{name} {old!r} -> {new!r}")

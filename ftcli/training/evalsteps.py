@@ -32,8 +32,11 @@ EVAL_KEYS = ("eval_loss", "eval_perplexity", "eval_tokens", "eval_examples")
 class EvalCallbacks:
     """Evaluates at the run's eval steps and keeps the early-stopping and best-model state."""
 
-    def __init__(self, config: Any, eval_set: Any, pad_token_id: int | None, guard: Any = None):
+    def __init__(self, config: Any, eval_set: Any, pad_token_id: int | None, guard: Any = None,
+                 objective_eval: Any = None):
         self.eval_set = eval_set
+        # The objective's own held-out metrics (DPO: its loss and rewards, logged by the trainer), else the SFT loss.
+        self.objective_eval = objective_eval
         self.every = config.eval_steps
         self.batch_size = config.eval_batch_size or config.batch_size
         self.patience = config.early_stopping_patience
@@ -94,6 +97,16 @@ class EvalCallbacks:
         if step == self.last_step:
             return
         started = time.perf_counter()
+        if self.objective_eval is not None:
+            should_log = control.should_log
+            metrics = self.objective_eval(self.trainer)  # logged by the trainer itself, as eval_*
+            control.should_log = should_log
+            self.seconds += time.perf_counter() - started
+            self.records.append({"step": step, **{k: v for k, v in metrics.items() if k.startswith("eval_")
+                                                  and k not in ("eval_runtime", "eval_samples_per_second",
+                                                                "eval_steps_per_second")}})
+            self.track(step, float(metrics["eval_loss"]), control)
+            return
         result = evaluate_loss(model, self.eval_set.dataset, self.batch_size, self.pad_token_id)
         self.seconds += time.perf_counter() - started
         logs = {"eval_loss": result.loss, "eval_perplexity": result.perplexity, "eval_tokens": result.tokens,
@@ -140,7 +153,9 @@ class EvalCallbacks:
             "eval_steps": self.every or "epoch",
             "base_loss": base["eval_loss"] if base else None,
             "final_loss": final["eval_loss"] if final else None,
-            "final_perplexity": final["eval_perplexity"] if final else None,
+            "final_perplexity": final.get("eval_perplexity") if final else None,
+            # The objective's other held-out metrics (DPO: eval_rewards/margins, eval_rewards/accuracies, ...).
+            "final_metrics": {k: v for k, v in final.items() if k not in ("step", *EVAL_KEYS)} if final else {},
             "final_step": final["step"] if final else None,
             "best": {"step": self.best_model[0], "eval_loss": self.best_model[1],
                      "checkpoint": f"{PREFIX}{self.best_model[0]}" if self.load_best else None,
@@ -171,6 +186,10 @@ def eval_line(evaluation: dict[str, Any]) -> str:
     line = (f"eval loss: base {fmt(evaluation['base_loss'])} -> final {fmt(evaluation['final_loss'])} "
             f"(step {evaluation['final_step']}{which}; {evaluation['examples']:,} examples, "
             f"{evaluation['loss_tokens']:,} tokens)")
+    final = evaluation.get("final_metrics") or {}
+    if "eval_rewards/margins" in final:
+        line += (f"; reward margin {final['eval_rewards/margins']:.4f}, accuracy "
+                 f"{final.get('eval_rewards/accuracies', float('nan')):.1%}")
     stopped = evaluation.get("early_stopped")
     if stopped:
         line += f"; stopped early at step {stopped['step']}: {stopped['reason']}"
@@ -184,5 +203,7 @@ def eval_callback(config: Any, eval_set: Any, tokenizer: Any, guard: Any = None)
     from transformers import TrainerCallback
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    from ftcli.objectives import OBJECTIVES
+
     cls = type("EvalCallback", (EvalCallbacks, TrainerCallback), {})
-    return cls(config, eval_set, pad, guard)
+    return cls(config, eval_set, pad, guard, OBJECTIVES[config.objective].evaluate)

@@ -67,6 +67,7 @@ def rank_command(argv: list[str], output_dir: Path) -> list[str]:
 def preflight(config: Any) -> Iterator[Path]:
     """What must not race between ranks, done once here: the output-folder check (under the folder's lock,
     held for the whole launch on machine 0 of a static rendezvous), building a builtin model."""
+    from ftcli.chain import resolve_start
     from ftcli.models import resolve_model_source
     from ftcli.training.runfolder import LOCK_HELD_ENV, claim_run_dir
 
@@ -77,7 +78,7 @@ def preflight(config: Any) -> Iterator[Path]:
             from ftcli.training.checkpoints import resolve_verified
 
             resolve_verified(config.resume, out)
-        resolve_model_source(config.model)
+        resolve_model_source(resolve_start(config.model).base)  # builds a builtin base once, before the ranks
         if decides:
             os.environ[LOCK_HELD_ENV] = str(out)  # rank 0 (a child of this process) then takes no lock itself
         try:

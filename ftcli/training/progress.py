@@ -4,7 +4,8 @@
     >>> trainer.add_callback(TrainingDisplay(device="cpu", metrics_path=run_dir / "metrics.jsonl"))
 
 It shows step/total, loss, learning rate, real (non-padding) tokens/s, ETA and peak memory (and the
-last eval loss when the run evaluates), and writes one JSON line per logging step and per evaluation
+last eval loss when the run evaluates; with a preference objective the reward margin, accuracy and the
+chosen/rejected rewards too), and writes one JSON line per logging step and per evaluation
 to `metrics.jsonl`. Only rank 0 draws and writes.
 """
 
@@ -27,6 +28,15 @@ def _fmt_eta(seconds: float) -> str:
         return "--:--"
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def preference_text(logs: dict[str, float]) -> str:
+    """`margin 0.031 acc 75% (chosen 0.012 rejected -0.019)` from a preference objective's rewards, else ""."""
+    if "rewards/margins" not in logs:
+        return ""
+    return (f"margin {logs['rewards/margins']:.3f} acc {logs.get('rewards/accuracies', float('nan')):.0%} "
+            f"(chosen {logs.get('rewards/chosen', float('nan')):.3f} rejected "
+            f"{logs.get('rewards/rejected', float('nan')):.3f})")
 
 
 class TrainingDisplay(TrainerCallback):  # type: ignore[misc,valid-type]
@@ -61,6 +71,7 @@ class TrainingDisplay(TrainerCallback):  # type: ignore[misc,valid-type]
             "eta": _fmt_eta(eta),
             "mem": format_bytes(peak_memory(self.device)[1]),
             "eval": f"{self.last_eval:.4f}" if self.last_eval is not None else "-",
+            "pref": preference_text(self.last),
         }
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -75,7 +86,7 @@ class TrainingDisplay(TrainerCallback):  # type: ignore[misc,valid-type]
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss [cyan]{task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
             TextColumn("[green]{task.fields[tps]} tok/s"), TextColumn("eta {task.fields[eta]}"),
-            TextColumn("mem {task.fields[mem]}"),
+            TextColumn("mem {task.fields[mem]}"), TextColumn("{task.fields[pref]}"),
             *([TextColumn("eval [magenta]{task.fields[eval]}")] if self.evaluates else []),
             console=self.out, refresh_per_second=4,
         )
@@ -105,7 +116,7 @@ class TrainingDisplay(TrainerCallback):  # type: ignore[misc,valid-type]
         else:
             f = self._fields(state)
             self.out.print(f"step {state.global_step}/{state.max_steps}  loss {f['loss']}  lr {f['lr']}  "
-                           f"{f['tps']} tok/s  eta {f['eta']}  mem {f['mem']}")
+                           f"{f['tps']} tok/s  eta {f['eta']}  mem {f['mem']}" + (f"  {f['pref']}" if f["pref"] else ""))
 
     def _log_eval(self, state: Any, logs: dict) -> None:
         values = {k: float(v) for k, v in logs.items() if k.startswith("eval_") and isinstance(v, (int, float))}
@@ -120,8 +131,10 @@ class TrainingDisplay(TrainerCallback):  # type: ignore[misc,valid-type]
         if self.metrics_path is not None:
             with self.metrics_path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
-        text = (f"eval step {state.global_step}: loss {values['eval_loss']:.4f}  perplexity "
-                f"{values.get('eval_perplexity', float('nan')):.2f}  {values.get('eval_tokens', 0):,} tokens")
+        pref = preference_text({k.removeprefix("eval_"): v for k, v in values.items()})
+        text = f"eval step {state.global_step}: loss {values['eval_loss']:.4f}  " + (
+            pref if pref else f"perplexity {values.get('eval_perplexity', float('nan')):.2f}  "
+                              f"{values.get('eval_tokens', 0):,} tokens")
         if self.progress is not None:
             self.progress.update(self.task, **self._fields(state))
             self.progress.console.print(text)

@@ -221,7 +221,8 @@ def _save_final(trainer: Any, ready: Any, out: Path, guard: Any, manifest: dict[
             ready.tokenizer.save_pretrained(str(out))
             # The trainer also pickles its arguments; the manifest already records them, and ftcli ships no pickles.
             (out / "training_args.bin").unlink(missing_ok=True)
-        _save_probe(trainer.model, ready.dataset[0]["input_ids"][:PROBE_TOKENS], out / PROBE, write=main)
+        _save_probe(trainer.model, ready.objective.probe_ids(ready.dataset[0])[:PROBE_TOKENS], out / PROBE,
+                    write=main)
     except Exception as exc:
         if main:
             # Half-written weights are not left where export or from_pretrained would trust them (and a full
@@ -322,12 +323,14 @@ def _start_manifest(config: RunConfig, command: list[str] | None, out: Path, log
                     main: bool, resumed: dict[str, Any] | None) -> Manifest | None:
     """Create the run folder (an --overwrite sets the old run aside, removed once the new record is written) and
     write the manifest (status running, this host and process); rank 0 only."""
+    from ftcli.chain import resolve_start
     from ftcli.models import physical_device, resolve_attn_implementation, resolve_model_source
     from ftcli.system import library_versions
 
     if not main:
         return None
     device, torch_dtype, plan = ready.device, ready.torch_dtype, ready.plan
+    start = resolve_start(config.model)
     previous = (out / MANIFEST).read_bytes() if resumed and (out / MANIFEST).is_file() else None
     aside = create_run_dir(out, config.overwrite)
     manifest = Manifest({
@@ -342,7 +345,12 @@ def _start_manifest(config: RunConfig, command: list[str] | None, out: Path, log
             "output_dir": str(out), "log_dir": str(log_dir), "device": device,
             "dtype": str(torch_dtype).removeprefix("torch."),
             "attn_implementation": resolve_attn_implementation(config.attn_implementation, device, torch_dtype),
-            "model_path": resolve_model_source(config.model).path, "pad_policy": ready.pad_policy,
+            "model_path": resolve_model_source(start.base).path, "pad_policy": ready.pad_policy,
+            # What the run starts from: the base and the earlier runs whose adapters were merged in (ftcli.chain).
+            "start": start.to_dict(),
+            "chain": [*start.chain, {"run": str(out), "method": config.method, "objective": config.objective,
+                                     "saves": plan.saves}],
+            **objective_record(config, ready),
             "saves": plan.saves, "trainable_parameters": plan.trainable_parameters,
             "total_parameters": plan.total_parameters,
             "processes": world_size(),
@@ -364,6 +372,14 @@ def _start_manifest(config: RunConfig, command: list[str] | None, out: Path, log
     # The new record is in place: the replaced run goes now, before this one needs the disk space.
     remove_replaced(aside)
     return manifest
+
+
+def objective_record(config: RunConfig, ready: Any) -> dict[str, Any]:
+    """The manifest's note of the objective: how its reference model is held (DPO), if it has one."""
+    objective = ready.objective
+    if objective is None or objective.reference is None:
+        return {}
+    return {"reference": objective.reference(ready.method, config)}
 
 
 def print_summary(metrics: dict[str, Any], out: Path, saves: str, evaluation: dict[str, Any] | None = None) -> None:

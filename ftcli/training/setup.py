@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from ftcli.chain import load_start_model, resolve_start
 from ftcli.console import console
 from ftcli.training.recipe import check_recipe
 
@@ -32,6 +33,7 @@ class RunSetup:
     method: Any  # ftcli.methods.Method
     plan: Any  # ftcli.methods.MethodPlan
     eval_set: Any = None  # ftcli.data.split.EvalSet, when the run evaluates
+    objective: Any = None  # ftcli.objectives.Objective
 
 
 def quiet_libraries() -> None:
@@ -63,20 +65,28 @@ def set_up(config: Any, command: str) -> RunSetup:
 
     from ftcli.data import load_datasets
     from ftcli.methods import METHODS
-    from ftcli.models import apply_pad_policy, load_model, load_model_config, load_tokenizer, resolve_dtype
+    from ftcli.objectives import OBJECTIVES
+    from ftcli.models import apply_pad_policy, load_model_config, load_tokenizer, resolve_dtype
 
     torch_dtype = resolve_dtype(config.dtype, device)
-    console.print(f"[bold]ftcli {command}[/] method={config.method} model={config.model} dataset={config.dataset}")
-    model_config = load_model_config(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
+    console.print(f"[bold]ftcli {command}[/] method={config.method} objective={config.objective} model={config.model} "
+                  f"dataset={config.dataset}", soft_wrap=True)
+    start = resolve_start(config.model)
+    if start.continues:
+        console.print(f"start: {' -> '.join(chain_names(start))} (the new training continues from the last)",
+                      soft_wrap=True)
+    model_config = load_model_config(start.base, revision=config.revision, trust_remote_code=config.trust_remote_code)
     context = getattr(model_config, "max_position_embeddings", None)
     if isinstance(context, int) and config.seq_length > context:
         console.print(f"[yellow]note:[/] --seq-length {config.seq_length} is beyond the model's context length "
                       f"({context} positions, max_position_embeddings): examples longer than that will not train "
                       f"well; a --seq-length of at most {context} fits the model", soft_wrap=True)
-    tokenizer = load_tokenizer(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
+    tokenizer = load_tokenizer(start.base, revision=config.revision, trust_remote_code=config.trust_remote_code)
     pad_policy = apply_pad_policy(tokenizer)
     dataset, report, eval_set = load_datasets(config, tokenizer)
     print_data_lines(report, config)
+    for note in OBJECTIVES[config.objective].notes(config):
+        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
     if eval_set is not None:
         console.print(f"eval: {eval_set.examples:,} examples, {eval_set.loss_tokens:,} loss tokens "
                       f"({eval_set.source})", soft_wrap=True)
@@ -84,13 +94,28 @@ def set_up(config: Any, command: str) -> RunSetup:
     # and an unseeded torch generator would make every LoRA run start from different adapters.
     set_seed(config.seed)
     method = METHODS[config.method]
-    model = load_model(config.model, dtype=config.dtype, device=device, attn_implementation=config.attn_implementation,
-                       revision=config.revision, trust_remote_code=config.trust_remote_code,
-                       **method.load_options(config, device))
+    # A finished run or adapter as --model: its base with the earlier adapters merged in (ftcli.chain).
+    model = load_start_model(start, dtype=config.dtype, device=device, attn_implementation=config.attn_implementation,
+                             revision=config.revision, trust_remote_code=config.trust_remote_code,
+                             **method.load_options(config, device))
     plan = method.plan(config, model)
     console.print(f"model: {plan.total_parameters:,} parameters, {plan.trainable_parameters:,} trainable "
                   f"({config.method}, {str(torch_dtype).removeprefix('torch.')}, {device})")
-    return RunSetup(device, torch_dtype, tokenizer, pad_policy, dataset, report, method, plan, eval_set)
+    return RunSetup(device, torch_dtype, tokenizer, pad_policy, dataset, report, method, plan, eval_set,
+                    OBJECTIVES[config.objective])
+
+
+def chain_names(start: Any) -> list[str]:
+    """`builtin:tiny-llama -> runs/sft-1 (lora sft)` pieces for the start line, the manifest and the model card."""
+    names = []
+    for step in start.chain:
+        if "model" in step:
+            names.append(str(step["model"]))
+        elif "run" in step:
+            names.append(f"{step['run']} ({step.get('method')} {step.get('objective')})")
+        else:
+            names.append(f"{step['adapter']} (adapter)")
+    return names
 
 
 def print_data_lines(report: Any, config: Any) -> None:

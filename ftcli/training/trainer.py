@@ -1,4 +1,5 @@
-"""The trainer of a run: TRL's SFTTrainer with ftcli's arguments, batching, guard and display.
+"""The trainer of a run: the objective's TRL trainer (SFTTrainer, DPO's) with ftcli's arguments, batching, guard and
+display.
 
     >>> from ftcli.training.trainer import build_trainer
     >>> trainer, display = build_trainer(config, plan, tokenizer, dataset, out, out / "logs", "cpu", guard)
@@ -27,10 +28,11 @@ def build_trainer(config: Any, plan: Any, tokenizer: Any, dataset: Any, out: Pat
     of a real run; warmup, which never calls `train()`, builds the same trainer without one. `evaluator`
     (ftcli.training.evalsteps) evaluates at the run's eval steps."""
     from transformers import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
 
+    from ftcli.objectives import OBJECTIVES
     from ftcli.training.progress import TrainingDisplay  # a transformers callback: imported with the trainer
 
+    objective = OBJECTIVES[config.objective]
     model = plan.model
     kwargs: dict[str, Any] = dict(
         output_dir=str(out),
@@ -53,8 +55,6 @@ def build_trainer(config: Any, plan: Any, tokenizer: Any, dataset: Any, out: Pat
         report_to="none",
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
-        # ftcli has already tokenized and masked the data; TRL must not re-tokenize or re-append EOS.
-        dataset_kwargs={"skip_prepare_dataset": True},
         use_cpu=device == "cpu",
         # Autocast follows the compute dtype (ftcli.training.precision); TRL's own default (bf16 autocast
         # always) would silently train float32 weights with bfloat16 matmuls.
@@ -65,11 +65,13 @@ def build_trainer(config: Any, plan: Any, tokenizer: Any, dataset: Any, out: Pat
     kwargs.update(recipe.training_args(config, device, out))
     kwargs.update(liger_args(config, device))
     kwargs.update(data_parallel_args(config))
-    # The method's own arguments (e.g. FSDP's) win over ftcli's defaults.
-    args = SFTConfig(**{**kwargs, **plan.training_args})
+    kwargs.update(objective.training_args(config, device))
+    # The method's own arguments (e.g. FSDP's) win over ftcli's defaults; the objective's arguments class takes its own.
+    args = objective_args(objective.config_class(), {**kwargs, **plan.training_args})
     display = TrainingDisplay(device=device, metrics_path=out / METRICS, evaluates=evaluator is not None)
+    inner = objective.trainer_class()
     trainer_class = guarded_trainer_class(recipe.trainer_class(batching.trainer_class(
-        lean_loss_class(plan.trainer_class or SFTTrainer))))
+        lean_loss_class(plan.trainer_class(inner) if plan.trainer_class else inner))))
     callbacks = [display, *recipe.tracker_callbacks(config, out, log_dir)]
     if evaluator is not None:
         # Before the guard: a checkpoint the evaluator asks for at a step is unmarked by the guard like its own.
@@ -78,8 +80,10 @@ def build_trainer(config: Any, plan: Any, tokenizer: Any, dataset: Any, out: Pat
         guard.display = display
         # The guard comes after the display: on resume it puts back the metrics the display has just reset.
         callbacks.append(guard)
+    collator = objective.data_collator(config, tokenizer) if objective.pairs else batching.data_collator(config, tokenizer)
     trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                            data_collator=batching.data_collator(config, tokenizer), callbacks=callbacks)
+                            data_collator=collator, callbacks=callbacks,
+                            **objective.trainer_kwargs(config, plan, evaluator))
     if args.fp16:
         precision.keep_master_weights(trainer.model)
     if guard is not None:
@@ -99,16 +103,17 @@ FUSED_HEAD_DEVICES = ("cuda", "xpu")
 
 @lru_cache(maxsize=None)
 def lean_loss_class(base: type) -> type:
-    """`base` (SFTTrainer or a method's subclass) whose training loss is the plain `transformers.Trainer` one
-    (the model's own logits and cross-entropy, as a peer's trainer computes it) where TRL's fused LM head has no
-    kernel to run on (CPU, MPS).
+    """`base` (the objective's trainer, or a method's subclass of it) whose SFT training loss is the plain
+    `transformers.Trainer` one (the model's own logits and cross-entropy, as a peer's trainer computes it) where
+    TRL's fused LM head has no kernel to run on (CPU, MPS).
 
     There TRL's head costs a second projection over the whole vocabulary for every position in the backward
     pass, plus the entropy and top-1 accuracy of every position (its `entropy` and `mean_token_accuracy`
     metrics, each read back with a device sync per micro-batch): measured by bench/steps.py, most of what made
     a training step cost more than the plain Trainer's. The loss is the same sum of token losses over
     `num_items_in_batch`; TRL's `num_tokens` count is kept. Anything else TRL's loss handles itself (another
-    loss type, label smoothing, MoE auxiliary loss, a custom loss function, evaluation) goes to TRL."""
+    loss type, DPO's among them; label smoothing, MoE auxiliary loss, a custom loss function, evaluation) goes
+    to TRL."""
 
     class LeanLoss(base):  # type: ignore[misc,valid-type]
         def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
@@ -145,6 +150,14 @@ def torch_tensor(value: int, device: Any) -> Any:
     import torch
 
     return torch.tensor(value, device=device)
+
+def objective_args(config_class: type, kwargs: dict[str, Any]) -> Any:
+    """The arguments object of the objective's trainer from the settings its class has (SFT's packing switch, say,
+    is no DPOConfig field: the objective refuses what would need it)."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{k: v for k, v in kwargs.items() if k in known})
 
 
 def compute_dtype(config: Any, device: str) -> Any:

@@ -201,8 +201,12 @@ def run_warmup(config: Any) -> dict[str, Any]:
     """`ftcli warmup`: load like `train`, then compile and measure (dry run) with the key's cache."""
     from ftcli.errors import ConfigError
     from ftcli.methods import METHODS
+    from ftcli.objectives import OBJECTIVES
     from ftcli.training.setup import set_up
 
+    if not OBJECTIVES[config.objective].compiles:
+        raise ConfigError(f"ftcli warmup compiles the model for --compile, which --objective {config.objective} does "
+                          "not take", hint="train without --compile (and without warmup)")
     if METHODS[config.method].shards:
         raise ConfigError(f"ftcli warmup runs in one process, and --method {config.method} compiles after sharding, "
                           "in the run",

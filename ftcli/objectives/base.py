@@ -1,0 +1,72 @@
+"""What a training objective is: what it trains on, which trainer runs it, and the options it owns.
+
+    >>> from ftcli.objectives import OBJECTIVES
+    >>> objective = OBJECTIVES["dpo"]
+    >>> objective.pairs, objective.options
+    (True, ('dpo_beta', 'dpo_loss', 'max_prompt_length', 'precompute_ref'))
+
+The objective is a second axis next to the method (ftcli/methods/): the method decides how the
+model is loaded and adapted (full, LoRA, QLoRA, FSDP), the objective what it is trained to do
+(SFT: the response's next tokens; DPO: prefer the chosen answer to the rejected one). Code outside
+`ftcli/objectives/` asks an objective for these facts and never compares its name, so a new
+objective (ORPO, KTO, ...) is its own file plus one line in the registry. Importing this module
+must not import torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+def no_arguments(*args: Any) -> dict[str, Any]:
+    return {}
+
+
+def no_check(config: Any) -> None:
+    return None
+
+
+def example_ids(row: dict[str, Any]) -> list[int]:
+    return list(row["input_ids"])
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One training objective.
+
+    - `pairs`: trains on preference pairs (a prompt with a chosen and a rejected answer), prepared by
+      ftcli/data/preference.py, instead of single examples.
+    - `options`: the RunConfig fields only this objective uses; set with another objective, they are refused.
+    - `trainer_class` / `config_class`: the innermost trainer (TRL's, imported when called) and its arguments
+      class; ftcli's batching, recipe and guard wrap it (ftcli/training/trainer.py).
+    - `training_args(config, device)`: the objective's own arguments class settings.
+    - `trainer_kwargs(config, plan, evaluator)`: extra keyword arguments of the trainer (a reference model,
+      the eval pairs).
+    - `data_collator(config, tokenizer)`: the collator, or None for ftcli's batching's choice.
+    - `check(config)`: raises ValueError for option combinations that make no sense with this objective.
+    - `evaluate(trainer)`: held-out metrics with `eval_loss` (None: ftcli's token-weighted SFT eval loss).
+    - `reference(method, config)`: how the run's reference model is held (None: the objective has none).
+    - `probe_ids(row)`: the tokens of a prepared row the run's probe logits are taken on.
+    - `compiles`: `--compile` and `ftcli warmup` apply (ftcli's compile warmup drives this objective's trainer).
+    - `notes(config)`: lines the run prints about options this objective handles its own way.
+    - `rows_per_example`: sequences one example puts through the model per step (DPO: the chosen and the
+      rejected answer, each after the prompt), for the memory estimate.
+    """
+
+    name: str
+    summary: str
+    pairs: bool
+    options: tuple[str, ...]
+    trainer_class: Callable[[], type]
+    config_class: Callable[[], type]
+    training_args: Callable[..., dict[str, Any]] = no_arguments
+    trainer_kwargs: Callable[..., dict[str, Any]] = no_arguments
+    data_collator: Callable[..., Any] = lambda config, tokenizer: None  # noqa: E731
+    check: Callable[[Any], None] = no_check
+    evaluate: Callable[[Any], dict[str, Any]] | None = None
+    reference: Callable[[Any, Any], str] | None = None
+    probe_ids: Callable[[dict[str, Any]], list[int]] = example_ids
+    rows_per_example: int = 1
+    compiles: bool = True
+    notes: Callable[[Any], list[str]] = lambda config: []  # noqa: E731

@@ -1,0 +1,102 @@
+"""TRL's DPOTrainer, fed the pairs ftcli tokenized and masked (ftcli/data/preference.py).
+
+    >>> from ftcli.objectives.dpo_trainer import FtcliDPOTrainer
+    >>> trainer = FtcliDPOTrainer(model=peft_model, args=DPOConfig(...), train_dataset=pairs, processing_class=tok,
+    ...                           ftcli_config=config)
+
+Three changes to TRL's behaviour, each small:
+- the dataset is used as prepared (`prompt_ids`, `chosen_ids`, `rejected_ids`): TRL's `_prepare_dataset`
+  would re-render and re-tokenize the text and append its own EOS;
+- a LoRA model's reference is the model with its adapter disabled: TRL copies a PeftModel's adapter into a
+  second "ref" adapter, which for a zero-start adapter (the only kind ftcli trains with DPO) is the same
+  model at extra memory, and which `save_pretrained` would then write into the run folder too;
+- `--precompute-ref`: the reference log-probabilities are cached under `<ftcli_home>/datasets/reference/`,
+  keyed by the reference weights, the data and the settings that change the numbers, so a second run or a
+  resume reads them back instead of computing them again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from trl import DPOTrainer
+
+from ftcli.console import console
+
+REFERENCE_FOLDER = "reference"
+
+
+class FtcliDPOTrainer(DPOTrainer):  # type: ignore[misc]
+    def __init__(self, *args: Any, ftcli_config: Any = None, **kwargs: Any) -> None:
+        self._ftcli_config = ftcli_config
+        super().__init__(*args, **kwargs)
+        peft_config = getattr(self.model, "peft_config", None)
+        if isinstance(peft_config, dict) and "ref" in peft_config:
+            self.model.delete_adapter("ref")
+            self.model.set_adapter("default")
+
+    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+        return dataset
+
+    def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+        path = reference_cache_path(self._precompute_model_hash, dataset._fingerprint, self._ftcli_settings())
+        if path.is_file():
+            from safetensors.torch import load_file
+
+            saved = load_file(str(path))
+            console.print(f"reference log-probs ({name}, {len(dataset):,} pairs): reused from {path}", soft_wrap=True)
+        else:
+            saved = self._compute_reference(dataset, batch_size)
+            save_reference(path, saved)
+            console.print(f"reference log-probs ({name}, {len(dataset):,} pairs): computed once and cached in "
+                          f"{path}", soft_wrap=True)
+        return dataset.add_column("ref_chosen_logps", saved["chosen"].tolist()) \
+            .add_column("ref_rejected_logps", saved["rejected"].tolist())
+
+    def _ftcli_settings(self) -> dict[str, Any]:
+        """What changes the reference numbers besides the weights and the data."""
+        model = self.ref_model or self.model
+        return {"dtype": str(next(model.parameters()).dtype), "bf16": bool(self.args.bf16),
+                "fp16": bool(self.args.fp16), "device": self.accelerator.device.type,
+                "ld_alpha": self.args.ld_alpha, "max_length": self.args.max_length}
+
+    def _compute_reference(self, dataset: Any, batch_size: int) -> dict[str, Any]:
+        from torch.utils.data import DataLoader
+
+        columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
+        loader = DataLoader(dataset.select_columns(columns), batch_size=batch_size, collate_fn=self.data_collator,
+                            shuffle=False)
+        model = self.ref_model or self.model
+        chosen, rejected = [], []
+        for batch in loader:
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            c, r = self.compute_ref_log_probs(model, batch)
+            chosen.append(c.float().cpu())
+            rejected.append(r.float().cpu())
+        return {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
+
+
+def reference_cache_path(model_hash: str, data_fingerprint: str, settings: dict[str, Any]) -> Path:
+    from ftcli.data.cache import cache_root
+
+    key = hashlib.sha256(json.dumps({"model": model_hash, "data": data_fingerprint, "settings": settings},
+                                    sort_keys=True).encode()).hexdigest()[:32]
+    return cache_root() / REFERENCE_FOLDER / f"{key}.safetensors"
+
+
+def save_reference(path: Path, tensors: dict[str, Any]) -> None:
+    """The log-probabilities written through a temporary sibling and one rename (never half a file)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
