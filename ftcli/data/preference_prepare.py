@@ -238,39 +238,16 @@ def pair_tokens(dataset: Any) -> tuple[int, int]:
 
 def hold_out_pairs(config: Any, dataset: Any, report: DataReport) -> tuple[Any, Any]:
     """`--eval-split`: pairs held out of the prepared training pairs (ftcli.data.split's choice of rows)."""
-    from ftcli.data.specs import dataset_label
-    from ftcli.data.split import EvalSet, held_out_rows, split_fingerprint, split_indices
+    from ftcli.data.split import hold_out
 
-    total = len(dataset)
-    n = held_out_rows(total, config.eval_split)
-    if n >= total:
-        raise DataError(f"--eval-split {config.eval_split}: holds out {n} of the {total} pairs of "
-                        f"{dataset_label(config.dataset)}, which leaves nothing to train on",
-                        hint=f"hold out fewer rows (below {total}) or a smaller fraction")
-    train_idx, eval_idx = split_indices(total, config.eval_split, config.seed)
-    train, held = dataset.select(train_idx), dataset.select(eval_idx)
-    tokens, loss_tokens = pair_tokens(held)
-    report.fingerprint = split_fingerprint(report.fingerprint, config.eval_split, config.seed)
-    report.rows_used, report.tokens, report.loss_tokens = len(train), report.tokens - tokens, \
-        report.loss_tokens - loss_tokens
-    source = f"--eval-split {config.eval_split} of {dataset_label(config.dataset)}"
-    return train, EvalSet(held, source, len(held), tokens, loss_tokens, report.fingerprint)
+    return hold_out(config, dataset, report, count=pair_tokens, unit="pairs")
 
 
 def prepare_eval_pairs(config: Any, tokenizer: Any) -> Any:
     """`--eval-dataset`: every pair of it, prepared (and cached) the way `--dataset` is."""
-    from ftcli.data.split import EvalSet
+    from ftcli.data.split import prepare_eval_dataset
 
-    eval_config = config.model_copy(update={"dataset": config.eval_dataset, "dataset_size": None,
-                                            "eval_dataset": None, "eval_split": None})
-    eval_config.__pydantic_fields_set__.discard("dataset_size")
-    try:
-        prepared = prepare_pairs(eval_config, tokenizer)
-    except DataError as exc:
-        raise DataError(f"--eval-dataset: {exc.message}", hint=exc.hint) from None
-    report = prepared.report
-    return EvalSet(prepared.dataset, f"--eval-dataset {config.eval_dataset}", report.rows_used, report.tokens,
-                   report.loss_tokens, report.fingerprint, report)
+    return prepare_eval_dataset(config, tokenizer, prepare=prepare_pairs)
 
 
 def pairs_table(manifest: dict[str, Any]) -> Any:

@@ -70,17 +70,21 @@ def count_tokens(dataset: Any) -> tuple[int, int]:
     return tokens, int(pc.sum(pc.not_equal(labels, -100)).as_py() or 0)
 
 
-def hold_out(config: Any, dataset: Any, report: DataReport) -> tuple[Any, EvalSet]:
-    """Split `--eval-split` rows off the prepared training data; the report then describes the training part."""
+def hold_out(config: Any, dataset: Any, report: DataReport, count: Any = None,
+             unit: str = "examples") -> tuple[Any, EvalSet]:
+    """Split `--eval-split` rows off the prepared training data; the report then describes the training part.
+    `count(dataset)` -> (tokens, loss tokens) of prepared rows (default: examples' `count_tokens`); `unit` names
+    the rows in errors (DPO's pairs: ftcli.data.preference_prepare)."""
+    count = count or count_tokens
     total = len(dataset)
     n = held_out_rows(total, config.eval_split)
     if n >= total:
-        raise DataError(f"--eval-split {config.eval_split}: holds out {n} of the {total} examples of "
+        raise DataError(f"--eval-split {config.eval_split}: holds out {n} of the {total} {unit} of "
                         f"{dataset_label(config.dataset)}, which leaves nothing to train on",
                         hint=f"hold out fewer rows (below {total}) or a smaller fraction")
     train_idx, eval_idx = split_indices(total, config.eval_split, config.seed)
     train, held = dataset.select(train_idx), dataset.select(eval_idx)
-    tokens, loss_tokens = count_tokens(held)
+    tokens, loss_tokens = count(held)
     report.fingerprint = split_fingerprint(report.fingerprint, config.eval_split, config.seed)
     report.rows_used = len(train)
     report.tokens -= tokens
@@ -89,16 +93,19 @@ def hold_out(config: Any, dataset: Any, report: DataReport) -> tuple[Any, EvalSe
     return train, EvalSet(held, source, len(held), tokens, loss_tokens, report.fingerprint)
 
 
-def prepare_eval_dataset(config: Any, tokenizer: Any, flag: str = "--eval-dataset") -> EvalSet:
-    """`--eval-dataset`: every row of it, prepared (and cached) the way `--dataset` is. Errors name `flag`."""
+def prepare_eval_dataset(config: Any, tokenizer: Any, flag: str = "--eval-dataset",
+                         prepare: Any = None) -> EvalSet:
+    """`--eval-dataset`: every row of it, prepared (and cached) the way `--dataset` is (`prepare(config,
+    tokenizer)`, default ftcli.data.prepare's; DPO's pairs: ftcli.data.preference_prepare). Errors name `flag`."""
     from ftcli.data.prepare import prepare_dataset
 
+    prepare = prepare or prepare_dataset
     eval_config = config.model_copy(update={"dataset": config.eval_dataset, "dataset_size": None,
                                             "eval_dataset": None, "eval_split": None})
     # Not asked for on this command line: a prepared eval folder is used with whatever size it holds.
     eval_config.__pydantic_fields_set__.discard("dataset_size")
     try:
-        prepared = prepare_dataset(eval_config, tokenizer)
+        prepared = prepare(eval_config, tokenizer)
     except DataError as exc:
         hint = re.sub(r"--dataset\b(?!-)", flag, exc.hint) if exc.hint else None
         raise DataError(f"{flag}: {exc.message}", hint=hint) from None
