@@ -30,11 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from methods import build_model  # noqa: E402  (the same random Llama as bench/methods.py)
 
 BASELINE = """
-import resource, sys
+import sys
 import datasets, peft, transformers, trl  # what a training process imports
 from ftcli.models import load_model
+from ftcli.system import peak_memory
 load_model(sys.argv[1], dtype="float32", device="cpu")
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(peak_memory("cpu")[1])  # the process's own peak (VmHWM), as the runs' manifests record it
 """
 
 

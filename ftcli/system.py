@@ -27,9 +27,28 @@ def peak_memory(device: str) -> tuple[str, int]:
         import torch
 
         return "cuda peak allocated", int(torch.cuda.max_memory_allocated(device))
+    hwm = own_peak_rss()
+    if hwm is not None:
+        return "cpu peak RSS", hwm
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return "cpu peak RSS", int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def own_peak_rss() -> int | None:
+    """This process's own peak resident memory in bytes (Linux: VmHWM), or None where /proc has no such line.
+
+    Not getrusage's ru_maxrss: a process started from a larger one (an FSDP rank from its launcher, any
+    subprocess of a test or bench) carries its parent's high-water mark across fork/vfork and exec there, so
+    its ru_maxrss is at least the parent's peak whatever it used itself."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def format_bytes(n: float) -> str:

@@ -2,17 +2,18 @@
 
 The memory estimate is checked two ways. Exactly: its activation term against the bytes autograd
 saves for the trainer's own loss (full fine-tuning, no checkpointing): within 15% (measured: 6%
-over). Against real CPU trainings in subprocesses (peak RSS minus the RSS after imports). glibc's
-malloc keeps freed tensors in its heap by a threshold it moves at run time; the measured processes
-fix that threshold (MALLOC_MMAP_THRESHOLD_), so large tensors are mapped and unmapped and the peak
-follows the live tensors more closely. Run alone, identical runs then agree within 1 MiB and the
-memory gradient checkpointing saves is 1.04x the estimated activation difference; inside the full
-suite on a clean clone it measured 0.61x (without the fixed threshold) and 0.72x (the same code in a
-fresh environment measures 0.92x alone; the cause of the spread is not found). So the bound is 0.5x
-to 1.75x: it still fails when checkpointing saves nothing or the estimate is off by 2x. The measured
-training memory is at least the estimate and at most the estimate + 400 MiB (the CPU process's own
-runtime: allocator, thread pools, data loader, trainer; 95-250 MiB here, not part of a GPU
-estimate).
+over). Against real CPU trainings in subprocesses: the process's own high-water mark (VmHWM, reset
+after the imports) minus its RSS after the imports. Not getrusage's ru_maxrss, which a child
+started from pytest inherits from it across vfork and exec: inside the full suite it read the
+pytest process's peak (about 950 MiB) and the measured saving of gradient checkpointing fell to
+0.61x, 0.72x and 0.04x of the estimate on clean clones while it measured 1.0x alone. The measured
+processes also fix glibc's mmap threshold (MALLOC_MMAP_THRESHOLD_), so large tensors are mapped and
+unmapped and the peak follows the live tensors (identical runs agree within 1 MiB), and the data is
+prepared once before them. The memory gradient checkpointing saves is 0.75x to 1.5x the estimated
+activation difference (measured 1.00x), and the measured training memory is at least the estimate
+and at most the estimate + 400 MiB (the CPU process's own runtime: allocator, thread pools, data
+loader, trainer; about 25 MiB here beyond the estimate, not part of a GPU estimate, which models
+TRL's fused LM head where the CPU loss keeps the whole logits).
 """
 
 from __future__ import annotations
@@ -33,21 +34,26 @@ MiB = 1 << 20
 FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 MEASURE = """
-import json, resource, sys
+import json, sys
 from ftcli.training.setup import quiet_libraries
 quiet_libraries()
 import datasets, peft, torch, transformers, trl  # noqa: F401  (the baseline includes the libraries)
 from ftcli.cli import app
-def rss():
+def status(key):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
-baseline = rss()
+baseline = status("VmRSS")
+try:
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # the high-water mark back to the current RSS: the peak is the command's alone
+except OSError:
+    pass  # the peak then also covers the imports, which the baseline already holds
 try:
     app(sys.argv[1:], standalone_mode=False)
 except SystemExit as exc:
     assert not exc.code, exc.code
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 print("MEASURED " + json.dumps({"baseline": baseline, "peak": peak}))
 """
 
@@ -202,7 +208,7 @@ def test_memory_estimate_against_measured_cpu_peaks(runs: dict) -> None:
            for name in ("plain", "ckpt")}
     activation_gap = est["plain"].activations_bytes - est["ckpt"].activations_bytes
     measured_gap = measured["plain"] - measured["ckpt"]
-    assert 0.5 * activation_gap <= measured_gap <= 1.75 * activation_gap, (measured_gap / MiB, activation_gap / MiB)
+    assert 0.75 * activation_gap <= measured_gap <= 1.5 * activation_gap, (measured_gap / MiB, activation_gap / MiB)
     for name in ("plain", "ckpt"):
         total = est[name].total_bytes
         assert total <= measured[name] <= total + 400 * MiB, (name, measured[name] / MiB, total / MiB)

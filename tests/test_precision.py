@@ -223,6 +223,9 @@ def test_qlora_activation_estimate_is_the_float32_bytes_autograd_saves(tmp_path:
         return tensor
 
     plan.model.train()
+    # The loss the estimate models: TRL's fused LM head, as on CUDA (on CPU ftcli computes the plain Trainer's
+    # loss, which keeps the whole logits: ftcli.training.trainer.lean_loss_class).
+    trainer._ftcli_plain = False
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         trainer.compute_loss(plan.model, dict(batch))
     rows, length = batch["input_ids"].shape
