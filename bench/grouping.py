@@ -2,10 +2,12 @@
 
     $ python bench/grouping.py                    # 4 seeds x 3 orders, LoRA r=8, about 10 minutes on 2 CPU cores
     $ python bench/grouping.py --seeds 1,2,3,4,5,6 --orders random,grouped
+    $ python bench/grouping.py --method full --dtype bfloat16 --batch-size 8 --learning-rate 5e-5 --rows 400 \
+          --orders random,grouped     # closer to bench/perf.py's set-up
 
 Data: bench/perf.py's long-tailed Alpaca rows (500 to train on, 100 held out) and random Llama (2.5M
-parameters); LoRA r=8, seq 1024, batch 4, fp32, one epoch, every run through ftcli's own
-`run_training` in this process. Orders:
+parameters); LoRA r=8, seq 1024, batch 4, fp32, one epoch by default (--method, --dtype, --batch-size,
+--learning-rate change them), every run through ftcli's own `run_training` in this process. Orders:
 - random: `--no-group-by-length`;
 - grouped: ftcli's default, length-grouped steps whose summed token loss is divided by the epoch's mean
   loss tokens per step (ftcli.training.batching.loss_tokens_per_step);
@@ -33,15 +35,17 @@ import perf  # noqa: E402  (bench/perf.py: the long-tailed data, the tokenizer a
 ORDERS = ("random", "grouped", "grouped-step-mean")
 
 
-def run_one(work: Path, model: Path, data: Path, heldout: Path, seed: int, order: str) -> dict[str, float]:
+def run_one(work: Path, model: Path, data: Path, heldout: Path, seed: int, order: str,
+            args: argparse.Namespace) -> dict[str, float]:
     from ftcli.config import build_run_config
     from ftcli.evaluation.run import EvalOptions, run_eval
     from ftcli.training import batching
     from ftcli.training.run import run_training
 
     out = work / f"{order}-{seed}"
-    config = build_run_config({"method": "lora", "model": str(model), "dataset": str(data), "seq_length": 1024,
-                               "batch_size": 4, "dtype": "float32", "seed": seed,
+    config = build_run_config({"method": args.method, "model": str(model), "dataset": str(data), "seq_length": 1024,
+                               "batch_size": args.batch_size, "dtype": args.dtype, "seed": seed,
+                               **({"learning_rate": args.learning_rate} if args.learning_rate else {}),
                                "group_by_length": order != "random", "output_dir": str(out),
                                "logging_steps": 10})
     batching.TOKEN_WEIGHTED_GROUPING = order != "grouped-step-mean"
@@ -60,6 +64,10 @@ def main() -> None:
     parser.add_argument("--orders", default=",".join(ORDERS))
     parser.add_argument("--rows", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--method", default="lora", choices=("lora", "full"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: the method's own")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     orders = args.orders.split(",")
@@ -83,7 +91,7 @@ def main() -> None:
         for seed in seeds:
             for order in orders:
                 console.quiet = True
-                r = run_one(work, model, data, heldout, seed, order)
+                r = run_one(work, model, data, heldout, seed, order, args)
                 console.quiet = False
                 results[order].append(r)
                 print(f"  seed {seed} {order:18s}: held-out loss {r['loss']:.5f}, train loss {r['train_loss']:.4f}, "
