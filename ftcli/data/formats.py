@@ -69,21 +69,25 @@ def expected_formats() -> str:
     return "; ".join(parts)
 
 
-def column_renames(columns: dict[str, str] | None, available: list[str]) -> dict[str, str]:
-    """`--columns` (field -> column) as dataset renames (column -> field), checked against the data."""
+def column_renames(columns: dict[str, str] | None, available: list[str], fields: Any = None,
+                   kind: str = "any format", source: str = "the data",
+                   message_keys: tuple[str, ...] = MESSAGE_KEYS) -> dict[str, str]:
+    """`--columns` (field -> column) as dataset renames (column -> field), checked against the data. `fields`:
+    the fields the data may have (default: those of every SFT format; DPO's pairs pass theirs), `kind` names
+    them in the error; `message_keys` are fields naming keys inside messages (not columns)."""
     if not columns:
         return {}
-    fields = {f for req, opt in FORMATS.values() for f in (*req, *opt)}
+    fields = set(fields) if fields is not None else {f for req, opt in FORMATS.values() for f in (*req, *opt)}
     renames = {}
     for fld, col in columns.items():
-        if fld in MESSAGE_KEYS:
+        if fld in message_keys:
             continue
         if fld not in fields:
-            raise ConfigError(f"--columns {fld}={col}: '{fld}' is not a field of any format",
-                              hint=f"fields: {', '.join(sorted(fields | set(MESSAGE_KEYS)))}")
+            raise ConfigError(f"--columns {fld}={col}: '{fld}' is not a field of {kind}",
+                              hint=f"fields: {', '.join(sorted(fields | set(message_keys)))}")
         if col not in available:
-            raise DataError(f"--columns {fld}={col}: the data has no column '{col}' "
-                            f"(columns found: {', '.join(available)})", hint="check the column name")
+            raise DataError(f"--columns {fld}={col}: {source} has no column '{col}' "
+                            f"(columns found: {', '.join(available) or 'none'})", hint="check the column name")
         if col != fld:
             renames[col] = fld
     return renames

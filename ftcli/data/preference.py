@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ftcli.data.formats import Example, RowError, _messages
+from ftcli.data.formats import Example, RowError, _messages, column_renames
 from ftcli.data.pipeline import DROP_EMPTY, DROP_NO_RESPONSE, INVALID, special_prefix, token_ids
 from ftcli.data.templates import example_to_pair, render_chat
 from ftcli.errors import DataError
@@ -68,21 +68,7 @@ class EncodedPair:
 
 def pair_renames(columns: dict[str, str] | None, available: list[str], source: str) -> dict[str, str]:
     """`--columns prompt=...,chosen=...,rejected=...` as dataset renames (column -> field), checked against the data."""
-    renames = {}
-    for fld, col in (columns or {}).items():
-        if fld in ("role", "content"):
-            continue
-        if fld not in PAIR_FIELDS:
-            from ftcli.errors import ConfigError
-
-            raise ConfigError(f"--columns {fld}={col}: '{fld}' is not a field of preference data",
-                              hint="fields: prompt, chosen, rejected (and role, content inside messages)")
-        if col not in available:
-            raise DataError(f"--columns {fld}={col}: {source} has no column '{col}' (columns found: "
-                            f"{', '.join(available) or 'none'})", hint="check the column name")
-        if col != fld:
-            renames[col] = fld
-    return renames
+    return column_renames(columns, available, PAIR_FIELDS, "preference data", source, ("role", "content"))
 
 
 def check_pair_columns(columns: list[str], source: str) -> None:
