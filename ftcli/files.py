@@ -168,6 +168,17 @@ def read_lock_holder(target: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def busy_holder(target: Path) -> dict[str, Any] | None:
+    """The holder of a lock just found busy. It writes its record right after taking the lock, so a record not
+    readable yet is read again for up to half a second before the holder is called unknown."""
+    for _ in range(5):
+        holder = read_lock_holder(target)
+        if holder:
+            return holder
+        time.sleep(0.1)
+    return None
+
+
 def describe_holder(holder: dict[str, Any] | None) -> str:
     if not holder:
         return "another ftcli process"
@@ -198,7 +209,7 @@ def exclusive(target: Path, what: str, wait: bool = False, announce: Any = None)
         except BlockingIOError:
             os.close(fd)
             if not wait:
-                raise OutputError(f"{what} {target} is in use by {describe_holder(read_lock_holder(target))}",
+                raise OutputError(f"{what} {target} is in use by {describe_holder(busy_holder(target))}",
                                   hint="wait for that run to finish, or pick another folder") from None
             if announce is not None and not announced:
                 announce(f"waiting for {describe_holder(read_lock_holder(target))} to finish with {target}")
