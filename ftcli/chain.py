@@ -16,6 +16,9 @@ base + the earlier adapters, which `export` merges in the same order. On a 4-bit
 adapter is merged into the quantised weights (peft re-quantises them: rounding, which the new adapter
 was trained on, and which export reproduces).
 
+A continued run also renders its data as the run it continues did (`inherited_template`), unless
+`--template` says otherwise; a run trained with a Jinja file keeps its text as `TEMPLATE_COPY`.
+
 Only small files are read here (manifests, adapter configs); nothing imports torch until a model loads.
 """
 
@@ -29,6 +32,8 @@ from ftcli.errors import ModelError
 from ftcli.training.runfolder import MANIFEST as RUN_MANIFEST
 
 ADAPTER_CONFIG = "adapter_config.json"
+# A run trained with `--template FILE.jinja` keeps the text it rendered with here (what later commands read).
+TEMPLATE_COPY = "ftcli_template.jinja"
 MAX_DEPTH = 16
 
 
@@ -95,3 +100,64 @@ def load_start_model(start: Start, **load: Any) -> Any:
     for adapter in start.adapters:
         model = attach_adapter(model, Path(adapter)).merge_and_unload()
     return model
+
+
+@dataclass(frozen=True)
+class InheritedTemplate:
+    """How the run that `--model` continues rendered its examples, for a new run left at `--template auto`."""
+
+    run: str  # the run folder
+    name: str  # its recorded template: alpaca | plain | model | file:<hash>
+    text: str | None = None  # a Jinja file's text (name file:...)
+
+    @property
+    def is_chat(self) -> bool:
+        return self.name == "model" or self.text is not None
+
+    @property
+    def description(self) -> str:
+        return {"model": "the model's chat template", "alpaca": "the Alpaca template",
+                "plain": "the prompt and completion as they are"}.get(self.name, "the chat template file it kept")
+
+    @property
+    def key(self) -> str:
+        """What the prepared-data cache key records of it (the text by content)."""
+        import hashlib
+
+        return self.name if self.text is None else "file-sha256:" + hashlib.sha256(self.text.encode()).hexdigest()
+
+
+def inherited_template(ref: str | None) -> InheritedTemplate | None:
+    """The template of the newest run in `ref`'s chain (None: `ref` is a model, or that run's rendering cannot be
+    carried: raw text, a mixture of renderings). A run trained with a Jinja file that is gone or was edited since
+    is a ConfigError naming `--template`."""
+    import hashlib
+    import json
+
+    start = resolve_start(ref)
+    runs = [step["run"] for step in start.chain if "run" in step]
+    if not start.continues or not runs:
+        return None
+    run = Path(runs[-1])
+    try:
+        manifest = json.loads((run / RUN_MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = str((manifest.get("data") or {}).get("template") or "")
+    if name in ("alpaca", "plain", "model"):
+        return InheritedTemplate(str(run), name)
+    if not name.startswith("file:") or "+" in name:
+        return None  # raw text ("none"), or a mixture whose sources were rendered differently
+    digest = name.removeprefix("file:")
+    kept = run / TEMPLATE_COPY
+    recorded = (manifest.get("config") or {}).get("template")
+    for candidate in (kept, Path(recorded) if isinstance(recorded, str) else None):
+        if candidate is not None and candidate.is_file():
+            text = candidate.read_bytes().decode("utf-8-sig", errors="replace")
+            if hashlib.sha256(text.encode("utf-8")).hexdigest().startswith(digest):
+                return InheritedTemplate(str(run), name, text)
+    from ftcli.errors import ConfigError
+
+    raise ConfigError(f"--model {run} was trained with the chat template {recorded}, which is gone or has changed "
+                      "since", hint="pass the template it was trained with as --template FILE.jinja (or --template "
+                      "model / alpaca to train this run with another one)")

@@ -70,7 +70,7 @@ class RunConfig(BaseModel):
     batch_size: int | None = Field(default=None, ge=1)
     seq_length: int = Field(default=2048, ge=8)
     num_epochs: float = Field(default=1.0, gt=0)
-    max_steps: int = Field(default=-1, ge=-1)
+    max_steps: int | None = Field(default=None, ge=1)  # None: train --num-epochs (never a number meaning "unset")
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     learning_rate: float | None = Field(default=None, gt=0)
     gradient_checkpointing: bool | None = None
@@ -215,6 +215,17 @@ class RunConfig(BaseModel):
             return int(text)
         return value
 
+    @field_validator("max_steps", mode="before")
+    @classmethod
+    def _steps_or_epochs(cls, value: Any) -> Any:
+        """-1 is how the trainer (and ftcli before 0.x) wrote "no step limit": read back as None, so that no code
+        can mistake it for a goal of -1 steps. `none` says the same in YAML."""
+        if value == -1 and not isinstance(value, bool):
+            return None
+        if isinstance(value, str) and value.strip().lower() in ("none", "-1"):
+            return None
+        return value
+
     @field_validator("eval_split", mode="before")
     @classmethod
     def _fraction_or_rows(cls, value: Any) -> Any:
@@ -320,8 +331,6 @@ class RunConfig(BaseModel):
                              "--nproc-per-node / --nnodes > 1")
         if self.node_rank >= self.nnodes:
             raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes}")
-        if self.max_steps == 0:
-            raise ValueError("max_steps must be -1 (use num_epochs) or a positive number of steps")
         return self
 
     @model_validator(mode="after")

@@ -78,7 +78,8 @@ def template_key(template: str, text: str | None = None) -> str:
     return template
 
 
-def key_fields(config: Any, tokenizer_fp: str, source_fp: str, template_text: str | None = None) -> dict[str, Any]:
+def key_fields(config: Any, tokenizer_fp: str, source_fp: str, template_text: str | None = None,
+               inherited: Any = None) -> dict[str, Any]:
     fields = {
         "layout": LAYOUT_VERSION,
         "ftcli_version": __version__,
@@ -94,6 +95,8 @@ def key_fields(config: Any, tokenizer_fp: str, source_fp: str, template_text: st
         "seed": config.seed,
         "tokenizer": tokenizer_fp,
     }
+    if inherited is not None:  # `--template auto` continuing a run renders as that run did (ftcli.chain)
+        fields["inherited_template"] = inherited.key
     # Only when asked for, so that every run without a held-out split keeps its key.
     if getattr(config, "eval_split", None) is not None:
         fields["eval_split"] = config.eval_split

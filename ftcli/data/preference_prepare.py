@@ -35,7 +35,7 @@ def prepare_pairs(config: Any, tokenizer: Any, *, output: str | Path | None = No
     from ftcli.objectives.dpo import max_prompt_length
     from ftcli.data.prepare import _quiet_datasets, check_output_dir
     from ftcli.data.sources import load_rows, source_fingerprint
-    from ftcli.data.templates import read_template, template_file
+    from ftcli.data.templates import inherited_for, read_template, template_file
     from ftcli.files import exclusive, output_path
 
     _quiet_datasets()
@@ -46,12 +46,13 @@ def prepare_pairs(config: Any, tokenizer: Any, *, output: str | Path | None = No
         return _use_prepared_pairs(config, tokenizer)
     path = template_file(config.template)
     template_text = read_template(path) if path is not None else None
+    inherited = inherited_for(config)
     loaded = None
     source_fp = source_fingerprint(config.dataset, split=config.dataset_split, revision=config.dataset_revision)
     if source_fp is None:
         loaded = load_rows(config.dataset, split=config.dataset_split, revision=config.dataset_revision)
         source_fp = loaded.fingerprint
-    fields = {**cache.key_fields(config, cache.tokenizer_fingerprint(tokenizer), source_fp, template_text),
+    fields = {**cache.key_fields(config, cache.tokenizer_fingerprint(tokenizer), source_fp, template_text, inherited),
               "pairs": True, "max_prompt_length": max_prompt_length(config)}
     key = cache.cache_key(fields)
     final = output_path(output, "--output-dir") if output is not None else cache.cache_dir(key)
@@ -67,7 +68,7 @@ def prepare_pairs(config: Any, tokenizer: Any, *, output: str | Path | None = No
             cache.remove_stale_builds(final)
             check_output_dir(final, overwrite)
         loaded = loaded or load_rows(config.dataset, split=config.dataset_split, revision=config.dataset_revision)
-        return _build_pairs(config, tokenizer, loaded, fields, key, final, template_text)
+        return _build_pairs(config, tokenizer, loaded, fields, key, final, template_text, inherited)
 
 
 def _hit(final: Path, key: str) -> Any:
@@ -101,7 +102,7 @@ def _use_prepared_pairs(config: Any, tokenizer: Any) -> Any:
 
 
 def _build_pairs(config: Any, tokenizer: Any, loaded: Any, fields: dict[str, Any], key: str, final: Path,
-                 template_text: str | None) -> Any:
+                 template_text: str | None, inherited: Any = None) -> Any:
     import shutil
 
     from ftcli.objectives.dpo import max_prompt_length
@@ -119,7 +120,8 @@ def _build_pairs(config: Any, tokenizer: Any, loaded: Any, fields: dict[str, Any
     ds = ds.select_columns([c for c in PAIR_FIELDS if c in ds.column_names])
     first = row_pair(ds[0], _message_keys(config)) if len(ds) else None
     fmt = "chat" if first is not None and first.chat else "prompt-completion"
-    template = resolve_template(config.template, fmt, tokenizer, model=config.model or "the model", text=template_text)
+    template = resolve_template(config.template, fmt, tokenizer, model=config.model or "the model", text=template_text,
+                                inherited=inherited)
     rows_read = len(ds)
     size = rows_read if config.dataset_size is None else min(config.dataset_size, rows_read)
     selected = ds.select(range(size)) if size < rows_read else ds

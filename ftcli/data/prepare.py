@@ -60,7 +60,7 @@ from ftcli.data.pipeline import DataReport, encode_batch
 from ftcli.data.specs import dataset_label
 from ftcli.data.sources import LoadedRows, load_rows, source_fingerprint
 from ftcli.data.stats import all_dropped_hint, drop_summary, measure, raise_first_invalid, shuffled_order
-from ftcli.data.templates import TemplateSpec, read_template, resolve_template, template_file
+from ftcli.data.templates import TemplateSpec, inherited_for, read_template, resolve_template, template_file
 from ftcli.errors import ConfigError, DataError, OutputError
 from ftcli.files import check_writable, exclusive, output_path
 from ftcli.system import utc_now
@@ -111,14 +111,15 @@ def prepare_dataset(config: Any, tokenizer: Any, *, output: str | Path | None = 
         check_output_dir(final, overwrite)
     path = template_file(config.template)
     template_text = read_template(path) if path is not None else None
+    inherited = inherited_for(config)
     tokenizer_fp = cache.tokenizer_fingerprint(tokenizer)
     loaded: LoadedRows | None = None
     source_fp = source_fingerprint(config.dataset, split=config.dataset_split, revision=config.dataset_revision)
     if source_fp is None:  # a hub id: its content is known once datasets has resolved it
         loaded = _read(config)
         source_fp = loaded.fingerprint
-    fields = cache.key_fields(config, tokenizer_fp, source_fp, template_text)
-    job = _Job(config, tokenizer, template_text, num_proc)
+    fields = cache.key_fields(config, tokenizer_fp, source_fp, template_text, inherited)
+    job = _Job(config, tokenizer, template_text, num_proc, inherited)
     if final is None:
         return _cached(job, loaded, fields, use_cache)
     with exclusive(final, "--output-dir"):
@@ -135,6 +136,7 @@ class _Job:
     tokenizer: Any
     template_text: str | None
     num_proc: int | None
+    inherited: Any = None  # ftcli.chain.InheritedTemplate: how the run --model continues rendered
     notes: list[str] = field(default_factory=list)
 
 
@@ -216,7 +218,7 @@ def _build(job: _Job, loaded: LoadedRows, fields: dict[str, Any], key: str, fina
     fmt = detect_format(ds.column_names, config.format, config.dataset)
     check_one_format(loaded.shapes, renames, fmt, config.dataset)
     template = resolve_template(config.template, fmt, tokenizer, model=config.model or "the model",
-                                text=job.template_text)
+                                text=job.template_text, inherited=job.inherited)
     size = rows_read if config.dataset_size is None else min(config.dataset_size, rows_read)
     if "dataset_size" in config.model_fields_set and config.dataset_size is not None \
             and config.dataset_size > rows_read:
@@ -323,6 +325,8 @@ def expected_options(config: Any, tokenizer: Any) -> dict[str, Any]:
     if config.template != "auto":
         expected["template"] = config.template if config.template in ("alpaca", "model") \
             else _file_identity(config.template)
+    elif (inherited := inherited_for(config)) is not None and inherited.is_chat:
+        expected["template"] = inherited.name
     if config.columns:
         expected["columns"] = dict(sorted(config.columns.items()))
     for name in ("dataset_size", "seed"):

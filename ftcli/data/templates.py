@@ -16,6 +16,10 @@
 | chat, sharegpt | the model's chat template | error | the model's chat template | the file |
 | text | the text, as is | error | error | error |
 
+With `auto`, a run that continues another (`--model RUN`, ftcli.chain.inherited_template) renders as that
+run did instead: its chat template (the model's, or the Jinja text it kept) for every format but raw text,
+or its Alpaca / plain prompt for single-turn data (conversations then need `--template model`).
+
 A Jinja file is a chat template with the same contract as a tokenizer's (`messages`,
 `add_generation_prompt`, `bos_token`, `eos_token`): the one to use at inference too. A model
 without a chat template gets a clear error (a DataError naming `--template FILE.jinja`); ftcli
@@ -99,8 +103,11 @@ def jinja_syntax_error(text: str) -> str | None:
 
 
 def resolve_template(template: str, fmt: str, tokenizer: Any, model: str = "the model",
-                     text: str | None = None) -> TemplateSpec:
-    """The template for `fmt` data given `--template` (see the module's table); `text`: the file's, if read."""
+                     text: str | None = None, inherited: Any = None) -> TemplateSpec:
+    """The template for `fmt` data given `--template` (see the module's table); `text`: the file's, if read.
+    `inherited` (ftcli.chain.InheritedTemplate): how the run `--model` continues rendered, used for `auto`."""
+    if template == "auto" and inherited is not None and fmt != "text":
+        return _inherit(inherited, fmt, tokenizer, model)
     path = template_file(template)
     if path is not None:
         if fmt == "text":
@@ -134,6 +141,51 @@ def resolve_template(template: str, fmt: str, tokenizer: Any, model: str = "the 
         raise ModelError(f"the chat template of {model} does not compile: line {problem}",
                          hint="fix chat_template in the model's tokenizer files, or pass --template FILE.jinja")
     return TemplateSpec("model", chat_template)
+
+
+def inherited_for(config: Any) -> Any:
+    """How the run that `--model` continues rendered (ftcli.chain.InheritedTemplate), when `--template` is auto."""
+    if getattr(config, "template", "auto") != "auto":
+        return None
+    from ftcli.chain import inherited_template
+
+    return inherited_template(getattr(config, "model", None))
+
+
+def keep_template(config: Any, identity: str, folder: Path) -> None:
+    """A run rendered with a Jinja file (`identity` file:<sha256 prefix>) keeps the text it rendered with in its
+    folder (ftcli.chain.TEMPLATE_COPY: generate, chat, eval, export and a continuing run read it there), checked
+    against the prepared data's record of it."""
+    from ftcli.chain import TEMPLATE_COPY
+    from ftcli.files import write_atomic
+
+    if not identity.startswith("file:") or "+" in identity:
+        return
+    path = template_file(config.template)
+    inherited = inherited_for(config)
+    text = read_template(path) if path is not None else inherited.text if inherited is not None else None
+    if text is None or not hashlib.sha256(text.encode("utf-8")).hexdigest().startswith(identity.removeprefix("file:")):
+        raise ConfigError(f"--template {config.template} changed while the run was starting: its data was rendered "
+                          "with another text", hint="leave the file as it is during a run, and start it again")
+    write_atomic(folder / TEMPLATE_COPY, text)
+
+
+def _inherit(inherited: Any, fmt: str, tokenizer: Any, model: str) -> TemplateSpec:
+    """A continued run renders as the run it continues did: its chat template (the model's, or the Jinja file it
+    kept) for every format, or its Alpaca / plain prompt for single-turn data; conversations after a single-turn
+    run are refused in one line, as they cannot be rendered that way."""
+    if inherited.name == "model":
+        return resolve_template("model", fmt, tokenizer, model=model)
+    if inherited.text is not None:
+        return TemplateSpec(inherited.name, inherited.text)
+    if fmt in ("chat", "sharegpt"):
+        raise DataError(f"--model {inherited.run} was trained on single-turn prompts with the {inherited.name} "
+                        f"template, and this data is {fmt} (conversations), which needs a chat template",
+                        hint="pass --template model (the model's chat template) to train the conversations with it "
+                             "anyway, or use single-turn data")
+    if inherited.name == "alpaca":
+        return TemplateSpec("alpaca")
+    return resolve_template("auto", fmt, tokenizer, model=model)
 
 
 def example_to_pair(example: Example, spec: TemplateSpec) -> tuple[str, str]:

@@ -45,6 +45,11 @@ def eval_config(target: TargetInfo, opts: EvalOptions) -> Any:
                                            "seq_length", "dtype", "device")}
     if target.kind == "run":
         base = {k: v for k, v in target.run_config.items() if k not in RUN_ONLY_KEYS}
+        from ftcli.chain import TEMPLATE_COPY
+
+        kept = Path(target.ref).expanduser() / TEMPLATE_COPY
+        if str(target.data.get("template", "")).startswith("file:") and kept.is_file():
+            base["template"] = str(kept)  # the text the run rendered with, not the file as it is now
         if opts.dataset is not None:
             base.update(eval_dataset=opts.dataset, eval_split=None)
         elif base.get("eval_dataset") is None and base.get("eval_split") is None:

@@ -88,7 +88,8 @@ def load_target(ref: str, options: TargetOptions) -> Target:
                                            trust_remote_code=trust)
     else:
         tokenizer = load_tokenizer(info.ref, revision=info.revision_of(info.ref), trust_remote_code=trust)
-    fmt, spec = rendering(info.data.get("format"), info.data.get("template"), options.template, tokenizer, ref)
+    fmt, spec = rendering(info.data.get("format"), info.data.get("template"), options.template, tokenizer, ref,
+                          folder=Path(ref).expanduser())
     model = _ready(load_target_model(info, config, device))
     kind = "export" if info.exported else info.kind
 
@@ -105,8 +106,11 @@ def _ready(model: Any) -> Any:
     return model
 
 
-def rendering(fmt: str | None, trained: str | None, wanted: str, tokenizer: Any, ref: str) -> tuple[str, Any]:
-    """(format, TemplateSpec): the run's own rendering, or `--template`'s; a bare model: its chat template if any."""
+def rendering(fmt: str | None, trained: str | None, wanted: str, tokenizer: Any, ref: str,
+              folder: Path | None = None) -> tuple[str, Any]:
+    """(format, TemplateSpec): the run's own rendering, or `--template`'s; a bare model: its chat template if any.
+    A run trained with a Jinja file (`file:<sha256 prefix>`) finds its text in `folder` (the run's kept copy), or
+    as the chat template of the tokenizer it saved (a run or an export of it)."""
     from ftcli.data.templates import TemplateSpec, resolve_template
 
     if fmt is None:  # no training record: a chat model chats, anything else continues the prompt as given
@@ -122,9 +126,21 @@ def rendering(fmt: str | None, trained: str | None, wanted: str, tokenizer: Any,
     if trained in (None, "", "model"):
         return fmt, resolve_template("model" if trained == "model" else "auto", fmt, tokenizer, model=ref)
     if trained.startswith("file:"):
-        file = Path(trained.removeprefix("file:"))
-        if not file.is_file():
-            raise ConfigError(f"{ref} was trained with the chat template {file}, which is not there any more",
-                              hint="pass the same template with --template FILE.jinja")
-        return fmt, TemplateSpec(trained, file.read_text(encoding="utf-8"))
+        return fmt, TemplateSpec(trained, _trained_template_text(trained, tokenizer, ref, folder))
     return fmt, TemplateSpec(trained)
+
+
+def _trained_template_text(trained: str, tokenizer: Any, ref: str, folder: Path | None) -> str:
+    import hashlib
+
+    from ftcli.chain import TEMPLATE_COPY
+
+    digest = trained.removeprefix("file:")
+    kept = folder / TEMPLATE_COPY if folder is not None else None
+    candidates = [kept.read_text(encoding="utf-8") if kept is not None and kept.is_file() else None,
+                  getattr(tokenizer, "chat_template", None)]
+    for text in candidates:
+        if isinstance(text, str) and hashlib.sha256(text.encode("utf-8")).hexdigest().startswith(digest):
+            return text
+    raise ConfigError(f"{ref} was trained with a chat template file (sha256 {digest}...) that it does not hold",
+                      hint="pass that template with --template FILE.jinja")

@@ -142,6 +142,19 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return done[-1][1] if done else None
 
 
+def training_goal(config: Any) -> str:
+    """The run's goal in the words the user typed: `--max-steps N` when given, else `--num-epochs E`."""
+    return f"--max-steps {config.max_steps}" if config.max_steps is not None else f"--num-epochs {config.num_epochs:g}"
+
+
+def goal_reached(config: Any, step: int, epoch: float) -> bool:
+    """Whether a checkpoint at `step` / `epoch` already reached the goal (the trainer's float epoch, rounded in the
+    marker to 6 places, is exactly the number of epochs at the last step of an epoch)."""
+    if config.max_steps is not None:
+        return step >= config.max_steps
+    return epoch >= config.num_epochs - 1e-6
+
+
 def resolve_resume(resume: str, out: Path) -> Path:
     """`--resume` (latest complete checkpoint in the output folder) or `--resume PATH` -> a complete checkpoint."""
     if resume == "latest":

@@ -76,8 +76,10 @@ def preflight(config: Any) -> Iterator[Path]:
                        lock=decides) as out:
         if decides and config.resume:
             from ftcli.training.checkpoints import resolve_verified
+            from ftcli.training.runfolder import finished_run
 
-            resolve_verified(config.resume, out)
+            if finished_run(config, out) is None:  # else each rank finds the run complete and says so (rank 0)
+                resolve_verified(config.resume, out)
         resolve_model_source(resolve_start(config.model).base)  # builds a builtin base once, before the ranks
         if decides:
             os.environ[LOCK_HELD_ENV] = str(out)  # rank 0 (a child of this process) then takes no lock itself

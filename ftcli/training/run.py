@@ -38,15 +38,16 @@ from ftcli.system import utc_now
 from ftcli.methods import METHODS
 from ftcli.models import without_bitsandbytes
 from ftcli.training.checkpoints import (
-    check_compatible, complete_checkpoints, latest_checkpoint, local_path_or_id, prune_for_resume, read_marker,
-    resolve_resume, restore_metrics, resume_command, run_identity, verify_checkpoint,
+    check_compatible, complete_checkpoints, goal_reached, latest_checkpoint, local_path_or_id,
+    prune_for_resume, read_marker, resolve_resume, restore_metrics, resume_command, run_identity, training_goal,
+    verify_checkpoint,
 )
 from ftcli.training.distributed import is_main_rank, leave_process_group, sharded_fraction, world_size
 from ftcli.training.evalsteps import eval_callback, eval_line, load_best_model
 from ftcli.training.guard import NonFiniteError, RunInterrupted, StopRequest, run_guard_class
 from ftcli.training.runfolder import (
-    CONFIG_COPY, LOCK_HELD_ENV, MANIFEST, METRICS, PROBE, check_log_dir, claim_run_dir, create_run_dir, read_manifest,
-    put_back, remove_replaced,
+    CONFIG_COPY, LOCK_HELD_ENV, MANIFEST, METRICS, PROBE, check_log_dir, claim_run_dir, create_run_dir, finished_run,
+    put_back, read_manifest, remove_replaced,
 )
 from ftcli.training import recipe
 from ftcli.training.setup import set_up
@@ -100,6 +101,10 @@ def _run(config: RunConfig, command: list[str] | None, out: Path, main: bool, ve
     started = time.time()
     # A checkpoint that does not exist, was never completed or is damaged is refused before anything loads
     # (its checksums read once: by rank 0, or by ftcli's launcher before it started the ranks).
+    if config.resume:
+        finished = _finished_here(config, out)
+        if finished is not None:
+            return finished
     checkpoint = resolve_resume(config.resume, out) if config.resume else None
     if checkpoint is not None and verify:
         verify_checkpoint(checkpoint)
@@ -135,6 +140,9 @@ def _run_started(config: RunConfig, command: list[str] | None, out: Path, log_di
     plan, device, eval_set = ready.plan, ready.device, ready.eval_set
     if main:
         _write_config_copy(out / CONFIG_COPY, config)
+        from ftcli.data.templates import keep_template
+
+        keep_template(config, ready.report.template, out)
     if config.compile:
         _warm_compile_cache(config, ready, manifest, out)
     guard = run_guard_class()(out, identity, StopRequest(announce=console.print if main else None),
@@ -172,16 +180,35 @@ def _run_started(config: RunConfig, command: list[str] | None, out: Path, log_di
     return RunResult(out, manifest)
 
 
+def _finished_here(config: RunConfig, out: Path) -> RunResult | None:
+    """`--resume` of a run folder that holds a finished run trained to the goal this command asks for: nothing to
+    train, with or without checkpoints, and the folder is left as it is."""
+    manifest = finished_run(config, out)
+    if manifest is None:
+        return None
+    steps = (manifest.get("metrics") or {}).get("steps")
+    console.print(f"the run in {out} is complete: it trained {training_goal(config)}"
+                  f"{f' ({steps} steps)' if steps else ''} and finished; nothing to train (to train further, resume "
+                  "with a higher --num-epochs or --max-steps, or start a new run from it with --model "
+                  f"{out})", soft_wrap=True)
+    return RunResult(out, manifest)
+
+
 def _complete_run(config: RunConfig, checkpoint: Path, out: Path) -> RunResult | None:
-    """Resuming a run whose checkpoint already reached --max-steps (or --num-epochs): nothing to train, and the
-    run folder is left as it is (a run that stopped before its final save is pointed at the checkpoint)."""
+    """Resuming from a checkpoint that already reached the goal (--max-steps, or else --num-epochs): nothing to
+    train, and nothing is written (a run that stopped before its final save is pointed at the checkpoint)."""
     marker = read_marker(checkpoint) or {}
     step, epoch = int(marker.get("step", 0)), float(marker.get("epoch", 0.0))
-    done = step >= config.max_steps if config.max_steps else epoch >= config.num_epochs
-    if not done or checkpoint.parent != out or not (out / MANIFEST).is_file():
+    if not goal_reached(config, step, epoch):
         return None
+    goal = training_goal(config)
+    if checkpoint.parent != out or not (out / MANIFEST).is_file():
+        # Into another folder: the trainer would run one step past the goal; nothing is created there.
+        console.print(f"{checkpoint} already reached {goal} (step {step}): nothing to train into {out}; to train "
+                      f"further, pass a higher --num-epochs or --max-steps, or start a new run from the finished "
+                      f"run with --model {checkpoint.parent}", soft_wrap=True)
+        return RunResult(out, read_manifest(checkpoint.parent) if (checkpoint.parent / MANIFEST).is_file() else {})
     manifest = read_manifest(out)
-    goal = f"--max-steps {config.max_steps}" if config.max_steps else f"--num-epochs {config.num_epochs:g}"
     if manifest.get("status") != "finished":
         # Stopped after its last step (a signal during it, a failed final save): the trainer would run one step
         # more. The checkpoint holds the trained weights; nothing is trained or rewritten.
@@ -218,6 +245,10 @@ def _save_final(trainer: Any, ready: Any, out: Path, guard: Any, manifest: dict[
         # Every rank saves and probes: with FSDP both gather the sharded weights, which takes all ranks.
         trainer.save_model(str(out))
         if main:
+            from ftcli.chain import TEMPLATE_COPY
+
+            if (out / TEMPLATE_COPY).is_file():  # the Jinja file it trained with is the saved tokenizer's template
+                ready.tokenizer.chat_template = (out / TEMPLATE_COPY).read_text(encoding="utf-8")
             ready.tokenizer.save_pretrained(str(out))
             # The trainer also pickles its arguments; the manifest already records them, and ftcli ships no pickles.
             (out / "training_args.bin").unlink(missing_ok=True)

@@ -82,11 +82,20 @@ def check_log_dir(log_dir: str | None) -> None:
 
 
 def _non_empty_hint(out: Path) -> str:
+    """What the folder holds decides the advice: a finished run is exported or replaced, an unfinished one resumed."""
     from ftcli.training.checkpoints import latest_checkpoint
 
+    try:
+        status = read_manifest(out).get("status") if (out / MANIFEST).is_file() else None
+    except (OSError, ValueError, AttributeError):
+        status = None
+    if status == "finished":
+        return (f"it holds a finished run: use it (`ftcli export {out} --output DIR`, or --model {out} to train on "
+                "from it), pick a new folder, or pass --overwrite to replace it")
     checkpoint = latest_checkpoint(out)
     if checkpoint is not None:
-        return (f"it holds a run with a complete checkpoint ({checkpoint.name}): pass --resume to continue it, "
+        state = f"an unfinished run ({status})" if status else "a run"
+        return (f"it holds {state} with a complete checkpoint ({checkpoint.name}): pass --resume to continue it, "
                 "pick a new folder, or pass --overwrite to replace its contents")
     return "pick a new folder, or pass --overwrite to replace its contents"
 
@@ -226,6 +235,25 @@ def run_state(folder: Path, manifest: dict[str, Any]) -> str | None:
     if manifest.get("host") != socket.gethostname() or process_alive(pid) or not lock_is_free(folder):
         return None
     return f"stopped (process {pid} is gone)"
+
+
+def finished_run(config: Any, out: Path) -> dict[str, Any] | None:
+    """The manifest of the finished run in `out` when a bare `--resume` asks for the goal it was trained to (so
+    there is nothing to train, with or without checkpoints); None otherwise."""
+    from ftcli.config import build_run_config
+    from ftcli.training.checkpoints import training_goal
+
+    if config.resume != "latest" or not (Path(out) / MANIFEST).is_file():
+        return None
+    try:
+        manifest = read_manifest(out)
+        recorded = build_run_config({k: v for k, v in manifest.get("config", {}).items()
+                                     if k in ("max_steps", "num_epochs")})
+    except Exception:  # noqa: BLE001 - an unreadable record: the checkpoint decides, as for any resume
+        return None
+    if manifest.get("status") != "finished" or training_goal(recorded) != training_goal(config):
+        return None
+    return manifest
 
 
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:

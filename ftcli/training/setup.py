@@ -75,6 +75,12 @@ def set_up(config: Any, command: str) -> RunSetup:
     if start.continues:
         console.print(f"start: {' -> '.join(chain_names(start))} (the new training continues from the last)",
                       soft_wrap=True)
+        from ftcli.data.templates import inherited_for
+
+        inherited = inherited_for(config)
+        if inherited is not None:
+            console.print(f"template: {inherited.description}, as {inherited.run} was trained (pass --template "
+                          "to choose another)", soft_wrap=True)
     model_config = load_model_config(start.base, revision=config.revision, trust_remote_code=config.trust_remote_code)
     context = getattr(model_config, "max_position_embeddings", None)
     if isinstance(context, int) and config.seq_length > context:

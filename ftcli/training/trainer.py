@@ -38,7 +38,7 @@ def build_trainer(config: Any, plan: Any, tokenizer: Any, dataset: Any, out: Pat
         output_dir=str(out),
         per_device_train_batch_size=config.batch_size,
         num_train_epochs=config.num_epochs,
-        max_steps=config.max_steps,
+        max_steps=config.max_steps if config.max_steps is not None else -1,  # the trainer's "train by epochs"
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate,
         # The trainer writes checkpoint folders; the guard marks them complete and rotates them (the trainer's

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ftcli.data.alpaca import ALPACA_PROMPT_TEMPLATE
@@ -64,7 +65,8 @@ def prompt_format(src: Any, tokenizer: Any) -> PromptFormat:
     from ftcli.inference.target import rendering
 
     data = (src.manifest or {}).get("data") or {}
-    fmt, spec = rendering(data.get("format"), data.get("template"), "auto", tokenizer, str(src.path))
+    fmt, spec = rendering(data.get("format"), data.get("template"), "auto", tokenizer, str(src.path),
+                          folder=Path(src.path))
     bos = tokenizer.bos_token
     prefix = special_prefix(tokenizer)
     eot_token = None
