@@ -124,6 +124,9 @@ def train_options(
         help=with_default("auto | alpaca | model (the model's chat template) | path to a Jinja file. auto: Alpaca "
                           "template for Alpaca data, the model's chat template for chat data.", "template"),
         rich_help_panel=DATA)] = None,
+    template_kwargs: Annotated[Optional[str], typer.Option(
+        metavar="KEY=VALUE,...", help="Switches handed to the chat template on every rendering, in training and "
+        "later in generate, chat, eval and export, e.g. enable_thinking=false.", rich_help_panel=DATA)] = None,
     train_on_inputs: Annotated[Optional[bool], typer.Option(
         "--train-on-inputs", help=with_default("Put the prompt in the loss too (the reference scripts' behaviour).",
                                                default="off: only the response and its EOS"),

@@ -84,7 +84,11 @@ def print_prepared(prepared: Any, config: Any) -> None:
                       f"{'es' if b['num_proc'] > 1 else ''})")
     table = Table(show_header=False, title="prepared data")
     table.add_row("format / template", f"{m['format']} / {m['template']}")
+    from ftcli.data.stats import rendering_note
+
     table.add_row("loss", "whole text" if m["options"]["train_on_inputs"] else "responses + EOS (prompts masked)")
+    if rendering_note(s, m["format"]):
+        table.add_row("conversations", rendering_note(s, m["format"]))
     table.add_row("rows", f"{s['rows_read']:,} read, {s['rows_selected']:,} selected, {s['rows_kept']:,} kept")
     table.add_row("dropped", f"{d['empty']:,} empty, {d['too_long']:,} too long (prompt > --seq-length), "
                              f"{d['no_response']:,} no response left after truncation")

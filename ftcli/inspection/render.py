@@ -209,6 +209,7 @@ def _render_data(report: dict[str, Any]) -> None:
     console.print(_kv_table("dataset" if report["kind"] == "dataset" else "prepared dataset", [
         ("source", f"{' + '.join(d['source']) if isinstance(d['source'], list) else d['source']} "
                    f"({d['source_kind']})"), ("format / template", f"{d['format']} / {d['template']}"),
+        *([("conversations", d["rendering"])] if d.get("rendering") else []),
         ("tokenizer", d["tokenizer"]), ("rows", f"{d['rows']} kept of {d['rows_read']} read"
                                         + (f" (dropped: {dropped})" if any(dropped.values()) else "")),
         ("tokens", f"{d['tokens']:,} ({d['loss_tokens']:,} in the loss, {share(d['loss_token_share'])})"
