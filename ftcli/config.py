@@ -67,6 +67,7 @@ class RunConfig(BaseModel):
     template: str = "auto"  # auto | alpaca | model (the tokenizer's chat template) | path to a Jinja file
     template_kwargs: dict[str, Any] | None = None  # handed to the chat template, e.g. {"enable_thinking": False}
     train_on_inputs: bool = False
+    train_reasoning: bool = True  # False: the text between <think> and </think> of assistant turns is masked
 
     batch_size: int | None = Field(default=None, ge=1)
     seq_length: int = Field(default=2048, ge=8)

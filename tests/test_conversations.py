@@ -315,3 +315,36 @@ def test_an_end_of_turn_in_plain_text_stops_generation(files, tmp_path: Path) ->
     result = ok(ftcli("generate", run, "--prompt", "color?", "--max-new-tokens", 24))
     assert "stop: end_of_turn" in result.stderr, result.stdout + result.stderr
     assert result.stdout.strip() == "blue sky"
+
+
+def test_reasoning_can_be_kept_out_of_the_loss(files, tokenizer) -> None:
+    _, examples = prepare(files, files["thinking"], "no-reasoning", "--template", files["think"],
+                          "--no-train-reasoning")
+    for example in examples:
+        _, trained = split_all(example, tokenizer)
+        assert trained.startswith("<think></think>"), trained  # the tags stay, the reasoning between them does not
+        assert "greet" not in trained and "+" not in trained and ("Hello" in trained or "It is" in trained)
+
+
+def test_sharegpt_function_calls_and_observations(files, tokenizer) -> None:
+    rows = [{"tools": TOOLS, "conversations": [
+        {"from": "human", "value": f"Add {i} and 2."},
+        {"from": "function_call", "value": json.dumps({"name": "add", "arguments": {"a": i, "b": 2}})},
+        {"from": "observation", "value": f"RESULT-{i + 2}"},
+        {"from": "gpt", "value": f"The sum is {i + 2}."}]} for i in range(4)]
+    _, examples = prepare(files, write_jsonl(files["folder"] / "sharegpt-tools.jsonl", rows), "sharegpt-tools",
+                          "--template", files["think"])
+    for example in examples:
+        masked, trained = split_all(example, tokenizer)
+        assert '<call>add {"a": ' in trained and "The sum is" in trained
+        assert "RESULT-" in masked and "RESULT-" not in trained and '"name": "add"' in masked
+
+
+def test_chat_keeps_reasoning_as_the_template_reads_it() -> None:
+    from ftcli.inference.chat import assistant_turn
+
+    assert assistant_turn("<think>\nadd them\n</think>\n\nIt is 4.") == {
+        "role": "assistant", "content": "It is 4.", "reasoning_content": "add them"}
+    # A generation prompt that opened the block itself: the reply starts inside the reasoning.
+    assert assistant_turn("add them\n</think>\n\nIt is 4.")["reasoning_content"] == "add them"
+    assert assistant_turn("It is 4.") == {"role": "assistant", "content": "It is 4."}

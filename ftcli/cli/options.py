@@ -128,6 +128,10 @@ def train_options(
     template_kwargs: Annotated[Optional[str], typer.Option(
         metavar="KEY=VALUE,...", help="Switches handed to the chat template on every rendering, in training and "
         "later in generate, chat, eval and export, e.g. enable_thinking=false.", rich_help_panel=DATA)] = None,
+    train_reasoning: Annotated[Optional[bool], typer.Option(
+        "--train-reasoning/--no-train-reasoning", help=with_default(
+            "Train the reasoning inside <think>...</think> of assistant turns (off: masked, the answer after it "
+            "and the tags still trained).", default="on"), rich_help_panel=DATA)] = None,
     train_on_inputs: Annotated[Optional[bool], typer.Option(
         "--train-on-inputs", help=with_default("Put the prompt in the loss too (the reference scripts' behaviour).",
                                                default="off: only the response and its EOS"),

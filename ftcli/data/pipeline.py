@@ -26,6 +26,7 @@ from ftcli.data.formats import Example, RowError, row_to_example
 from ftcli.data.templates import NotPrefixStable, example_to_messages, example_to_pair, render_chat, render_turns, trainable
 
 IGNORE = -100
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # how reasoning is written inside a turn by most thinking models
 
 # Why a row is dropped (the `drop` column; "" = kept).
 DROP_EMPTY = "empty"  # no response / no assistant turn / empty text
@@ -201,9 +202,25 @@ def end_of_turn_text(template: Any, tokenizer: Any) -> str | None:
     return tail.split()[0]
 
 
+def without_reasoning(text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The trained spans less the reasoning inside each `<think>...</think>` (`--no-train-reasoning`): the tags and
+    the answer after them stay trained, so the model still learns to open and close its reasoning."""
+    out = []
+    for start, end in spans:
+        cursor = start
+        while (opened := text.find(THINK_OPEN, cursor, end)) >= 0:
+            closed = text.find(THINK_CLOSE, opened, end)
+            if closed < 0:
+                break
+            out.append((cursor, opened + len(THINK_OPEN)))
+            cursor = closed
+        out.append((cursor, end))
+    return [(a, b) for a, b in out if b > a]
+
+
 def encode_batch(batch: dict[str, list[Any]], indices: list[int] | None = None, *, fmt: str,
                  keys: dict[str, str] | None, template: Any, tokenizer: Any, seq_length: int,
-                 train_on_inputs: bool) -> dict[str, list[Any]]:
+                 train_on_inputs: bool, train_reasoning: bool = True) -> dict[str, list[Any]]:
     """One `datasets.map` batch of raw rows -> input_ids, labels, length, loss_tokens, truncated, eos_once, drop,
     and the row each example came from (`row`) and whether that row was rendered one example per assistant turn
     (`per_turn`: a template that renders history differently, see ftcli.data.templates.render_turns)."""
@@ -226,6 +243,8 @@ def encode_batch(batch: dict[str, list[Any]], indices: list[int] | None = None, 
                     rendered = [render_chat(messages, tokenizer, template, example.tools)]
                 except NotPrefixStable:
                     rendered, per_turn[i] = render_turns(messages, tokenizer, template, example.tools), True
+                if not train_reasoning:
+                    rendered = [(text, without_reasoning(text, spans)) for text, spans in rendered]
                 chats.extend(rendered)
                 chat_pos.extend([i] * len(rendered))
                 ends.extend([False] * (len(rendered) - 1) + [True])

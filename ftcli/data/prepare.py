@@ -272,7 +272,8 @@ def _tokenize(job: _Job, selected: Any, fmt: str, template: TemplateSpec, key: s
             remove_columns=selected.column_names, cache_file_name=str(work / "map.arrow"),
             new_fingerprint=f"ftcli-{key[:24]}", desc="tokenizing",
             fn_kwargs=dict(fmt=fmt, keys=keys, template=template, tokenizer=job.tokenizer,
-                           seq_length=config.seq_length, train_on_inputs=config.train_on_inputs))
+                           seq_length=config.seq_length, train_on_inputs=config.train_on_inputs,
+                           train_reasoning=config.train_reasoning))
     drops_in_order = mapped.data.column("drop").to_pylist()
     rows_of = mapped.data.column("row").to_pylist()
     raise_first_invalid(drops_in_order, config.dataset, rows_of)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ftcli.console import console, err_console
+from ftcli.data.pipeline import THINK_CLOSE, THINK_OPEN
 from ftcli.errors import ConfigError
 from ftcli.inference.generate import Decoding, check_output_file, complete, print_piece
 from ftcli.inference.target import TargetOptions, load_target
@@ -134,9 +135,6 @@ def _handle(text: str, conversation: Conversation, target: Any, decoding: Decodi
                              "assistant": done.text, "completion_ids": done.ids, "prompt_tokens": len(ids),
                              "new_tokens": done.new_tokens, "stop_reason": done.stop_reason})
     return True
-
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 def assistant_turn(text: str) -> dict[str, str]:
