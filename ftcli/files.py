@@ -186,8 +186,49 @@ def describe_holder(holder: dict[str, Any] | None) -> str:
             f" ({holder.get('command')})")
 
 
+class Held:
+    """The lock `exclusive` holds: `share()` turns it into a shared one that processes started for the same work
+    (the ranks of a launch, `shared_lock`) join, while every other `exclusive` on the target still refuses."""
+
+    def __init__(self, fd: int, target: Path, what: str):
+        self.fd, self.target, self.what = fd, target, what
+
+    def share(self) -> None:
+        import fcntl
+
+        try:  # Linux converts a flock in place; where it does not, a claimant that slipped in is refused here
+            fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"{self.what} {self.target} is in use by {describe_holder(busy_holder(self.target))}",
+                              hint="wait for that run to finish, or pick another folder") from None
+
+
 @contextmanager
-def exclusive(target: Path, what: str, wait: bool = False, announce: Any = None) -> Iterator[None]:
+def shared_lock(target: Path, what: str) -> Iterator[None]:
+    """Join the shared lock a launcher holds on `target` (Held.share) for the block: the lock then stays held
+    while any process of the launch lives. Refused when nobody holds it shared any more (the launcher is gone and
+    another process took or freed the target)."""
+    import fcntl
+
+    path = lock_path(target)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        raise OutputError(f"{what} {target} is no longer held by the launcher that started this process",
+                          hint="start the run again") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"{what} {target} is in use by {describe_holder(busy_holder(target))}",
+                              hint="start the run again once it is free") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def exclusive(target: Path, what: str, wait: bool = False, announce: Any = None) -> Iterator[Held]:
     """Hold the lock of `target` (a folder or file that may not exist yet) for the block.
 
     Busy: an OutputError naming the holder, or with `wait` block until it is free (`announce(text)` told
@@ -231,7 +272,7 @@ def exclusive(target: Path, what: str, wait: bool = False, announce: Any = None)
                   "command": " ".join(["ftcli", *sys.argv[1:]])}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode("utf-8"), 0)
-        yield
+        yield Held(fd, target, what)
     except BaseException:
         _remove_created(created, keep=path)
         raise

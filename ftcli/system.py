@@ -100,3 +100,27 @@ def sigterm_as_interrupt() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, previous)
 
+
+
+# Set by ftcli's launcher for its ranks: the launcher's pid. A rank dies with the process that started it.
+LAUNCHER_PID_ENV = "FTCLI_LAUNCHER_PID"
+
+
+def die_with_launcher() -> None:
+    """In a rank started by ftcli's launcher: be killed (SIGKILL) the moment the launcher dies, however it dies,
+    and exit at once when it is already gone. Without this a SIGKILLed launcher leaves its ranks training.
+
+    Linux only (prctl PR_SET_PDEATHSIG); elsewhere a rank still stops when a peer's connection drops."""
+    launcher = os.environ.pop(LAUNCHER_PID_ENV, None)
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    # Asked after the death signal is armed: a launcher that died before that has made this process an orphan.
+    if str(os.getppid()) != launcher:
+        os._exit(1)

@@ -20,8 +20,11 @@ scheduler, RNG, and the position in the data, mid-epoch included). ftcli adds wh
 - ftcli's own rotation (`--save-total-limit`) counts complete checkpoints only and never deletes
   the newest one;
 - resuming refuses a checkpoint whose method, model, data, batch size, accumulation, seed, number
-  of processes, optimizer or schedule settings differ from the run's, listing each difference
-  (`--force` resumes anyway).
+  of processes, optimizer or schedule settings, learning rate, sequence length, goal (a higher one
+  only from a checkpoint that reached its own) or LoRA settings differ from the run's, listing each
+  difference, before loading where the data is not involved (`--force` resumes anyway, recording
+  the checkpoint's learning rate, which the resumed schedule keeps; a different adapter shape is
+  refused even then).
 
 Signals, the non-finite guard and FSDP resume loading live in ftcli/training/guard.py."""
 
@@ -65,6 +68,19 @@ RECIPE_IDENTITY_FIELDS = ("optim", "lr_scheduler", "warmup_ratio", "warmup_steps
 # ... and the objective and its options (ftcli/objectives/), the same way: an SFT checkpoint keeps its identity.
 OBJECTIVE_IDENTITY_FIELDS = ("objective", "dpo_beta", "dpo_loss", "max_prompt_length", "precompute_ref")
 DEFAULTED_IDENTITY_FIELDS = (*RECIPE_IDENTITY_FIELDS, *OBJECTIVE_IDENTITY_FIELDS)
+# ... and, compared where the checkpoint recorded them (ftcli 0.x checkpoints before issue 26 did not): the learning
+# rate (a resumed run keeps the checkpoint's schedule), the sequence length (how examples are cut), the goal (how long
+# the schedule is: a higher goal only continues a checkpoint that reached its own, "train further"), and for LoRA
+# the adapter's shape.
+RECORDED_IDENTITY_FIELDS = ("learning_rate", "seq_length", "goal", "lora_rank", "lora_alpha", "lora_dropout",
+                            "lora_target_modules")
+# What no --force resumes across: the checkpoint's adapter weights and optimizer state only fit an adapter of its shape.
+SHAPE_FIELDS = ("lora_rank", "lora_target_modules")
+# What a forced resume takes from the checkpoint whatever the command says (the trainer restores the checkpoint's
+# scheduler and optimizer learning rates), so the record says the checkpoint's value.
+KEPT_FROM_CHECKPOINT = ("learning_rate",)
+# Known only once the data is loaded: left out of the check made before loading.
+DATA_IDENTITY_FIELDS = ("data_fingerprint", "eval_fingerprint")
 
 
 def recipe_default(name: str) -> Any:
@@ -84,10 +100,15 @@ def run_identity(config: Any, data_fingerprint: str, processes: int,
         identity["eval_fingerprint"] = eval_fingerprint
     identity.update({name: getattr(config, name) for name in DEFAULTED_IDENTITY_FIELDS
                      if getattr(config, name, recipe_default(name)) != recipe_default(name)})
+    from ftcli.methods import METHODS
     from ftcli.methods.variants import describe
 
     if describe(config):
         identity["lora_variant"] = describe(config)
+    identity.update(learning_rate=config.learning_rate, seq_length=config.seq_length, goal=training_goal(config))
+    if METHODS[config.method].trains_adapter and not getattr(config, "full_parameters", False):
+        identity.update(lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                        lora_target_modules=sorted(config.lora_target_modules or []))
     return identity
 
 
@@ -195,25 +216,59 @@ def verify_checkpoint(path: Path) -> None:
                               "PATH/checkpoint-N, or start again")
 
 
-def check_compatible(checkpoint: Path, identity: dict[str, Any], force: bool) -> list[str]:
-    """The differences `field old -> new` between the checkpoint's run and this one; refused unless `force`."""
-    saved = dict((read_marker(checkpoint) or {}).get("run", {}))
+def check_compatible(checkpoint: Path, identity: dict[str, Any], force: bool, before_loading: bool = False) -> list[str]:
+    """The differences `field old -> new` between the checkpoint's run and this one; refused unless `force` (a
+    different adapter shape even then). `before_loading`: the data's fingerprints are not known yet, not compared."""
+    marker = read_marker(checkpoint) or {}
+    saved = dict(marker.get("run", {}))
     saved["model"] = local_path_or_id(saved.get("model"))  # recorded relative by older versions
     identity = {**SHOWN_WHEN_ABSENT, **identity}
     saved = {**SHOWN_WHEN_ABSENT, **saved}
-    diffs = [f"{name} {saved.get(name)!r} -> {identity.get(name)!r}" for name in (*IDENTITY_FIELDS,
-                                                                                  *EVAL_IDENTITY_FIELDS,
-                                                                                  *LORA_IDENTITY_FIELDS)
+    names = [n for n in (*IDENTITY_FIELDS, *EVAL_IDENTITY_FIELDS, *LORA_IDENTITY_FIELDS)
+             if not (before_loading and n in DATA_IDENTITY_FIELDS)]
+    diffs = [f"{name} {saved.get(name)!r} -> {identity.get(name)!r}" for name in names
              if saved.get(name) != identity.get(name)]
     for name in DEFAULTED_IDENTITY_FIELDS:
         old, new = saved.get(name, recipe_default(name)), identity.get(name, recipe_default(name))
         if old != new:
             diffs.append(f"{name} {old!r} -> {new!r}")
+    recorded = [n for n in RECORDED_IDENTITY_FIELDS if n in saved and saved[n] != identity.get(n)
+                and not (n == "goal" and _continues_finished(saved[n], marker))]
+    shape = [f"{n} {saved[n]!r} -> {identity.get(n)!r}" for n in recorded if n in SHAPE_FIELDS]
+    if shape:
+        raise ConfigError(f"--resume {checkpoint}: the adapter's shape differs from the checkpoint's: "
+                          f"{'; '.join(shape)}", hint="resume with the checkpoint's LoRA settings (a checkpoint's "
+                          "adapter only loads into its own shape), or start a new run from it with --model")
+    diffs += [f"{n} {saved[n]!r} -> {identity.get(n)!r}"
+              + (" (not applied: a resumed run keeps the checkpoint's schedule)" if n in KEPT_FROM_CHECKPOINT else "")
+              for n in recorded]
     if diffs and not force:
         raise ConfigError(f"--resume {checkpoint}: this run differs from the checkpoint's: {'; '.join(diffs)}",
                           hint="resume with the checkpoint's settings, or pass --force to resume anyway "
                                "(the result will not match an uninterrupted run)")
     return diffs
+
+
+def _continues_finished(saved_goal: Any, marker: dict[str, Any]) -> bool:
+    """Whether the checkpoint reached the goal its own run had (`--max-steps N` or `--num-epochs E`): a new goal then
+    trains further from a finished point instead of reshaping a schedule midway."""
+    from types import SimpleNamespace
+
+    flag, _, value = str(saved_goal).partition(" ")
+    try:
+        goal = SimpleNamespace(max_steps=int(value) if flag == "--max-steps" else None,
+                               num_epochs=float(value) if flag == "--num-epochs" else 0.0)
+        return goal_reached(goal, int(marker.get("step", 0)), float(marker.get("epoch", 0.0)))
+    except ValueError:
+        return False
+
+
+def resumed_config(config: Any, checkpoint: Path) -> Any:
+    """The config a resume from `checkpoint` really trains with: the settings it keeps from the checkpoint
+    (KEPT_FROM_CHECKPOINT) as the checkpoint recorded them, so the manifest and ftcli_config.yaml say what was used."""
+    saved = (read_marker(checkpoint) or {}).get("run", {})
+    update = {name: saved[name] for name in KEPT_FROM_CHECKPOINT if name in saved}
+    return config.model_copy(update=update) if update else config
 
 
 def prune_for_resume(out: Path, step: int) -> list[str]:

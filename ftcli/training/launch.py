@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ftcli.errors import EXIT_INTERRUPTED, RunFailed
+from ftcli.errors import EXIT_INTERRUPTED, ConfigError, RunFailed
 
 # How long the launcher lets the ranks finish their step and save a checkpoint after a signal,
 # before torchrun kills them (its default, 30 s, is too short to save a large model).
@@ -44,10 +44,19 @@ def needs_launch(config: Any) -> bool:
     return method.multi_process and (method.shards or several) and not under_launcher()
 
 
+def picks_own_port(config: Any) -> bool:
+    """One machine, no --master-port and no --rdzv-endpoint: the ranks meet on a free port torchrun picks (its
+    `--standalone`), so two runs on one machine never collide on the default port."""
+    return config.nnodes == 1 and not config.rdzv_endpoint and "master_port" not in config.model_fields_set
+
+
 def launcher_args(config: Any) -> list[str]:
-    """torchrun's flags for this machine: static rendezvous at master-addr:port, or a c10d endpoint."""
+    """torchrun's flags for this machine: a free port (one machine), static rendezvous at master-addr:port, or a
+    c10d endpoint."""
     args = ["--nnodes", str(config.nnodes), "--nproc-per-node", str(config.nproc_per_node)]
-    if config.rdzv_endpoint:
+    if picks_own_port(config):
+        args += ["--standalone"]
+    elif config.rdzv_endpoint:
         # c10d assigns node ranks itself; the id only has to be the same on every machine.
         args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", config.rdzv_endpoint, "--rdzv-id", "ftcli"]
     else:
@@ -73,16 +82,22 @@ def preflight(config: Any) -> Iterator[Path]:
 
     decides = config.node_rank == 0 and not config.rdzv_endpoint
     with claim_run_dir(config.output_dir, config.method, config.overwrite, bool(config.resume),
-                       lock=decides) as out:
+                       lock=decides, shared=decides) as out:
         if decides and config.resume:
             from ftcli.training.checkpoints import resolve_verified
             from ftcli.training.runfolder import finished_run
 
             if finished_run(config, out) is None:  # else each rank finds the run complete and says so (rank 0)
-                resolve_verified(config.resume, out)
+                from ftcli.training.checkpoints import check_compatible, run_identity
+
+                # A different run (as far as the flags tell) is refused before any rank starts.
+                check_compatible(resolve_verified(config.resume, out),
+                                 run_identity(config, None, config.nproc_per_node * config.nnodes), config.force, True)
         resolve_model_source(resolve_start(config.model).base)  # builds a builtin base once, before the ranks
         if decides:
-            os.environ[LOCK_HELD_ENV] = str(out)  # rank 0 (a child of this process) then takes no lock itself
+            # Each rank (a child of this process) joins the lock, now shared, instead of taking it: the folder
+            # stays locked while any rank lives, even if this launcher is killed.
+            os.environ[LOCK_HELD_ENV] = str(out)
         try:
             yield out
         finally:
@@ -91,19 +106,63 @@ def preflight(config: Any) -> Iterator[Path]:
 
 def launch(config: Any, argv: list[str]) -> None:
     """Run this machine's ranks to the end; raise RunFailed naming the first rank that failed."""
+    check_processes(config)
+    check_master_port(config)
     with preflight(config) as out:
         _launch(config, argv, out)
+
+
+def check_processes(config: Any) -> None:
+    """More ranks than this machine has GPUs (or, on CPU, cores) is refused before anything starts: they would
+    share devices, or crowd the cores and memory (each rank holds its own copy of the model)."""
+    import torch
+
+    if config.device != "cpu" and torch.cuda.is_available():
+        have, what = torch.cuda.device_count(), "GPUs"
+    else:
+        have = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        what = "CPU cores this process may use"
+    if config.nproc_per_node > have:
+        raise ConfigError(f"--nproc-per-node {config.nproc_per_node} is more than the {have} {what} on this machine",
+                          hint=f"pass --nproc-per-node {have} or fewer (one rank per device)")
+
+
+def check_master_port(config: Any) -> None:
+    """A --master-port already in use on machine 0 is one line naming it, before the ranks start."""
+    import socket
+
+    if picks_own_port(config) or config.rdzv_endpoint or config.node_rank != 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store binds it
+        try:
+            probe.bind(("", config.master_port))
+        except OSError as exc:
+            raise ConfigError(_port_busy(config, exc.strerror or str(exc)),
+                              hint=PORT_HINT) from None
+
+
+PORT_HINT = ("pass a free --master-port, or leave --master-port out on one machine and ftcli picks a free port "
+             "itself")
+
+
+def _port_busy(config: Any, why: str) -> str:
+    return f"--master-port {config.master_port} cannot be used on this machine ({why})"
 
 
 def _launch(config: Any, argv: list[str], out: Path) -> None:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed import DistNetworkError
     from torch.distributed.run import get_args_parser, run
 
     from ftcli.console import console
+    from ftcli.system import LAUNCHER_PID_ENV
 
     narrow_for_ranks(config, os.environ)
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # each rank dies with this process (ftcli/__main__.py)
+    _quiet_torchrun()
     # torchrun would otherwise warn and pick 1 thread; share this machine's cores between its ranks.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.nproc_per_node)))
     args = launcher_args(config) + rank_command(argv, out)
@@ -117,14 +176,44 @@ def _launch(config: Any, argv: list[str], out: Path) -> None:
         if all(f.exitcode == EXIT_INTERRUPTED for f in exc.failures.values()):
             # Each rank got the signal itself (not through this launcher) and stopped cleanly.
             raise _interrupted(out, "a signal to the ranks") from None
-        rank, failure = exc.get_first_failure()
-        message = f"rank {rank} failed (exit code {failure.exitcode}): {_failure_message(failure)}"
-        mark_failed(out, message)
+        rank, failure = _first_cause(exc.failures)
+        message = f"rank {rank} {_failure_message(failure)}"
+        # A rank killed by a signal is the cause; the others then fail on its lost connection and may have
+        # recorded that instead.
+        mark_failed(out, message, replace=failure.exitcode < 0)
         raise RunFailed(message,
                         hint="its own output above has the details; rerun with --debug for tracebacks") from None
+    except DistNetworkError as exc:
+        if picks_own_port(config) or "EADDRINUSE" not in str(exc) and "in use" not in str(exc):
+            raise RunFailed(f"the ranks could not meet: {' '.join(str(exc).split())[:300]}",
+                            hint="check --master-addr/--master-port") from None
+        raise ConfigError(_port_busy(config, "address already in use"), hint=PORT_HINT) from None
     except RendezvousError as exc:
         raise RunFailed(f"the ranks could not meet: {type(exc).__name__}: {exc}",
                         hint="check --nnodes, --master-addr/--master-port or --rdzv-endpoint on every machine") from None
+    finally:
+        os.environ.pop(LAUNCHER_PID_ENV, None)
+
+
+def _quiet_torchrun() -> None:
+    """torch-elastic's own W.../E... log lines stay off stderr: the launcher says what failed, in one line."""
+    import logging
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic") or name == "torch.distributed.run":
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _first_cause(failures: dict[int, Any]) -> tuple[int, Any]:
+    """The rank whose failure caused the others': one killed by a signal (it left no error of its own, so its
+    failure is seen last) other than SIGTERM (what torchrun stops the survivors with), else the first to fail."""
+    import signal
+
+    killed = {rank: f for rank, f in failures.items() if f.exitcode < 0 and -f.exitcode != signal.SIGTERM}
+    own = {rank: f for rank, f in failures.items() if f.exitcode > 0}
+    pool = killed or own or failures
+    rank = min(pool, key=lambda r: (pool[r].timestamp, r))
+    return rank, pool[rank]
 
 
 def narrow_for_ranks(config: Any, env: Any) -> None:
@@ -153,8 +242,10 @@ def _interrupted(out: Path, cause: str) -> Exception:
                           hint="resume from the newest complete checkpoint with --resume, if there is one")
 
 
-def mark_failed(out: Path, reason: str) -> None:
-    """Rank 0 could not finish the manifest (a rank crashed, or it was killed): say failed, and why."""
+def mark_failed(out: Path, reason: str, replace: bool = False) -> None:
+    """Rank 0 could not finish the manifest (a rank crashed, or it was killed): say failed, and why. With
+    `replace`, a failure rank 0 recorded (the lost connection to a killed rank) gives way to `reason`, and is
+    kept as `error_on_other_ranks`."""
     from ftcli.files import write_json_atomic
     from ftcli.system import utc_now
     from ftcli.training.runfolder import MANIFEST, read_manifest
@@ -162,15 +253,28 @@ def mark_failed(out: Path, reason: str) -> None:
     if not (out / MANIFEST).is_file():
         return
     manifest = read_manifest(out)
-    if manifest.get("status") != "running":
+    if manifest.get("status") == "failed" and replace and manifest.get("error") != reason:
+        manifest["error_on_other_ranks"] = manifest.get("error")
+    elif manifest.get("status") != "running":
         return
-
-    manifest.update(status="failed", error=reason,
-                    ended_at=utc_now())
+    manifest.update(status="failed", error=reason, ended_at=manifest.get("ended_at") or utc_now())
     write_json_atomic(out / MANIFEST, manifest)
 
 
 def _failure_message(failure: Any) -> str:
+    """`killed by SIGKILL (exit code -9)`, or `failed (exit code N): its message`."""
+    import signal
+
+    if failure.exitcode < 0:
+        try:
+            name = signal.Signals(-failure.exitcode).name
+        except ValueError:
+            name = f"signal {-failure.exitcode}"
+        return f"killed by {name} (exit code {failure.exitcode})"
+    return f"failed (exit code {failure.exitcode}): {_rank_message(failure)}"
+
+
+def _rank_message(failure: Any) -> str:
     message = failure.message
     if isinstance(message, dict):
         message = message.get("message", "")

@@ -24,6 +24,7 @@ import os
 import socket
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,20 +40,20 @@ from ftcli.methods import METHODS
 from ftcli.models import without_bitsandbytes
 from ftcli.training.checkpoints import (
     check_compatible, complete_checkpoints, goal_reached, latest_checkpoint, local_path_or_id,
-    prune_for_resume, read_marker, resolve_resume, restore_metrics, resume_command, run_identity, training_goal,
-    verify_checkpoint,
+    prune_for_resume, read_marker, resolve_resume, restore_metrics, resume_command, resumed_config, run_identity,
+    training_goal, verify_checkpoint,
 )
 from ftcli.training.distributed import is_main_rank, leave_process_group, sharded_fraction, world_size
 from ftcli.training.evalsteps import eval_callback, eval_line, load_best_model
 from ftcli.training.guard import NonFiniteError, RunInterrupted, StopRequest, run_guard_class
 from ftcli.training.runfolder import (
     CONFIG_COPY, LOCK_HELD_ENV, MANIFEST, METRICS, PROBE, check_log_dir, claim_run_dir, create_run_dir, finished_run,
-    put_back, read_manifest, remove_replaced,
+    join_run_lock, put_back, read_manifest, remove_replaced,
 )
 from ftcli.training import recipe
 from ftcli.training.setup import set_up
 from ftcli.training.precision import precision_record
-from ftcli.training.trainer import build_trainer, compute_dtype, final_metrics
+from ftcli.training.trainer import build_trainer, compute_dtype, final_metrics, save_probe
 
 PROBE_TOKENS = 16
 
@@ -78,10 +79,12 @@ def run_training(config: RunConfig, command: list[str] | None = None) -> RunResu
     if main:
         check_log_dir(config.log_dir)
     # Only rank 0 decides and locks: the others would see the folder rank 0 is filling and refuse it. Under
-    # ftcli's own launcher the launcher holds the lock for the whole launch.
+    # ftcli's own launcher the launcher holds the lock, shared, and every rank joins it for its life.
     held = os.environ.get(LOCK_HELD_ENV)
-    lock = main and not (held and config.output_dir and held == str(Path(config.output_dir).expanduser().absolute()))
+    joined = bool(held and config.output_dir and held == str(Path(config.output_dir).expanduser().absolute()))
+    lock = main and not joined
     with claim_run_dir(config.output_dir, config.method, config.overwrite, bool(config.resume), lock=lock) as out, \
+            (join_run_lock(out) if joined else nullcontext()), \
             without_bitsandbytes(not METHODS[config.method].loads_4bit and not recipe.needs_bitsandbytes(config)):
         return _run(config, command, out, main, verify=lock)
 
@@ -106,8 +109,13 @@ def _run(config: RunConfig, command: list[str] | None, out: Path, main: bool, ve
         if finished is not None:
             return finished
     checkpoint = resolve_resume(config.resume, out) if config.resume else None
-    if checkpoint is not None and verify:
-        verify_checkpoint(checkpoint)
+    forced: list[str] = []
+    if checkpoint is not None:
+        if verify:
+            verify_checkpoint(checkpoint)
+        # A different run is refused before loading, as far as the flags tell; the data is compared once loaded.
+        forced = check_compatible(checkpoint, run_identity(config, None, world_size()), config.force, True)
+        config = resumed_config(config, checkpoint)
     ready = set_up(config, "train")
     loaded = time.time()
 
@@ -119,7 +127,7 @@ def _run(config: RunConfig, command: list[str] | None, out: Path, main: bool, ve
         complete = _complete_run(config, checkpoint, out)
         if complete is not None:
             return complete
-    resumed = _check_resume(config, checkpoint, identity, out, main)
+    resumed = _check_resume(config, checkpoint, identity, out, main, forced)
     log_dir = Path(config.log_dir) if config.log_dir else out / "logs"
     manifest = _start_manifest(config, command, out, log_dir, ready, main, resumed)
     try:
@@ -252,7 +260,7 @@ def _save_final(trainer: Any, ready: Any, out: Path, guard: Any, manifest: dict[
             ready.tokenizer.save_pretrained(str(out))
             # The trainer also pickles its arguments; the manifest already records them, and ftcli ships no pickles.
             (out / "training_args.bin").unlink(missing_ok=True)
-        _save_probe(trainer.model, ready.objective.probe_ids(ready.dataset[0])[:PROBE_TOKENS], out / PROBE,
+        save_probe(trainer.model, ready.objective.probe_ids(ready.dataset[0])[:PROBE_TOKENS], out / PROBE,
                     write=main)
     except Exception as exc:
         if main:
@@ -276,11 +284,11 @@ def _top_files(out: Path) -> dict[str, tuple[int, int]]:
 
 
 def _check_resume(config: RunConfig, checkpoint: Path | None, identity: dict[str, Any], out: Path,
-                  main: bool) -> dict[str, Any] | None:
+                  main: bool, forced: list[str]) -> dict[str, Any] | None:
     """Refuse a checkpoint of a different run (unless --force); rank 0 clears what this run will rewrite."""
     if checkpoint is None:
         return None
-    differences = check_compatible(checkpoint, identity, config.force)
+    differences = [*forced, *(d for d in check_compatible(checkpoint, identity, config.force) if d not in forced)]
     step = int(read_marker(checkpoint)["step"])
     console.print(f"resuming from {checkpoint} (step {step})", soft_wrap=True)
     for diff in differences:
@@ -429,24 +437,6 @@ def print_summary(metrics: dict[str, Any], out: Path, saves: str, evaluation: di
     if evaluation is not None:
         console.print(eval_line(evaluation), soft_wrap=True)
     console.print(f"saved {saves} to {out}")
-
-
-def _save_probe(model: Any, input_ids: list[int], path: Path, write: bool = True) -> None:
-    """Logits of the final in-memory model on a fixed input, so a reload can be checked against them.
-
-    Every rank runs the forward pass (a sharded model needs all of them); only a `write` rank saves."""
-    import torch
-    from safetensors.torch import save_file
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    ids = torch.tensor([input_ids], dtype=torch.long, device=device)
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0].float().cpu()
-    if write:
-        save_file({"input_ids": ids[0].cpu(), "logits": logits.contiguous()}, str(path))
-    model.train(was_training)
 
 
 def _write_config_copy(path: Path, config: RunConfig) -> None:

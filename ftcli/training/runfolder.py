@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ftcli.errors import OutputError
-from ftcli.files import check_writable, exclusive, lock_path, output_path
+from ftcli.files import Held, check_writable, exclusive, lock_path, output_path, shared_lock
 
 MANIFEST = "ftcli_run.json"
 CONFIG_COPY = "ftcli_config.yaml"
@@ -102,12 +102,13 @@ def _non_empty_hint(out: Path) -> str:
 
 @contextmanager
 def claim_run_dir(output_dir: str | None, method: str, overwrite: bool, resume: bool,
-                  lock: bool = True) -> Iterator[Path]:
+                  lock: bool = True, shared: bool = False) -> Iterator[Path]:
     """The run folder, locked for the block (one writer per folder) and checked under that lock.
 
     Without `output_dir`: `runs/<method>-<time>`, or `-2`, `-3`... when that one is taken or in use, chosen
     under its lock so that two runs started in the same second never share one. Without `lock` (ranks other
-    than 0; rank 0 under ftcli's launcher, which holds the lock for its ranks) the folder is only named.
+    than 0 under another launcher) the folder is only named. With `shared` (ftcli's launcher) the lock is turned
+    shared once checked, and its ranks join it (`join_run_lock`): the folder stays locked while any of them lives.
     Parent folders created for the lock are removed again when the run never created its folder."""
     given = output_path(output_dir, "--output-dir")  # "" (an unset $OUT) would mean the current folder
     out = given.absolute() if given is not None else None
@@ -117,11 +118,13 @@ def claim_run_dir(output_dir: str | None, method: str, overwrite: bool, resume: 
     missing = _missing_ancestors(out or default_output_dir(method))
     try:
         with ExitStack() as stack:
-            out = _lock_default(stack, method) if out is None else out
+            out, held = _lock_default(stack, method) if out is None else (out, None)
             if given is not None:
-                stack.enter_context(exclusive(out, "--output-dir"))
+                held = stack.enter_context(exclusive(out, "--output-dir"))
             _recover_replaced(out)
             check_output_dir(out, overwrite, resume=resume)
+            if shared:
+                held.share()
             yield out
     finally:
         for folder in missing:
@@ -129,6 +132,11 @@ def claim_run_dir(output_dir: str | None, method: str, overwrite: bool, resume: 
                 folder.rmdir()  # only an empty folder this run created for its lock
             except OSError:
                 break
+
+
+def join_run_lock(out: Path) -> Any:
+    """A rank of ftcli's launcher joins the launcher's shared lock of the run folder, for the rank's life."""
+    return shared_lock(out, "--output-dir")
 
 
 def _missing_ancestors(out: Path) -> list[Path]:
@@ -139,17 +147,17 @@ def _missing_ancestors(out: Path) -> list[Path]:
     return missing
 
 
-def _lock_default(stack: ExitStack, method: str) -> Path:
+def _lock_default(stack: ExitStack, method: str) -> tuple[Path, Held]:
     base = default_output_dir(method)
     for n in range(1, 1000):
         candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
         try:
             held = stack.enter_context(ExitStack())
-            held.enter_context(exclusive(candidate, "--output-dir"))
+            lock = held.enter_context(exclusive(candidate, "--output-dir"))
         except OutputError:
             continue
         if not candidate.exists():
-            return candidate
+            return candidate, lock
         held.close()
     raise OutputError(f"no free run folder name next to {base}", hint="pass --output-dir")
 

@@ -211,3 +211,21 @@ def final_metrics(raw: dict[str, Any], state: Any, device: str) -> dict[str, Any
         "peak_memory_bytes": peak,
         "peak_memory_kind": kind,
     }
+
+
+def save_probe(model: Any, input_ids: list[int], path: Path, write: bool = True) -> None:
+    """Logits of the final in-memory model on a fixed input, so a reload can be checked against them.
+
+    Every rank runs the forward pass (a sharded model needs all of them); only a `write` rank saves."""
+    import torch
+    from safetensors.torch import save_file
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids = torch.tensor([input_ids], dtype=torch.long, device=device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float().cpu()
+    if write:
+        save_file({"input_ids": ids[0].cpu(), "logits": logits.contiguous()}, str(path))
+    model.train(was_training)
