@@ -132,6 +132,14 @@ def output_path(value: str | os.PathLike[str] | None, flag: str) -> Path | None:
     return Path(value).expanduser()
 
 
+def followed(out: Path) -> Path:
+    """An output folder as ftcli writes it: absolute, and when it is a symbolic link, the folder the link points to.
+    ftcli's lock, checks, `--overwrite` and staging then act on that real folder, and the link itself is left as
+    the user made it (never renamed aside or removed)."""
+    out = Path(out).expanduser().absolute()
+    return out.resolve() if out.is_symlink() else out
+
+
 def check_writable(out: Path, flag: str, beside: bool = False) -> None:
     """Refuse a folder we could not create or write into: tried on its nearest existing ancestor (with
     `beside`, on its parent's: the folder is written next to `out`, then renamed into place) by creating and

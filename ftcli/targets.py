@@ -48,6 +48,7 @@ class TargetInfo:
     trained_dtype: str | None = None  # the dtype the run computed in, when recorded
     exported: bool = False  # an `ftcli export` folder (its record names the base and the run's data)
     template_kwargs: dict[str, Any] | None = None  # the run's --template-kwargs, rendered with again
+    eval_record: dict[str, Any] = field(default_factory=dict)  # a run's eval section (its eval set's fingerprint)
 
     def revision_of(self, ref: str) -> str | None:
         return None if Path(ref).expanduser().is_dir() else self.revision
@@ -114,7 +115,7 @@ def _run_target(ref: str, path: Path) -> TargetInfo:
     common = dict(base=config["model"], run_config=config, tokenizer=tokenizer, revision=config.get("revision"),
                   trust_remote_code=bool(config.get("trust_remote_code")), data=manifest.get("data") or {},
                   trained_dtype=(manifest.get("resolved") or {}).get("dtype"),
-                  template_kwargs=config.get("template_kwargs"))
+                  template_kwargs=config.get("template_kwargs"), eval_record=manifest.get("eval") or {})
     if saves == "adapter":
         return TargetInfo(ref, "run", config["model"], adapter=path, loads_4bit=method.loads_4bit, **common)
     return TargetInfo(ref, "run", str(path), **common)

@@ -219,3 +219,77 @@ def test_resume_refuses_what_changes_the_remaining_steps_before_loading(cli, tmp
     assert manifest["config"]["learning_rate"] == 1e-3, manifest["config"]["learning_rate"]
     assert yaml.safe_load((out / "ftcli_config.yaml").read_text())["learning_rate"] == 1e-3
     assert any(d.startswith("learning_rate 0.001 -> 0.01") for d in manifest["resumed_from"]["forced_differences"])
+
+
+# ---- D14, R19: a symlinked output folder stands for the folder it points to; the link is never moved ----
+
+def hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_overwrite_through_a_symlinked_run_folder_or_export_replaces_the_real_folder(cli, tmp_path: Path) -> None:
+    data = write_small_alpaca(tmp_path / "small.jsonl")
+    sl = tmp_path / "sl"
+    sl.mkdir()
+    args = ["train", "--method", "lora", *TINY, "--dataset", data, "--max-steps", 1, "--seq-length", 64]
+    assert cli(*args, "--output-dir", sl / "run_real").exit_code == 0
+    (sl / "run_link").symlink_to(sl / "run_real")
+    first = read_manifest(sl / "run_real")["started_at"], (sl / "run_real" / "ftcli_run.json").stat().st_ino
+    for _ in range(2):
+        result = cli(*args, "--output-dir", sl / "run_link", "--overwrite")
+        assert result.exit_code == 0, result.output
+        assert (sl / "run_link").is_symlink() and os.readlink(sl / "run_link") == str(sl / "run_real")
+        assert hidden(sl) == [], hidden(sl)
+    assert (sl / "run_real" / "ftcli_run.json").stat().st_ino != first[1]
+    result = cli(*args, "--max-steps", 2, "--save-steps", 1, "--output-dir", sl / "run_link", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert read_manifest(sl / "run_real")["resolved"]["output_dir"] == str(sl / "run_real")
+
+    (sl / "exp_link").symlink_to(sl / "exp_real", target_is_directory=True)
+    for _ in range(2):
+        result = cli("export", sl / "run_link", "--output", sl / "exp_link", "--overwrite")
+        assert result.exit_code == 0, result.output
+        assert (sl / "exp_link").is_symlink() and (sl / "exp_real" / "ftcli_export.json").is_file()
+        assert hidden(sl) == [], hidden(sl)
+
+
+# ---- D18: `eval RUN` scores the run's own eval set or nothing ----
+
+def test_eval_of_a_run_whose_training_file_changed_is_refused(cli, tmp_path: Path) -> None:
+    data = write_small_alpaca(tmp_path / "small.jsonl")
+    out = tmp_path / "run"
+    result = cli("train", "--method", "full", *TINY, "--dataset", data, "--eval-split", 2, "--max-steps", 1,
+                 "--seq-length", 64, "--output-dir", out)
+    assert result.exit_code == 0, result.output
+    assert cli("eval", out).exit_code == 0  # unchanged: its own eval set
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    data.write_text("".join(json.dumps({**r, "output": r["output"] + " Changed."}) + "\n" for r in rows))
+    result = cli("eval", out)
+    assert result.exit_code == 3 and "has changed since it trained" in result.output, result.output
+    assert "--dataset" in result.output and len(result.output.strip().splitlines()) == 2, result.output  # header + error
+    assert cli("eval", out, "--dataset", data).exit_code == 0  # as new data, named as such
+
+
+# ---- D19: one writer per generate/chat --output file ----
+
+def test_two_commands_writing_one_output_file_never_lose_a_result(tmp_path: Path) -> None:
+    race = tmp_path / "race.jsonl"
+    runs = [ftcli("generate", "builtin:tiny-llama", "--prompt", f"Run {n}", "--max-new-tokens", 4, "--output", race)
+            for n in (1, 2)]
+    done = [(run.wait(timeout=300), *run.communicate()) for run in runs]
+    codes = sorted(code for code, _, _ in done)
+    assert codes == [0, 5], done
+    loser = next(err for code, _, err in done if code == 5)
+    assert ("in use" in loser or "already exists" in loser) and len(loser.strip().splitlines()) == 1, loser
+    winner = next(n for (code, _, _), n in zip(done, (1, 2)) if code == 0)
+    rows = [json.loads(line) for line in race.read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["prompt"] == f"Run {winner}", rows
+    assert hidden(tmp_path) == []  # the lock file goes with its holder
+
+    chat = tmp_path / "chat.jsonl"
+    runs = [subprocess.Popen([sys.executable, "-m", "ftcli", "chat", "builtin:tiny-llama", "--max-new-tokens", "4",
+                              "--output", str(chat)], env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    done = [(run.communicate("Hi\n", timeout=300), run.returncode) for run in runs]
+    assert sorted(code for _, code in done) == [0, 5], done
+    assert len(chat.read_text().splitlines()) == 1

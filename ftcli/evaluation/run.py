@@ -8,6 +8,7 @@
 The data goes through the same preparation as `train` (format, template, loss mask, sequence
 length, cache) and the loss through ftcli.evaluation.loss, the code the run's eval steps use, so
 `ftcli eval RUN` repeats the run's final eval loss. Nothing is written but the data cache.
+`ftcli eval RUN` alone refuses data that changed since the run (its recorded fingerprint differs).
 """
 
 from __future__ import annotations
@@ -77,6 +78,19 @@ def load_eval_set(config: Any, tokenizer: Any) -> Any:
     return load_datasets(config, tokenizer)[2]
 
 
+def check_own_eval_set(target: TargetInfo, eval_set: Any) -> None:
+    """`ftcli eval RUN` scores the run's own eval set, or nothing: data that changed since the run (its fingerprint
+    differs from the one the run recorded) would be another eval set under the run's name."""
+    from ftcli.errors import DataError
+
+    recorded = target.eval_record.get("fingerprint")
+    if recorded and recorded != eval_set.fingerprint:
+        raise DataError(f"the eval set of the run in {target.ref} has changed since it trained: {eval_set.source} "
+                        "no longer holds the data the run held out and scored (its fingerprint differs)",
+                        hint="score the data as it is now with --dataset SOURCE, or put back the file the run "
+                             "trained on")
+
+
 def run_eval(opts: EvalOptions) -> dict[str, Any]:
     from ftcli.evaluation.loss import evaluate_loss
     from ftcli.models import load_tokenizer, resolve_device
@@ -95,6 +109,8 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
                                trust_remote_code=target.trust_remote_code)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eval_set = load_eval_set(config, tokenizer)
+    if target.kind == "run" and opts.dataset is None:
+        check_own_eval_set(target, eval_set)
     console.print(f"eval: {eval_set.examples:,} examples, {eval_set.loss_tokens:,} loss tokens ({eval_set.source})",
                   soft_wrap=True)
     batch_size = config.eval_batch_size or config.batch_size

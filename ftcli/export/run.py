@@ -43,7 +43,7 @@ from ftcli.export.source import (
 from ftcli.export.staging import (
     EXPORT_RECORD, check_export_output, recover_interrupted, staging_folder,
 )
-from ftcli.files import check_writable, exclusive, output_path
+from ftcli.files import check_writable, exclusive, followed, output_path
 from ftcli.system import format_bytes, sigterm_as_interrupt
 from ftcli.training.runfolder import PROBE
 
@@ -71,7 +71,7 @@ class ExportResult:
 def export_model(opts: ExportOptions) -> ExportResult:
     """Check, then write the export holding its output folder's lock (one export at a time per folder)."""
     _check_options(opts)
-    target = output_path(opts.output, "--output").absolute()
+    target = followed(output_path(opts.output, "--output"))  # a symlinked export: the folder it points to
     src = find_source(opts)
     check_weight_files(src)
     check_writable(target, "--output", beside=True)

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator
 from ftcli.console import console, err_console
 from ftcli.data.pipeline import THINK_CLOSE, THINK_OPEN
 from ftcli.errors import ConfigError
-from ftcli.inference.generate import Decoding, check_output_file, complete, print_piece
+from ftcli.inference.generate import Decoding, check_output_file, complete, output_lock, print_piece
 from ftcli.inference.target import TargetOptions, load_target
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit (or Ctrl-D)"
@@ -55,11 +55,16 @@ class Conversation:
 
 def run_chat(opts: ChatOptions, lines: Iterable[str] | None = None) -> Conversation:
     """Chat until /exit or the end of input; returns the conversation (what was said, in order)."""
-    from ftcli.training.setup import quiet_libraries
-
     opts.decoding.check()
     if opts.output is not None:
         check_output_file(opts.output, overwrite=False)
+    with output_lock(opts.output, overwrite=False):
+        return _chat(opts, lines)
+
+
+def _chat(opts: ChatOptions, lines: Iterable[str] | None) -> Conversation:
+    from ftcli.training.setup import quiet_libraries
+
     quiet_libraries()
     target = load_target(opts.target, opts.load)
     if not target.template.is_chat and target.kind == "model":

@@ -13,8 +13,9 @@ a run of the same command gives the same text. The KV cache is on.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ftcli.errors import ConfigError, OutputError
 
@@ -183,3 +184,24 @@ def check_output_file(path: str, overwrite: bool) -> None:
         raise OutputError(f"--output {out}: the folder {out.parent} does not exist", hint="create it first")
     check_writable(out, "--output", beside=True)
 
+
+@contextmanager
+def output_lock(path: str | None, overwrite: bool) -> Iterator[None]:
+    """Hold the `--output` file's lock for the whole command (one writer per file, as export does), checking the
+    file again under it: a second generate or chat into the same file is refused at once instead of one of the two
+    results being lost when both write at the end."""
+    from ftcli.files import exclusive, output_path
+
+    if path is None:
+        yield
+        return
+    held = False
+    try:
+        with exclusive(output_path(path, "--output").absolute(), "--output"):
+            held = True
+            check_output_file(path, overwrite)
+            yield
+    except OutputError as exc:
+        if held:
+            raise
+        raise OutputError(exc.message, hint="wait for that command to finish, or pick another file name") from None

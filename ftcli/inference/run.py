@@ -22,7 +22,9 @@ from typing import Any
 
 from ftcli.console import console, err_console
 from ftcli.errors import ConfigError
-from ftcli.inference.generate import Completion, Decoding, check_output_file, complete, print_piece
+from ftcli.inference.generate import (
+    Completion, Decoding, check_output_file, complete, output_lock, print_piece,
+)
 from ftcli.inference.prompts import Prompt, prompt_example, read_prompts_file, render
 from ftcli.inference.target import TargetOptions, load_target
 
@@ -43,9 +45,14 @@ class GenerateOptions:
 
 
 def run_generate(opts: GenerateOptions) -> list[dict[str, Any]]:
+    _check(opts)
+    with output_lock(opts.output, opts.overwrite):
+        return _generate(opts)
+
+
+def _generate(opts: GenerateOptions) -> list[dict[str, Any]]:
     from ftcli.training.setup import quiet_libraries
 
-    _check(opts)
     quiet_libraries()
     target = load_target(opts.target, opts.load)
     prompts = read_prompts_file(Path(opts.prompts_file), target) if opts.prompts_file else \

@@ -34,7 +34,7 @@ from ftcli.config import RunConfig
 from ftcli.console import console
 from ftcli.data.specs import map_sources
 from ftcli.errors import EXIT_INTERRUPTED, RunFailed
-from ftcli.files import disk_full_note, fsync_tree, write_atomic, write_json_atomic
+from ftcli.files import disk_full_note, followed, fsync_tree, write_atomic, write_json_atomic
 from ftcli.system import utc_now
 from ftcli.methods import METHODS
 from ftcli.models import without_bitsandbytes
@@ -81,7 +81,7 @@ def run_training(config: RunConfig, command: list[str] | None = None) -> RunResu
     # Only rank 0 decides and locks: the others would see the folder rank 0 is filling and refuse it. Under
     # ftcli's own launcher the launcher holds the lock, shared, and every rank joins it for its life.
     held = os.environ.get(LOCK_HELD_ENV)
-    joined = bool(held and config.output_dir and held == str(Path(config.output_dir).expanduser().absolute()))
+    joined = bool(held and config.output_dir and held == str(followed(Path(config.output_dir))))
     lock = main and not joined
     with claim_run_dir(config.output_dir, config.method, config.overwrite, bool(config.resume), lock=lock) as out, \
             (join_run_lock(out) if joined else nullcontext()), \

@@ -13,6 +13,7 @@ status), `ftcli_config.yaml` (the resolved config, reusable with `--config`), `m
 
 Rules: one writer per run folder (`claim_run_dir` holds `.NAME.ftcli-lock` beside it for the whole run, so
 a second `train` into it refuses, naming the holder; a killed holder's lock is simply taken over);
+an --output-dir that is a symbolic link stands for the folder it points to (the link is never moved or removed);
 `--overwrite` replaces only a folder holding an ftcli manifest, by renaming it aside to
 `.NAME.ftcli-replaced.HOST.PID.N` and removing that once the new run's manifest is written (a copy left
 by a killed run is put back, or finished off, by the next run into NAME); the manifest records the host
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ftcli.errors import OutputError
-from ftcli.files import Held, check_writable, exclusive, lock_path, output_path, shared_lock
+from ftcli.files import Held, check_writable, exclusive, followed, lock_path, output_path, shared_lock
 
 MANIFEST = "ftcli_run.json"
 CONFIG_COPY = "ftcli_config.yaml"
@@ -111,7 +112,7 @@ def claim_run_dir(output_dir: str | None, method: str, overwrite: bool, resume: 
     shared once checked, and its ranks join it (`join_run_lock`): the folder stays locked while any of them lives.
     Parent folders created for the lock are removed again when the run never created its folder."""
     given = output_path(output_dir, "--output-dir")  # "" (an unset $OUT) would mean the current folder
-    out = given.absolute() if given is not None else None
+    out = followed(given) if given is not None else None  # a symlinked run folder: the folder it points to
     if not lock:
         yield out or default_output_dir(method)
         return
@@ -177,8 +178,9 @@ def _recover_replaced(out: Path) -> None:
         return
     for leftover in sorted(out.parent.iterdir()):
         match = pattern.fullmatch(leftover.name)
-        if not match or process_alive(int(match.group(1))) or not (leftover / MANIFEST).is_file():
-            continue
+        if not match or leftover.is_symlink() or process_alive(int(match.group(1))) \
+                or not (leftover / MANIFEST).is_file():
+            continue  # a link set aside by an older ftcli is left for its owner; removing it is not ours to do
         if not put_back(out, leftover) and (out / MANIFEST).is_file():
             shutil.rmtree(leftover)  # a new run recorded itself in its place: finish what that --overwrite began
 
