@@ -446,6 +446,8 @@ def _write_config_copy(path: Path, config: RunConfig) -> None:
     # Where and how this run was written or resumed is not part of what it computes.
     for key in ("output_dir", "overwrite", "resume", "force"):
         data.pop(key, None)
+    if "master_port" not in config.model_fields_set:  # one machine then picks a free port; a copy must not pin one
+        data.pop("master_port", None)
     write_atomic(path, "# resolved config of this run; reuse with: ftcli train --config " + path.name + "\n"
                  + yaml.safe_dump(data, sort_keys=False))
 
