@@ -2,13 +2,18 @@
 
     $ ftcli train --method fsdp --model builtin:tiny-llama --nproc-per-node 2
     $ ftcli train --method lora --model builtin:tiny-llama --nproc-per-node 2   # data parallel (DDP)
-    # runs: torchrun --nnodes 1 --nproc-per-node 2 --node-rank 0 --master-addr 127.0.0.1 --master-port 29500
-    #       --max-restarts 0 -m ftcli train --method fsdp ... --output-dir runs/fsdp-<time>
+    # runs: torchrun --nnodes 1 --nproc-per-node 2 --standalone --max-restarts 0
+    #       -m ftcli train --method fsdp ... --output-dir runs/fsdp-<time>
+    # (one machine without --master-port: a free port; else --node-rank/--master-addr/--master-port as given)
 
 Each rank runs the same `ftcli train` command line; seeing WORLD_SIZE and LOCAL_RANK (set by torchrun,
 accelerate launch or this launcher) it trains as one rank instead of launching again. A rank that fails
 stops the others and the launch exits non-zero with that rank's error in one line, and the run
 manifest says failed (a crashed rank 0 could not say it itself).
+
+Lifetime: each rank dies with this launcher, however it dies (ftcli/__main__.py arms PR_SET_PDEATHSIG first
+thing), and the run folder's lock, held shared by the launcher and joined by every rank, stays held while any of
+them lives: a killed launcher never leaves ranks training in a folder another command could take.
 
 Signals: Ctrl-C or SIGTERM to the launcher is forwarded once to every rank (torchrun's own
 shutdown), which finish the current step together, save a checkpoint and exit; the launcher waits
