@@ -27,9 +27,11 @@ from typing import Any, Iterable, Iterator
 from ftcli.console import console, err_console
 from ftcli.errors import ConfigError
 from ftcli.inference.generate import Decoding, check_output_file, complete, print_piece
+from ftcli.inference.stream import WordWrap
 from ftcli.inference.target import TargetOptions, load_target
 
-HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit (or Ctrl-D)"
+HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit (or Ctrl-D); "
+        "Ctrl-C stops an answer")
 
 
 @dataclass
@@ -90,7 +92,9 @@ def _read_turns(interactive: bool) -> Iterator[str]:
     while True:
         try:
             line = console.input("[bold cyan]you>[/] ") if interactive else sys.stdin.readline()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt: the chat ends
+            if interactive:
+                console.print()  # the shell's prompt on a line of its own, not after `you>`
             return
         if not interactive and line == "":
             return
@@ -121,8 +125,17 @@ def _handle(text: str, conversation: Conversation, target: Any, decoding: Decodi
     conversation.turns.append({"role": "user", "content": text.removeprefix("/") if stripped.startswith("//")
                                else text})
     ids = render(target, Example("chat", messages=conversation.messages()))
-    done = complete(target, ids, decoding, on_text=print_piece if interactive else None)
-    if interactive:
+    wrap = WordWrap(print_piece, console.width) if interactive else None
+    try:
+        done = complete(target, ids, decoding, on_text=wrap)
+    except KeyboardInterrupt:  # Ctrl-C stops this answer only; Ctrl-C at the prompt ends the chat
+        conversation.turns.pop()
+        console.print()
+        err_console.print("[dim](answer stopped: it and its question are left out of the conversation; Ctrl-C "
+                          "again at the prompt, /exit or Ctrl-D ends the chat)[/]")
+        return True
+    if wrap is not None:
+        wrap.finish()
         console.print()
     else:
         console.print(done.text, markup=False, highlight=False, soft_wrap=True)
