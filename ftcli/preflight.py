@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ftcli.builtin import is_builtin
+from ftcli.builtin import BUILTIN_MODELS, builtin_name, is_builtin
 from ftcli.errors import ConfigError, DataError, ModelError
 
 # What the hub defaults cost, said before any of it downloads (sizes of the bfloat16 safetensors / the data files).
@@ -69,6 +69,10 @@ def check_run(config: Any, command: str) -> None:
     one line; a hub default the run falls back to (no --model, no --dataset) is named with its size and whether it
     is gated, and refused at once when offline and not in the local cache."""
     refuse_missing_path(config.model, "--model")
+    if is_builtin(config.model) and builtin_name(config.model) not in BUILTIN_MODELS:
+        from ftcli.models import resolve_model_source
+
+        resolve_model_source(config.model)  # the one line naming the built-in models (nothing is built)
     check_local_data(config.dataset, "--dataset")
     if getattr(config, "eval_dataset", None):
         check_local_data(config.eval_dataset, "--eval-dataset")

@@ -335,12 +335,12 @@ def _example_index(manifest: dict[str, Any], asked: int, from_file: bool) -> tup
 
     position = prepared_position(manifest, asked) if from_file else None
     if position is not None:
-        return position, {"source_row": asked, "where": f"row {asked} of the file"}
+        return position, {"source_row": asked, "prepared_row": position, "where": f"row {asked} of the file"}
     seed = manifest.get("options", {}).get("seed")
     where = f"row {asked} of the prepared data, shuffled with seed {seed}"
     if from_file:
         where += " (rows were dropped, so which row of the file it is is not known)"
-    return asked, {"source_row": None, "where": where}
+    return asked, {"source_row": None, "prepared_row": asked, "where": where}
 
 
 def _data_view(folder: Path, manifest: dict[str, Any], tokenizer: Any, tokenizer_ref: str | None,
