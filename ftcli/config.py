@@ -314,7 +314,8 @@ class RunConfig(BaseModel):
                                                                 "load_best")
                      if name in self.model_fields_set and getattr(self, name) not in (None, False)]
             if given:
-                raise ValueError(f"{', '.join(given)} need an eval set: add --eval-dataset SOURCE or --eval-split F|N")
+                raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} an eval set: add "
+                                 "--eval-dataset SOURCE or --eval-split F|N")
         return self
 
     @model_validator(mode="after")

@@ -9,7 +9,7 @@ Registered in ftcli/cli/__init__.py; the work happens in ftcli/evaluation/run.py
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -63,23 +63,36 @@ def evaluate(
         import json
         import sys
 
+        from ftcli.preflight import check_local_data, refuse_missing_path
+
+        refuse_missing_path(target, "TARGET")  # before the imports, and before a hub lookup
+        if dataset:
+            check_local_data(dataset, "--dataset")
         from ftcli.console import console
-        from ftcli.evaluation.run import EvalOptions, print_report, run_eval
+        from ftcli.evaluation.run import EvalOptions, print_report
 
         options = EvalOptions(target=target, dataset=dataset, dataset_split=dataset_split, format=format,
                               template=template, columns=parse_columns(columns) if columns else None,
                               train_on_inputs=train_on_inputs, seq_length=seq_length, batch_size=batch_size,
                               dtype=dtype, device=device, compare_base=compare_base)
         if not json_output:
-            print_report(run_eval(options))
+            print_report(run(options))
             return
         # With --json, stdout carries the JSON object alone.
         console.quiet = True
         try:
-            report = run_eval(options)
+            report = run(options)
         finally:
             console.quiet = False
         sys.stdout.write(json.dumps(report) + "\n")
+
+    def run(options: Any) -> dict:
+        from ftcli.evaluation.run import run_eval
+        from ftcli.models import without_bitsandbytes
+        from ftcli.targets import target_uses_bitsandbytes
+
+        with without_bitsandbytes(not target_uses_bitsandbytes(target)):
+            return run_eval(options)
 
     run_guarded(go)
 

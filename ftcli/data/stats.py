@@ -107,3 +107,17 @@ def all_dropped_hint(drops: list[str], seq_length: int) -> str:
     if drops.count(DROP_EMPTY) == len(drops):
         return "every response (output, completion, assistant turn or text) is empty; check --format and --columns"
     return f"raise --seq-length (now {seq_length}) or shorten the prompts"
+
+
+def prepared_position(manifest: dict[str, Any], row: int) -> int | None:
+    """Where row `row` (0 = the first) of the source is in its prepared data, which is shuffled with the seed;
+    None when rows were dropped (which ones is not recorded) or the manifest does not say."""
+    stats, seed = manifest.get("stats", {}), manifest.get("options", {}).get("seed")
+    selected = stats.get("rows_selected")
+    if seed is None or selected is None or stats.get("rows_kept") != selected or row >= selected:
+        return None
+    from datasets import Dataset
+
+    # The same shuffle prepare made (it depends on the number of rows and the seed only).
+    order = shuffled_order(Dataset.from_dict({"row": list(range(selected))}).shuffle(seed=seed))
+    return order.index(row)

@@ -28,9 +28,11 @@ from ftcli.console import console, err_console
 from ftcli.data.pipeline import THINK_CLOSE, THINK_OPEN
 from ftcli.errors import ConfigError
 from ftcli.inference.generate import Decoding, check_output_file, complete, print_piece
+from ftcli.inference.stream import WordWrap
 from ftcli.inference.target import TargetOptions, load_target
 
-HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit (or Ctrl-D)"
+HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit (or Ctrl-D); "
+        "Ctrl-C stops an answer")
 
 
 @dataclass
@@ -91,7 +93,9 @@ def _read_turns(interactive: bool) -> Iterator[str]:
     while True:
         try:
             line = console.input("[bold cyan]you>[/] ") if interactive else sys.stdin.readline()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt: the chat ends
+            if interactive:
+                console.print()  # the shell's prompt on a line of its own, not after `you>`
             return
         if not interactive and line == "":
             return
@@ -122,8 +126,17 @@ def _handle(text: str, conversation: Conversation, target: Any, decoding: Decodi
     conversation.turns.append({"role": "user", "content": text.removeprefix("/") if stripped.startswith("//")
                                else text})
     ids = render(target, Example("chat", messages=conversation.messages()))
-    done = complete(target, ids, decoding, on_text=ReasoningPrinter() if interactive else None)
-    if interactive:
+    wrap = WordWrap(ReasoningPrinter(), console.width) if interactive else None
+    try:
+        done = complete(target, ids, decoding, on_text=wrap)
+    except KeyboardInterrupt:  # Ctrl-C stops this answer only; Ctrl-C at the prompt ends the chat
+        conversation.turns.pop()
+        console.print()
+        err_console.print("[dim](answer stopped: it and its question are left out of the conversation; Ctrl-C "
+                          "again at the prompt, /exit or Ctrl-D ends the chat)[/]")
+        return True
+    if wrap is not None:
+        wrap.finish()
         console.print()
     else:
         ReasoningPrinter()(done.text)

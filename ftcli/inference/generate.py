@@ -140,7 +140,11 @@ def _generate_streaming(model: Any, kwargs: dict[str, Any], streamer: Any, on_te
 
     import torch
 
+    from ftcli.inference.stream import stop_on
+
     result: dict[str, Any] = {}
+    stop = threading.Event()  # set on Ctrl-C: the worker ends at its next token instead of running on
+    kwargs = {**kwargs, "stopping_criteria": stop_on(stop)}
 
     def work() -> None:
         try:
@@ -152,8 +156,13 @@ def _generate_streaming(model: Any, kwargs: dict[str, Any], streamer: Any, on_te
 
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
-    for piece in streamer:
-        on_text(piece)
+    try:
+        for piece in streamer:
+            on_text(piece)
+    except KeyboardInterrupt:
+        stop.set()
+        worker.join()
+        raise
     worker.join()
     if "error" in result:
         raise result["error"]

@@ -75,6 +75,14 @@ def needs_bitsandbytes(config: Any) -> bool:
     return config.optim != AUTO and config.optim.startswith(BITSANDBYTES_OPTIMIZERS)
 
 
+def uses_bitsandbytes(config: Any) -> bool:
+    """Whether the run imports bitsandbytes at all: a 4-bit method or a bitsandbytes optimizer (else it stays
+    out of the process: seconds of import, and notices about kernels the run never uses)."""
+    from ftcli.methods import METHODS
+
+    return METHODS[config.method].loads_4bit or needs_bitsandbytes(config)
+
+
 def optimizer_names() -> list[str]:
     """Every --optim the installed transformers knows."""
     from transformers.training_args import OptimizerNames
