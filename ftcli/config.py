@@ -65,7 +65,9 @@ class RunConfig(BaseModel):
     format: Literal["auto", "alpaca", "prompt-completion", "chat", "sharegpt", "text"] = "auto"
     columns: dict[str, str] | None = None  # the data's names for the format's fields, e.g. {"instruction": "question"}
     template: str = "auto"  # auto | alpaca | model (the tokenizer's chat template) | path to a Jinja file
+    template_kwargs: dict[str, Any] | None = None  # handed to the chat template, e.g. {"enable_thinking": False}
     train_on_inputs: bool = False
+    train_reasoning: bool = True  # False: the text between <think> and </think> of assistant turns is masked
 
     batch_size: int | None = Field(default=None, ge=1)
     seq_length: int = Field(default=2048, ge=8)
@@ -169,6 +171,11 @@ class RunConfig(BaseModel):
     @classmethod
     def _columns_text(cls, value: Any) -> Any:
         return parse_columns(value) if isinstance(value, str) else value
+
+    @field_validator("template_kwargs", mode="before")
+    @classmethod
+    def _template_kwargs_text(cls, value: Any) -> Any:
+        return parse_template_kwargs(value) if isinstance(value, str) else value or None
 
     @field_validator("dataset", mode="before")
     @classmethod
@@ -417,6 +424,25 @@ def parse_columns(text: str) -> dict[str, str]:
             raise ValueError(f"'{part}' is not FIELD=COLUMN (write e.g. instruction=question,output=answer)")
         mapping[field.strip()] = column.strip()
     return mapping
+
+
+def parse_template_kwargs(text: str) -> dict[str, Any]:
+    """`enable_thinking=false,reasoning_effort=low` -> {"enable_thinking": False, "reasoning_effort": "low"}: each
+    value read as JSON where it is JSON (true, 3, "x", [..]), else as text."""
+    import json
+
+    out: dict[str, Any] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(f"'{part}' is not KEY=VALUE (write e.g. enable_thinking=false)")
+        try:
+            out[key.strip()] = json.loads(value.strip())
+        except ValueError:
+            out[key.strip()] = value.strip()
+    return out
 
 
 def normalize_key(key: str) -> str:

@@ -47,6 +47,7 @@ class TargetInfo:
     data: dict[str, Any] = field(default_factory=dict)  # the run's data record (format, template, ...), if any
     trained_dtype: str | None = None  # the dtype the run computed in, when recorded
     exported: bool = False  # an `ftcli export` folder (its record names the base and the run's data)
+    template_kwargs: dict[str, Any] | None = None  # the run's --template-kwargs, rendered with again
 
     def revision_of(self, ref: str) -> str | None:
         return None if Path(ref).expanduser().is_dir() else self.revision
@@ -88,7 +89,8 @@ def _find(ref: str, base_override: str | None) -> TargetInfo:
         record = _read(path / EXPORT_RECORD)
         run = record.get("run") or {}
         return TargetInfo(ref, "model", ref, base=record.get("base_model"), tokenizer=ref, data=run.get("data") or {},
-                          trained_dtype=record.get("dtype"), exported=True)
+                          trained_dtype=record.get("dtype"), exported=True,
+                          template_kwargs=(run.get("config") or {}).get("template_kwargs"))
     return TargetInfo(ref, "model", ref, tokenizer=ref)
 
 
@@ -111,7 +113,8 @@ def _run_target(ref: str, path: Path) -> TargetInfo:
     tokenizer = resolve_start(config["model"]).base
     common = dict(base=config["model"], run_config=config, tokenizer=tokenizer, revision=config.get("revision"),
                   trust_remote_code=bool(config.get("trust_remote_code")), data=manifest.get("data") or {},
-                  trained_dtype=(manifest.get("resolved") or {}).get("dtype"))
+                  trained_dtype=(manifest.get("resolved") or {}).get("dtype"),
+                  template_kwargs=config.get("template_kwargs"))
     if saves == "adapter":
         return TargetInfo(ref, "run", config["model"], adapter=path, loads_4bit=method.loads_4bit, **common)
     return TargetInfo(ref, "run", str(path), **common)

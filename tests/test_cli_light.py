@@ -53,8 +53,9 @@ def test_commands_sharing_train_options_show_their_help(cli, monkeypatch: pytest
     result = cli(command, "--help")
     assert result.exit_code == 0
     text = " ".join(result.stdout.split())
-    # The options keep their help text and aliases, not just their names.
-    assert "--lr" in text and "Peak learning rate" in text and "--model" in text
+    # The options they read keep their help text, not just their names; train's optimizer is not among them.
+    assert "--seq-length" in text and "Maximum tokens per example" in text and "--model" in text
+    assert "Peak learning rate" not in text and "--optim" not in text
 
 
 def test_train_help_shows_reference_flags(cli, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,7 +24,7 @@ from rich.markup import escape
 
 # train's options and the help texts' defaults live in ftcli.cli.options; command modules take them from here.
 from ftcli.cli.options import (DATA, DIST, EVAL, LORA, MODEL, OUTPUT, TRAIN, TRAIN_SIGNATURE,  # noqa: F401
-                               default_text, format_default, method_help, parse_columns, run_config_from_flags,
+                               default_text, format_default, method_help, parse_columns, restyled, run_config_from_flags,
                                with_default, with_options, with_train_options)
 
 state = {"debug": False}
@@ -38,11 +38,19 @@ def _hide_switch_types(command: Any, ctx: Any) -> None:
 
 
 class FtcliCommand(typer.core.TyperCommand):
-    """Every ftcli command: its help shows no type placeholder on switches."""
+    """Every ftcli command: its help laid out to fit the terminal (ftcli/cli/helpformat.py), its text
+    wrapped by the terminal (the docstring's own line breaks joined), in `ftcli --help`'s list too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from ftcli.cli.helpformat import paragraphs
+
+        super().__init__(*args, **kwargs)
+        self.help = paragraphs(self.help) if self.help else self.help
 
     def format_help(self, ctx, formatter) -> None:
-        _hide_switch_types(self, ctx)
-        super().format_help(ctx, formatter)
+        from ftcli.cli.helpformat import print_command_help
+
+        print_command_help(self, ctx)
 
 
 class FtcliGroup(typer.core.TyperGroup):

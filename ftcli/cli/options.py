@@ -8,6 +8,7 @@ option's default, generated from the config and the methods' declared defaults; 
 note is escaped, or Rich would read it as markup and drop it.
 """
 
+import copy
 import inspect
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -124,6 +125,13 @@ def train_options(
         help=with_default("auto | alpaca | model (the model's chat template) | path to a Jinja file. auto: Alpaca "
                           "template for Alpaca data, the model's chat template for chat data.", "template"),
         rich_help_panel=DATA)] = None,
+    template_kwargs: Annotated[Optional[str], typer.Option(
+        metavar="KEY=VALUE,...", help="Switches handed to the chat template on every rendering, in training and "
+        "later in generate, chat, eval and export, e.g. enable_thinking=false.", rich_help_panel=DATA)] = None,
+    train_reasoning: Annotated[Optional[bool], typer.Option(
+        "--train-reasoning/--no-train-reasoning", help=with_default(
+            "Train the reasoning inside <think>...</think> of assistant turns (off: masked, the answer after it "
+            "and the tags still trained).", default="on"), rich_help_panel=DATA)] = None,
     train_on_inputs: Annotated[Optional[bool], typer.Option(
         "--train-on-inputs", help=with_default("Put the prompt in the loss too (the reference scripts' behaviour).",
                                                default="off: only the response and its EOS"),
@@ -322,12 +330,29 @@ def train_options(
 TRAIN_SIGNATURE = inspect.signature(train_options)
 
 
-def with_train_options(body: Callable[[dict], Any], *extra: inspect.Parameter) -> Callable[..., Any]:
+def with_train_options(body: Callable[[dict], Any], *extra: inspect.Parameter,
+                       shown: frozenset[str] | None = None) -> Callable[..., Any]:
     """A command function with exactly `train`'s options (plus `extra`), calling `body(values)` with them.
 
     `values` maps each option name to what was given (None when not given); turn it into a
-    RunConfig with `run_config_from_flags(values)`. The command's help is `body`'s docstring."""
-    return with_options(body, [*TRAIN_SIGNATURE.parameters.values(), *extra])
+    RunConfig with `run_config_from_flags(values)`. The command's help is `body`'s docstring.
+    With `shown`, the help lists only those of train's options: the others are still accepted (a
+    whole `train` command line works) but do not crowd the help of a command that does not read them."""
+    parameters = [p if shown is None or p.name in shown else hidden(p) for p in TRAIN_SIGNATURE.parameters.values()]
+    return with_options(body, [*parameters, *extra])
+
+
+def hidden(param: inspect.Parameter) -> inspect.Parameter:
+    """`param` accepted as before, left out of the help."""
+    return restyled(param, hidden=True)
+
+
+def restyled(param: inspect.Parameter, **changes: Any) -> inspect.Parameter:
+    """`param` with its typer.Option's `changes` (help, rich_help_panel, hidden, ...); train's own stays as it is."""
+    info = copy.copy(param.annotation.__metadata__[0])
+    for name, value in changes.items():
+        setattr(info, name, value)
+    return param.replace(annotation=Annotated[param.annotation.__origin__, info])
 
 
 def with_options(body: Callable[[dict], Any], parameters: list[inspect.Parameter]) -> Callable[..., Any]:

@@ -15,15 +15,15 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ftcli.cli.common import DATA, run_config_from_flags, run_guarded, with_default, with_train_options
+from ftcli.cli.common import DATA, restyled, run_config_from_flags, run_guarded, with_default, with_train_options
 
 
 def prepare(values: dict) -> None:
     """Format, tokenize and cache a dataset; `ftcli train` with the same flags reuses it.
 
-    Takes the same flags as `train` (only the data, model and --seq-length/--seed/--batch-size ones
-    matter). Without --output-dir the prepared data goes to the cache (<FTCLI_HOME>/datasets); with
-    it, to that folder, which `ftcli train --dataset FOLDER` then uses. --overwrite rebuilds."""
+    Without --output-dir the prepared data goes to the cache (<FTCLI_HOME>/datasets); with it, to that
+    folder, which `ftcli train --dataset FOLDER` then uses. --overwrite rebuilds. A whole `train`
+    command line is accepted too: train's other options (not listed here) change nothing in the data."""
     num_proc = values.pop("num_proc", None)
 
     def go() -> None:
@@ -84,7 +84,11 @@ def print_prepared(prepared: Any, config: Any) -> None:
                       f"{'es' if b['num_proc'] > 1 else ''})")
     table = Table(show_header=False, title="prepared data")
     table.add_row("format / template", f"{m['format']} / {m['template']}")
+    from ftcli.data.stats import rendering_note
+
     table.add_row("loss", "whole text" if m["options"]["train_on_inputs"] else "responses + EOS (prompts masked)")
+    if rendering_note(s, m["format"]):
+        table.add_row("conversations", rendering_note(s, m["format"]))
     table.add_row("rows", f"{s['rows_read']:,} read, {s['rows_selected']:,} selected, {s['rows_kept']:,} kept")
     table.add_row("dropped", f"{d['empty']:,} empty, {d['too_long']:,} too long (prompt > --seq-length), "
                              f"{d['no_response']:,} no response left after truncation")
@@ -143,7 +147,28 @@ def _output_dir_as_text(param: inspect.Parameter) -> inspect.Parameter:
     return param.replace(annotation=Annotated[Optional[str], option])
 
 
-command = with_train_options(prepare, NUM_PROC)
+# The train options prepare reads: what the data, its tokenizer, its shape and its cache key depend on.
+SHOWN = frozenset({"model", "revision", "trust_remote_code", "dataset", "dataset_split", "dataset_size",
+                   "dataset_revision", "format", "columns", "template", "template_kwargs", "train_reasoning", "train_on_inputs",
+                   "seq_length", "seed",
+                   "batch_size", "objective", "max_prompt_length", "eval_dataset", "eval_split", "output_dir",
+                   "overwrite", "config"})
+# In prepare's help, the options that shape the data sit with the data.
+IN_DATA = {"objective": None, "seq_length": None, "seed": None,
+           "batch_size": with_default("The batch size the padding figures are for (train's, for --method).",
+                                      "batch_size")}
+
+
+def _for_prepare(param: inspect.Parameter) -> inspect.Parameter:
+    if param.name == "output_dir":
+        return _output_dir_as_text(param)
+    if param.name in IN_DATA:
+        help_text = IN_DATA[param.name] or param.annotation.__metadata__[0].help
+        return restyled(param, rich_help_panel=DATA, help=help_text)
+    return param
+
+
+command = with_train_options(prepare, NUM_PROC, shown=SHOWN)
 command.__signature__ = command.__signature__.replace(parameters=[  # type: ignore[attr-defined]
-    _output_dir_as_text(p) if p.name == "output_dir" else p for p in command.__signature__.parameters.values()])
+    _for_prepare(p) for p in command.__signature__.parameters.values()])
 command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}

@@ -2,7 +2,8 @@
 
     $ ftcli warmup --method lora --model builtin:tiny-llama --dataset builtin:alpaca-sample --batch-size 8
 
-Takes exactly `train`'s options; registered in ftcli/cli/__init__.py.
+Accepts `train`'s options (a whole `train --compile` command line); its help lists those that change what
+is compiled. Registered in ftcli/cli/__init__.py.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from ftcli.cli.common import run_config_from_flags, run_guarded, with_train_opti
 def warmup(values: dict) -> None:
     """Compile the model for the run these options describe, ahead of it: forward and backward on every
     batch shape, no optimizer step (the weights are untouched). Caches the compiled code for `train --compile`
-    and reports compile time, step time, real tokens/s and peak memory (a dry run: does the batch fit?)."""
+    and reports compile time, step time, real tokens/s and peak memory (a dry run: does the batch fit?).
+
+    A whole `train` command line is accepted too: train's other options (not listed here) change nothing
+    in what is compiled."""
 
     def go() -> None:
         from ftcli.training.warmup import run_warmup
@@ -23,4 +27,12 @@ def warmup(values: dict) -> None:
     run_guarded(go)
 
 
-command = with_train_options(warmup)
+# The train options that change what warmup compiles and measures: the model, the data (hence the batch
+# shapes), the shape options and the adapter. The optimizer, schedule, evaluation and output are never used.
+SHOWN = frozenset({"method", "model", "revision", "trust_remote_code", "dtype", "device", "attn_implementation",
+                   "dataset", "dataset_split", "dataset_size", "dataset_revision", "format", "columns", "template",
+                   "template_kwargs", "train_on_inputs", "batch_size", "seq_length", "gradient_checkpointing", "seed",
+                   "group_by_length",
+                   "padding_free", "packing", "liger", "eval_split", "lora_rank", "lora_alpha", "lora_dropout",
+                   "lora_target_modules", "use_dora", "use_rslora", "lora_init", "lora_bias", "config"})
+command = with_train_options(warmup, shown=SHOWN)

@@ -95,6 +95,10 @@ def key_fields(config: Any, tokenizer_fp: str, source_fp: str, template_text: st
         "seed": config.seed,
         "tokenizer": tokenizer_fp,
     }
+    if getattr(config, "train_reasoning", True) is False:
+        fields["train_reasoning"] = False
+    if getattr(config, "template_kwargs", None):
+        fields["template_kwargs"] = dict(sorted(config.template_kwargs.items()))
     if inherited is not None:  # `--template auto` continuing a run renders as that run did (ftcli.chain)
         fields["inherited_template"] = inherited.key
     # Only when asked for, so that every run without a held-out split keeps its key.

@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ftcli.data.formats import Example, RowError, row_to_example
-from ftcli.data.templates import example_to_messages, example_to_pair, render_chat
+from ftcli.data.templates import NotPrefixStable, example_to_messages, example_to_pair, render_chat, render_turns, trainable
 
 IGNORE = -100
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # how reasoning is written inside a turn by most thinking models
 
 # Why a row is dropped (the `drop` column; "" = kept).
 DROP_EMPTY = "empty"  # no response / no assistant turn / empty text
@@ -123,19 +124,20 @@ def encode_pairs(pairs: list[tuple[str, str]], tokenizer: Any, seq_length: int, 
 
 
 def encode_chats(chats: list[tuple[str, list[tuple[int, int]]]], tokenizer: Any, seq_length: int,
-                 train_on_inputs: bool) -> list[Encoded]:
-    """(rendered conversation, trained character spans) -> Encoded."""
+                 train_on_inputs: bool, ends: list[bool] | None = None) -> list[Encoded]:
+    """(rendered conversation, trained character spans) -> Encoded. `ends`: whether each text ends the conversation
+    (EOS follows it; an example of an earlier turn, rendered one per assistant turn, ends where the turn ends)."""
     if not chats:
         return []
     eos_text, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
     enc = tokenizer([text for text, _ in chats], add_special_tokens=False, return_offsets_mapping=True)
     out = []
-    for (text, spans), ids, offsets in zip(chats, enc["input_ids"], enc["offset_mapping"]):
+    for n, ((text, spans), ids, offsets) in enumerate(zip(chats, enc["input_ids"], enc["offset_mapping"])):
         ids = list(ids)
         # A token is trained when it overlaps an assistant span: a first token that also carries the
         # generation prompt's trailing space ("ASSISTANT:" + " 3") is still the answer's.
         trained = [any(start < b and end > a for a, b in spans) for start, end in offsets]
-        if not text.rstrip().endswith(eos_text):
+        if (ends is None or ends[n]) and not text.rstrip().endswith(eos_text):
             ids.append(eos_id)
             trained.append(True)
         labels = [t if (keep or train_on_inputs) else IGNORE for t, keep in zip(ids, trained)]
@@ -160,8 +162,7 @@ def encode_prompt(example: Example, template: Any, tokenizer: Any, system: str |
         if not messages or messages[-1]["role"] == "assistant":
             raise RowError("the conversation must end with a user turn for the model to answer")
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                 chat_template=template.chat_template)
+            text = template.apply(tokenizer, messages, True, tools=example.tools)
         except Exception as exc:  # jinja2 TemplateError, raise_exception(...) in the template, ...
             raise RowError(f"the chat template fails on this conversation: {exc}") from None
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -169,29 +170,66 @@ def encode_prompt(example: Example, template: Any, tokenizer: Any, system: str |
     return special_prefix(tokenizer) + list(token_ids(tokenizer, [prompt])[0])
 
 
+def _turn_tail(template: Any, tokenizer: Any) -> str:
+    """What a chat template writes after an assistant turn's content (`<|im_end|>\n`, `<end>\n`...)."""
+    marker = "ftcli-end-of-turn-probe"
+    try:
+        text = template.apply(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}],
+                              False)
+    except Exception:  # noqa: BLE001 - a template that cannot render this probe: EOS alone stops
+        return ""
+    return text[text.find(marker) + len(marker):] if marker in text else ""
+
+
 def end_of_turn_ids(template: Any, tokenizer: Any) -> list[int]:
     """The special tokens a chat template closes an assistant turn with (e.g. `<|im_end|>`): what training put
     in the loss after each answer, so generation stops there. Empty for text templates (they end with EOS)."""
     if not template.is_chat:
         return []
-    marker = "ftcli-end-of-turn-probe"
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}],
-                                             tokenize=False, chat_template=template.chat_template)
-    except Exception:  # noqa: BLE001 - a template that cannot render this probe: EOS alone stops
-        return []
-    tail = text[text.find(marker) + len(marker):] if marker in text else ""
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return [i for i in tokenizer(tail, add_special_tokens=False)["input_ids"] if i in special][:1]
+    return [i for i in tokenizer(_turn_tail(template, tokenizer), add_special_tokens=False)["input_ids"]
+            if i in special][:1]
 
 
-def encode_batch(batch: dict[str, list[Any]], *, fmt: str, keys: dict[str, str] | None, template: Any,
-                 tokenizer: Any, seq_length: int, train_on_inputs: bool) -> dict[str, list[Any]]:
-    """One `datasets.map` batch of raw rows -> input_ids, labels, length, loss_tokens, truncated, eos_once, drop."""
+def end_of_turn_text(template: Any, tokenizer: Any) -> str | None:
+    """A chat template's end of turn written as plain text (no special token for it, e.g. `<end>`): the text
+    generation must stop at, as training put it in the loss after every answer but the last. None otherwise."""
+    if not template.is_chat or end_of_turn_ids(template, tokenizer):
+        return None
+    tail = _turn_tail(template, tokenizer).strip()
+    if not tail or (tokenizer.eos_token and tail.startswith(tokenizer.eos_token)):
+        return None
+    return tail.split()[0]
+
+
+def without_reasoning(text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The trained spans less the reasoning inside each `<think>...</think>` (`--no-train-reasoning`): the tags and
+    the answer after them stay trained, so the model still learns to open and close its reasoning."""
+    out = []
+    for start, end in spans:
+        cursor = start
+        while (opened := text.find(THINK_OPEN, cursor, end)) >= 0:
+            closed = text.find(THINK_CLOSE, opened, end)
+            if closed < 0:
+                break
+            out.append((cursor, opened + len(THINK_OPEN)))
+            cursor = closed
+        out.append((cursor, end))
+    return [(a, b) for a, b in out if b > a]
+
+
+def encode_batch(batch: dict[str, list[Any]], indices: list[int] | None = None, *, fmt: str,
+                 keys: dict[str, str] | None, template: Any, tokenizer: Any, seq_length: int,
+                 train_on_inputs: bool, train_reasoning: bool = True) -> dict[str, list[Any]]:
+    """One `datasets.map` batch of raw rows -> input_ids, labels, length, loss_tokens, truncated, eos_once, drop,
+    and the row each example came from (`row`) and whether that row was rendered one example per assistant turn
+    (`per_turn`: a template that renders history differently, see ftcli.data.templates.render_turns)."""
     n = len(next(iter(batch.values()))) if batch else 0
-    results: list[Encoded | str] = [DROP_EMPTY] * n
+    results: list[list[Encoded] | str] = [DROP_EMPTY] * n
+    per_turn = [False] * n
     pairs: list[tuple[str, str]] = []
     chats: list[tuple[str, list[tuple[int, int]]]] = []
+    ends: list[bool] = []
     pair_pos: list[int] = []
     chat_pos: list[int] = []
     for i in range(n):
@@ -199,10 +237,17 @@ def encode_batch(batch: dict[str, list[Any]], *, fmt: str, keys: dict[str, str] 
             example = row_to_example({k: v[i] for k, v in batch.items()}, fmt, keys)
             if template.is_chat and example.kind != "text":
                 messages = example_to_messages(example)
-                if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+                if not any(trainable(m) for m in messages):
                     continue
-                chats.append(render_chat(messages, tokenizer, template.chat_template))
-                chat_pos.append(i)
+                try:
+                    rendered = [render_chat(messages, tokenizer, template, example.tools)]
+                except NotPrefixStable:
+                    rendered, per_turn[i] = render_turns(messages, tokenizer, template, example.tools), True
+                if not train_reasoning:
+                    rendered = [(text, without_reasoning(text, spans)) for text, spans in rendered]
+                chats.extend(rendered)
+                chat_pos.extend([i] * len(rendered))
+                ends.extend([False] * (len(rendered) - 1) + [True])
             else:
                 prompt, response = ("", example.response) if example.kind == "text" \
                     else example_to_pair(example, template)
@@ -213,22 +258,23 @@ def encode_batch(batch: dict[str, list[Any]], *, fmt: str, keys: dict[str, str] 
         except RowError as exc:
             results[i] = INVALID + str(exc)
     for pos, encoded in zip(pair_pos, encode_pairs(pairs, tokenizer, seq_length, train_on_inputs)):
-        results[pos] = encoded
-    for pos, encoded in zip(chat_pos, encode_chats(chats, tokenizer, seq_length, train_on_inputs)):
-        results[pos] = encoded
+        results[pos] = [encoded]
+    for pos, encoded in zip(chat_pos, encode_chats(chats, tokenizer, seq_length, train_on_inputs, ends)):
+        results[pos] = [*(results[pos] if isinstance(results[pos], list) else []), encoded]
     out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "length": [], "loss_tokens": [], "truncated": [],
-                                 "eos_once": [], "drop": []}
+                                 "eos_once": [], "drop": [], "row": [], "per_turn": []}
     eos_id = tokenizer.eos_token_id
-    for r in results:
-        if isinstance(r, str):
-            r = Encoded([], [], False, r)
-        out["input_ids"].append(r.input_ids)
-        out["labels"].append(r.labels)
-        out["length"].append(len(r.input_ids))
-        out["loss_tokens"].append(sum(1 for t in r.labels if t != IGNORE))
-        out["truncated"].append(r.truncated)
-        out["eos_once"].append(r.labels.count(eos_id) == 1)
-        out["drop"].append(r.drop)
+    for i, result in enumerate(results):
+        for r in result if isinstance(result, list) else [Encoded([], [], False, result)]:
+            out["input_ids"].append(r.input_ids)
+            out["labels"].append(r.labels)
+            out["length"].append(len(r.input_ids))
+            out["loss_tokens"].append(sum(1 for t in r.labels if t != IGNORE))
+            out["truncated"].append(r.truncated)
+            out["eos_once"].append(r.labels.count(eos_id) == 1)
+            out["drop"].append(r.drop)
+            out["row"].append(indices[i] if indices is not None else i)
+            out["per_turn"].append(per_turn[i])
     return out
 
 

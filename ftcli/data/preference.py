@@ -32,9 +32,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ftcli.data.formats import Example, RowError, _messages, column_renames
+from ftcli.data.formats import Example, RowError, _messages, column_renames, nested
 from ftcli.data.pipeline import DROP_EMPTY, DROP_NO_RESPONSE, INVALID, special_prefix, token_ids
-from ftcli.data.templates import example_to_pair, render_chat
+from ftcli.data.templates import NotPrefixStable, example_to_pair, render_chat, render_turns
 from ftcli.errors import DataError
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -85,7 +85,9 @@ def check_pair_columns(columns: list[str], source: str) -> None:
 def row_pair(row: dict[str, Any], keys: dict[str, str]) -> Pair:
     """A raw row as a Pair (RowError when its values are unusable)."""
     role, content = keys.get("role", "role"), keys.get("content", "content")
-    prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
+    prompt, chosen, rejected = (nested(row.get(k)) for k in ("prompt", "chosen", "rejected"))
+    if isinstance(prompt, dict):  # one message where a list is expected
+        prompt = [prompt]
     if isinstance(chosen, str) and isinstance(rejected, str) and not isinstance(prompt, list):
         if prompt is None:  # whole texts (Anthropic HH as strings): the shared leading words are the prompt
             shared = shared_text(chosen, rejected)
@@ -168,9 +170,16 @@ def _chat_side(prompt: list[dict[str, str]], turns: list[dict[str, str]], templa
     messages = [*prompt, *turns]
     if not any(m["role"] == "assistant" for m in turns):
         raise RowError("an answer has no assistant message")
-    text, spans = render_chat(messages, tokenizer, template.chat_template)
     before = sum(1 for m in prompt if m["role"] == "assistant")
-    start = spans[before][0]
+    try:
+        text, spans = render_chat(messages, tokenizer, template)
+        start = spans[before][0]
+    except NotPrefixStable:  # a template that drops earlier reasoning: the answer as inference renders it
+        text, spans = render_turns(messages[: len(prompt) + 1], tokenizer, template)[-1]
+        if len(turns) > 1:
+            raise RowError("an answer of several turns needs a chat template that renders earlier turns the same "
+                           "way once later turns follow; give each answer as one assistant message") from None
+        start = spans[0][0]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     cut = next((i for i, (_, end) in enumerate(offsets) if end > start), len(ids))

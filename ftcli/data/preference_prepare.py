@@ -121,7 +121,7 @@ def _build_pairs(config: Any, tokenizer: Any, loaded: Any, fields: dict[str, Any
     first = row_pair(ds[0], _message_keys(config)) if len(ds) else None
     fmt = "chat" if first is not None and first.chat else "prompt-completion"
     template = resolve_template(config.template, fmt, tokenizer, model=config.model or "the model", text=template_text,
-                                inherited=inherited)
+                                inherited=inherited, kwargs=config.template_kwargs)
     rows_read = len(ds)
     size = rows_read if config.dataset_size is None else min(config.dataset_size, rows_read)
     selected = ds.select(range(size)) if size < rows_read else ds

@@ -72,7 +72,7 @@ MAP_BATCH = 1000
 # in worker processes. So processes are used from 3 cores up.
 PARALLEL_MIN_ROWS = 20_000
 PARALLEL_MIN_CORES = 3
-HELPER_COLUMNS = ["loss_tokens", "truncated", "eos_once", "drop"]
+HELPER_COLUMNS = ["loss_tokens", "truncated", "eos_once", "drop", "row", "per_turn"]
 
 
 @dataclass
@@ -218,7 +218,7 @@ def _build(job: _Job, loaded: LoadedRows, fields: dict[str, Any], key: str, fina
     fmt = detect_format(ds.column_names, config.format, config.dataset)
     check_one_format(loaded.shapes, renames, fmt, config.dataset)
     template = resolve_template(config.template, fmt, tokenizer, model=config.model or "the model",
-                                text=job.template_text, inherited=job.inherited)
+                                text=job.template_text, inherited=job.inherited, kwargs=config.template_kwargs)
     size = rows_read if config.dataset_size is None else min(config.dataset_size, rows_read)
     if "dataset_size" in config.model_fields_set and config.dataset_size is not None \
             and config.dataset_size > rows_read:
@@ -267,13 +267,16 @@ def _tokenize(job: _Job, selected: Any, fmt: str, template: TemplateSpec, key: s
     work.mkdir(parents=True, exist_ok=True)
     with _map_progress(size, procs):
         mapped = selected.map(
-            encode_batch, batched=True, batch_size=MAP_BATCH, num_proc=procs if procs > 1 else None,
+            encode_batch, batched=True, with_indices=True, batch_size=MAP_BATCH,
+            num_proc=procs if procs > 1 else None,
             remove_columns=selected.column_names, cache_file_name=str(work / "map.arrow"),
             new_fingerprint=f"ftcli-{key[:24]}", desc="tokenizing",
             fn_kwargs=dict(fmt=fmt, keys=keys, template=template, tokenizer=job.tokenizer,
-                           seq_length=config.seq_length, train_on_inputs=config.train_on_inputs))
+                           seq_length=config.seq_length, train_on_inputs=config.train_on_inputs,
+                           train_reasoning=config.train_reasoning))
     drops_in_order = mapped.data.column("drop").to_pylist()
-    raise_first_invalid(drops_in_order, config.dataset)
+    rows_of = mapped.data.column("row").to_pylist()
+    raise_first_invalid(drops_in_order, config.dataset, rows_of)
     # Shuffle all selected rows, then drop: the order of the rows kept is the reference order.
     shuffled = mapped.shuffle(seed=config.seed)
     order = shuffled_order(shuffled)
@@ -284,6 +287,9 @@ def _tokenize(job: _Job, selected: Any, fmt: str, template: TemplateSpec, key: s
                         hint=all_dropped_hint(drops, config.seq_length))
     kept = shuffled.select(kept_idx) if len(kept_idx) < len(drops) else shuffled
     stats = measure(mapped, [order[i] for i in kept_idx], drops, rows_read, size, config.batch_size)
+    split = [row for row, turn in zip(rows_of, mapped.data.column("per_turn").to_pylist()) if turn]
+    if split:  # only then: a template that renders prefixes stably keeps its manifest as it was
+        stats["per_turn"] = {"conversations": len(set(split)), "examples": len(split)}
     return kept.remove_columns(HELPER_COLUMNS), stats
 
 

@@ -201,11 +201,30 @@ def _dataset_from_rows(rows: list[dict[str, Any]], ref: str, files: list[tuple[s
     import pyarrow as pa
     from datasets import Dataset
 
+    from ftcli.data.formats import as_nested_json
+
     names: dict[str, None] = {}
     for row in rows:
         names.update(dict.fromkeys(row))
+    columns = {name: [row.get(name) for row in rows] for name in names}
+    # Tool schemas differ from row to row: as one Arrow type every schema would get every other's keys (as null).
+    if "tools" in columns:
+        columns["tools"] = [as_nested_json(v) for v in columns["tools"]]
     try:
-        return Dataset.from_dict({name: [row.get(name) for row in rows] for name in names})
+        return Dataset.from_dict(columns)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, RecursionError):
+        if _first_too_deep(rows) is not None:
+            columns = {}  # the refusal below names the row
+        # Messages of different shapes (content as a string here, as parts there): a column of lists or objects
+        # only is kept as JSON text, read back as it was by ftcli.data.formats.nested (one that mixes them with
+        # plain values stays refused below).
+        columns = {name: [as_nested_json(v) for v in values] if all(isinstance(v, (list, dict)) or v is None
+                                                                    for v in values) else values
+                   for name, values in columns.items()}
+    try:
+        if not columns:
+            raise RecursionError("too deep")
+        return Dataset.from_dict(columns)
     except (pa.ArrowInvalid, pa.ArrowTypeError, RecursionError) as exc:
         deep = _first_too_deep(rows)
         if deep is not None:

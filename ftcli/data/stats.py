@@ -71,13 +71,29 @@ def padding_waste(lengths: Any, batch_size: int) -> float:
     return round(1 - int(lengths.sum()) / padded, 4)
 
 
-def raise_first_invalid(drops: list[str], ref: str) -> None:
+def raise_first_invalid(drops: list[str], ref: str, rows: list[int] | None = None) -> None:
+    """The first invalid row as one error; `rows`: the source row of each entry (a conversation rendered one
+    example per assistant turn is several entries)."""
     for i, d in enumerate(drops):
         if d.startswith(INVALID):
             count = sum(1 for x in drops if x.startswith(INVALID))
             more = f" ({count - 1} more rows like it)" if count > 1 else ""
-            raise DataError(f"{ref}: row {i + 1}: {d.removeprefix(INVALID)}{more}",
+            row = rows[i] if rows is not None else i
+            raise DataError(f"{ref}: row {row + 1}: {d.removeprefix(INVALID)}{more}",
                             hint="fix the row(s), or pick the right --format / --columns")
+
+
+def rendering_note(stats: dict[str, Any], fmt: str | None) -> str | None:
+    """How conversations became examples (None for single-turn data): one sequence each, or, where the chat template
+    renders history differently once later turns follow (it drops earlier reasoning), one example per assistant turn
+    (ftcli.data.templates.render_turns)."""
+    per_turn = stats.get("per_turn")
+    if per_turn:
+        return (f"{per_turn['conversations']:,} conversations -> {per_turn['examples']:,} examples: the template "
+                "renders history differently, one example per assistant turn (its prompt as inference renders it)")
+    if fmt in ("chat", "sharegpt"):
+        return "one sequence per conversation (the template renders each turn the same way once later turns follow)"
+    return None
 
 
 def drop_summary(drops: list[str]) -> str:

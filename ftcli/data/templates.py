@@ -36,6 +36,7 @@ exist (so no prefix lines up) is refused for that row with a clear error.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,14 +52,37 @@ TEMPLATE_CHOICES = ("auto", "alpaca", "model")
 class TemplateSpec:
     name: str  # "alpaca" | "plain" | "model" | "file:<path>" | "none"
     chat_template: str | None = None  # the Jinja chat template, for "model" and "file:..."
+    kwargs: tuple[tuple[str, Any], ...] = ()  # --template-kwargs (enable_thinking=false, ...), as sorted pairs
 
     @property
     def digest(self) -> str:
-        return hashlib.sha256((self.chat_template or self.name).encode()).hexdigest()
+        text = self.chat_template or self.name
+        if self.kwargs:  # only when given: every run without them keeps its digest
+            text += json.dumps(dict(self.kwargs), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     @property
     def is_chat(self) -> bool:
         return self.chat_template is not None
+
+    @property
+    def baked_template(self) -> str | None:
+        """The chat template with `--template-kwargs` set at its top (`{%- set enable_thinking = false -%}`), for
+        a runtime that renders the template itself (llama.cpp, Ollama) and would not pass them."""
+        if self.chat_template is None or not self.kwargs:
+            return self.chat_template
+        sets = "".join(f"{{%- set {key} = {_jinja_literal(value)} -%}}\n" for key, value in self.kwargs)
+        return sets + self.chat_template
+
+    def with_kwargs(self, kwargs: dict[str, Any] | None) -> TemplateSpec:
+        return TemplateSpec(self.name, self.chat_template, tuple(sorted((kwargs or {}).items())))
+
+    def apply(self, tokenizer: Any, messages: list[dict[str, Any]], generation: bool,
+              tools: list[dict[str, Any]] | None = None) -> str:
+        """The conversation as the chat template renders it (with `--template-kwargs` and the row's tools): the
+        one call every command renders through, training and inference alike."""
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
+                                             chat_template=self.chat_template, tools=tools, **dict(self.kwargs))
 
 
 def template_file(template: str) -> Path | None:
@@ -103,9 +127,21 @@ def jinja_syntax_error(text: str) -> str | None:
 
 
 def resolve_template(template: str, fmt: str, tokenizer: Any, model: str = "the model",
-                     text: str | None = None, inherited: Any = None) -> TemplateSpec:
+                     text: str | None = None, inherited: Any = None,
+                     kwargs: dict[str, Any] | None = None) -> TemplateSpec:
     """The template for `fmt` data given `--template` (see the module's table); `text`: the file's, if read.
-    `inherited` (ftcli.chain.InheritedTemplate): how the run `--model` continues rendered, used for `auto`."""
+    `inherited` (ftcli.chain.InheritedTemplate): how the run `--model` continues rendered, used for `auto`.
+    `kwargs` (`--template-kwargs`): handed to a chat template on every rendering."""
+    spec = _resolve(template, fmt, tokenizer, model, text, inherited)
+    if not kwargs:
+        return spec
+    if not spec.is_chat:
+        raise ConfigError(f"--template-kwargs apply to a chat template, and this {fmt} data renders with the "
+                          f"{spec.name} template", hint="drop --template-kwargs, or pass --template model or a Jinja file")
+    return spec.with_kwargs(kwargs)
+
+
+def _resolve(template: str, fmt: str, tokenizer: Any, model: str, text: str | None, inherited: Any) -> TemplateSpec:
     if template == "auto" and inherited is not None and fmt != "text":
         return _inherit(inherited, fmt, tokenizer, model)
     path = template_file(template)
@@ -209,22 +245,35 @@ def example_to_messages(example: Example) -> list[dict[str, str]]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": example.response}]
 
 
-def render_chat(messages: list[dict[str, str]], tokenizer: Any,
-                chat_template: str) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation as text, and the character spans of the assistant turns (trained).
+def _jinja_literal(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)
+
+
+class NotPrefixStable(RowError):
+    """The template renders earlier turns differently once later turns follow (it drops earlier reasoning, say)."""
+
+
+def trainable(message: dict[str, Any]) -> bool:
+    """An assistant turn with something to learn: text, reasoning or tool calls."""
+    return message["role"] == "assistant" and bool(str(message.get("content") or "").strip()
+                                                    or message.get("tool_calls")
+                                                    or str(message.get("reasoning_content") or "").strip())
+
+
+def render_chat(messages: list[dict[str, Any]], tokenizer: Any, template: TemplateSpec,
+                tools: list[dict[str, Any]] | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as one text, and the character spans of its assistant turns (trained).
 
     Trailing turns after the last assistant turn are dropped: nothing after them would be trained.
-    RowError when the template cannot be lined up prefix by prefix or fails on the conversation."""
+    NotPrefixStable when the template renders a prefix differently once later turns follow (then
+    `render_turns` renders one example per assistant turn); RowError when the template fails."""
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     messages = messages[: last + 1]
-
-    def render(msgs: list[dict[str, str]], generation: bool) -> str:
-        try:
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation,
-                                                 chat_template=chat_template)
-        except Exception as exc:  # jinja2 TemplateError, raise_exception(...) in the template, ...
-            raise RowError(f"the chat template fails on this conversation: {exc}") from None
-
+    render = _renderer(tokenizer, template, tools)
     full = render(messages, False)
     spans = []
     for i, message in enumerate(messages):
@@ -233,10 +282,59 @@ def render_chat(messages: list[dict[str, str]], tokenizer: Any,
         before = render(messages[:i], True) if i else _render_empty_prefix(render)
         upto = render(messages[: i + 1], False)
         if not upto.startswith(before) or not full.startswith(upto):
-            raise RowError("the chat template renders earlier turns differently once later turns follow, "
-                           "so the assistant turns cannot be located")
+            raise NotPrefixStable("the chat template renders earlier turns differently once later turns follow")
         spans.append((len(before), len(upto)))
     return full, spans
+
+
+def render_turns(messages: list[dict[str, Any]], tokenizer: Any, template: TemplateSpec,
+                 tools: list[dict[str, Any]] | None = None) -> list[tuple[str, list[tuple[int, int]]]]:
+    """One example per trainable assistant turn i, exactly as inference renders it: the text of
+    `messages[:i+1]`, trained from where the prompt `messages[:i]` + the generation prompt ends. Where a template's
+    generation prompt and its rendering of the answer part ways (it drops the answer's reasoning, say), the answer
+    is trained from where they part, and never before the end of the conversation so far."""
+    render = _renderer(tokenizer, template, tools)
+    out = []
+    for i, message in enumerate(messages):
+        if not trainable(message):
+            continue
+        prompt = render(messages[:i], True) if i else _render_empty_prefix(render)
+        text = render(messages[: i + 1], False)
+        start = len(prompt)
+        if not text.startswith(prompt):
+            history = render(messages[:i], False) if i else ""
+            start = next((n for n, (a, b) in enumerate(zip(prompt, text)) if a != b), min(len(prompt), len(text)))
+            if not text.startswith(history) or start < len(history):
+                raise RowError(f"the chat template renders the conversation before assistant turn {i + 1} "
+                               "differently once that turn follows, so its answer cannot be located")
+        out.append((text, [(start, len(text))]))
+    return out
+
+
+def _renderer(tokenizer: Any, template: TemplateSpec, tools: list[dict[str, Any]] | None) -> Any:
+    def render(msgs: list[dict[str, Any]], generation: bool) -> str:
+        try:
+            return template.apply(tokenizer, msgs, generation, tools=tools)
+        except Exception as exc:  # jinja2 TemplateError, raise_exception(...) in the template, ...
+            raise RowError(f"the chat template fails on this conversation: {exc}") from None
+
+    if tools:
+        check_renders_tools(tokenizer, template, tools)
+    return render
+
+
+def check_renders_tools(tokenizer: Any, template: TemplateSpec, tools: list[dict[str, Any]]) -> None:
+    """Refuse (RowError) a row with tools under a template that does not render them: trained without the schemas,
+    the model would learn calls it was never shown."""
+    probe = [{"role": "user", "content": "x"}]
+    try:
+        with_tools = template.apply(tokenizer, probe, True, tools=tools)
+        without = template.apply(tokenizer, probe, True)
+    except Exception as exc:  # noqa: BLE001 - the template fails on tools: the same one line
+        raise RowError(f"the chat template fails when given the row's tools: {exc}") from None
+    if with_tools == without:
+        raise RowError("the row has tools and the chat template does not render them (it ignores `tools`): pass "
+                       "--template FILE.jinja with a template that renders tools, or drop the tools column")
 
 
 def _render_empty_prefix(render: Any) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ftcli.console import console, err_console
+from ftcli.data.pipeline import THINK_CLOSE, THINK_OPEN
 from ftcli.errors import ConfigError
 from ftcli.inference.generate import Decoding, check_output_file, complete, print_piece
 from ftcli.inference.target import TargetOptions, load_target
@@ -121,15 +122,48 @@ def _handle(text: str, conversation: Conversation, target: Any, decoding: Decodi
     conversation.turns.append({"role": "user", "content": text.removeprefix("/") if stripped.startswith("//")
                                else text})
     ids = render(target, Example("chat", messages=conversation.messages()))
-    done = complete(target, ids, decoding, on_text=print_piece if interactive else None)
+    done = complete(target, ids, decoding, on_text=ReasoningPrinter() if interactive else None)
     if interactive:
         console.print()
     else:
-        console.print(done.text, markup=False, highlight=False, soft_wrap=True)
+        ReasoningPrinter()(done.text)
+        console.print()
     err_console.print(f"[dim]\\[{done.summary()}][/]")
-    conversation.turns.append({"role": "assistant", "content": done.text})
+    conversation.turns.append(assistant_turn(done.text))
     conversation.log.append({"turn": len(conversation.log) + 1, "system": conversation.system, "user": text,
                              "rendered_prompt": target.tokenizer.decode(ids, skip_special_tokens=False),
                              "assistant": done.text, "completion_ids": done.ids, "prompt_tokens": len(ids),
                              "new_tokens": done.new_tokens, "stop_reason": done.stop_reason})
     return True
+
+
+def assistant_turn(text: str) -> dict[str, str]:
+    """A reply as the history keeps it: a reasoning block (`<think>...</think>`, or reasoning the generation
+    prompt opened) goes to `reasoning_content`, so the template drops or keeps it for later turns as it does for
+    the conversations it was trained on."""
+    if THINK_CLOSE not in text:
+        return {"role": "assistant", "content": text}
+    reasoning, _, content = text.partition(THINK_CLOSE)
+    return {"role": "assistant", "content": content.lstrip("\n"),
+            "reasoning_content": reasoning.split(THINK_OPEN, 1)[-1].strip("\n")}
+
+
+class ReasoningPrinter:
+    """Prints a reply as it streams, its reasoning (up to `</think>`) dimmed; model text is never Rich markup."""
+
+    def __init__(self) -> None:
+        self.seen = ""
+
+    def __call__(self, piece: str) -> None:
+        before = self.seen
+        self.seen += piece
+        if THINK_CLOSE not in self.seen and THINK_OPEN not in self.seen:
+            print_piece(piece)
+            return
+        end = self.seen.find(THINK_CLOSE)
+        closed_at = end + len(THINK_CLOSE) if end >= 0 else len(self.seen) + 1
+        cut = max(0, min(len(piece), closed_at - len(before)))
+        if cut:
+            console.print(piece[:cut], end="", markup=False, highlight=False, soft_wrap=True, style="dim")
+        if piece[cut:]:
+            print_piece(piece[cut:])

@@ -95,14 +95,19 @@ def generate_ids(model: Any, target: Any, prompt_ids: list[int], decoding: Decod
     import torch
     from transformers import set_seed
 
+    from ftcli.data.pipeline import end_of_turn_text
+
     eos, turn_end = stop_ids(target)
     tokenizer = target.tokenizer
+    stop_text = end_of_turn_text(target.template, tokenizer)
     device = next(model.parameters()).device
     inputs = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     kwargs: dict[str, Any] = dict(
         input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=decoding.max_new_tokens,
         eos_token_id=[eos, *turn_end], pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
         else eos, use_cache=True, **decoding.generate_kwargs())
+    if stop_text:  # an end of turn that is no special token: stop on its text, as the answers were trained
+        kwargs.update(stop_strings=[stop_text], tokenizer=tokenizer)
     streamer = None
     if on_text is not None:
         from transformers import TextIteratorStreamer
@@ -124,6 +129,8 @@ def generate_ids(model: Any, target: Any, prompt_ids: list[int], decoding: Decod
     elif new and new[-1] in turn_end:
         reason = "end_of_turn"
     text = tokenizer.decode(new, skip_special_tokens=True)
+    if stop_text and stop_text in text:
+        text, reason = text[: text.index(stop_text)], "end_of_turn"
     return Completion(prompt_ids, new, text, reason, seconds)
 
 

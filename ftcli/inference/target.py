@@ -90,6 +90,8 @@ def load_target(ref: str, options: TargetOptions) -> Target:
         tokenizer = load_tokenizer(info.ref, revision=info.revision_of(info.ref), trust_remote_code=trust)
     fmt, spec = rendering(info.data.get("format"), info.data.get("template"), options.template, tokenizer, ref,
                           folder=Path(ref).expanduser())
+    if spec.is_chat and options.template == "auto" and info.template_kwargs:
+        spec = spec.with_kwargs(info.template_kwargs)  # the switches training rendered with (enable_thinking=...)
     model = _ready(load_target_model(info, config, device))
     kind = "export" if info.exported else info.kind
 

@@ -23,17 +23,33 @@ def render(report: dict[str, Any]) -> None:
 def _kv_table(title: str, rows: list[tuple[str, Any]]) -> Any:
     from rich.table import Table
 
+    # A long value (a path, a hub id) folds onto the next line instead of being cut with an ellipsis.
     table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(overflow="fold")
+    table.add_column(overflow="fold")
     for key, value in rows:
-        table.add_row(key, "-" if value is None else str(value))
+        table.add_row(key, "-" if value is None else number_text(key, value) if isinstance(value, float) else str(value))
     return table
 
 
-def _render_model(report: dict[str, Any]) -> None:
-    from rich.table import Table
+def number_text(key: str, value: Any) -> str:
+    """A value as people read it: losses to 4 decimals, counts with thousands separators, seconds and
+    rates rounded; anything else as it is. Tables apply it to floats; counts are passed in by name."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if "loss" in key:
+        return f"{value:.4f}"
+    if key.endswith(("runtime", "_s", "seconds")):
+        return f"{value:,.1f} s"
+    if key.endswith("per_second"):
+        return f"{value:,.0f}"
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1000:
+        return f"{int(value):,}"
+    return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3g}"
 
+
+def _render_model(report: dict[str, Any]) -> None:
     from ftcli.console import console
-    from ftcli.system import format_bytes
 
     m = report["model"]
     console.print(_kv_table("model (from its config; no weights loaded)", [
@@ -46,30 +62,42 @@ def _render_model(report: dict[str, Any]) -> None:
         ("dtype (config)", m["dtype"]), ("tied embeddings", m["tied_embeddings"]),
         ("chat template", "yes" if m["chat_template"] else "no"),
     ]))
-    mem = report["memory"]
+    console.print(_memory_table(report["memory"]))
+    console.print("AdamW, weights in the given dtype; qlora: NF4 base. The verdict keeps 10% + 1 GiB for the CUDA "
+                  "context and allocator slack. `ftcli warmup` measures the real peak.")
+
+
+def _memory_table(mem: dict[str, Any]) -> Any:
+    """The estimate with one column per method and one row per part (a handful of columns: it fits 80)."""
+    from rich.table import Table
+
+    from ftcli.system import format_bytes
+
     gpu = mem["gpu_memory_bytes"]
-    pairs = any(est.get("reference") for est in mem["methods"])
+    methods = mem["methods"]
     title = (f"training memory per process, estimated: objective {mem.get('objective', 'sft')}, seq length "
              f"{mem['seq_length']}, {mem['dtype']}, {mem['nproc']} process(es)" + (f", GPU {format_bytes(gpu)}" if gpu else ""))
     table = Table(title=title, title_justify="left")
-    for column in ("method", "batch", "grad ckpt", "trainable", "weights", "gradients", "optimizer",
-                   "activations", *(("reference",) if pairs else ()), "total"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+    table.add_column("", no_wrap=True)  # the labels are short: the method columns wrap instead
+    for est in methods:
+        table.add_column(est["method"], justify="right", overflow="fold")
+
+    def row(label: str, values: list[str]) -> None:
+        table.add_row(label, *values)
+
+    row("batch size", [str(e["batch_size"]) for e in methods])
+    row("grad checkpointing", ["on" if e["gradient_checkpointing"] else "off" for e in methods])
+    row("trainable params", [f"{e['trainable_parameters']:,}" for e in methods])
+    for label, key in (("weights", "weights_bytes"), ("gradients", "gradients_bytes"),
+                       ("optimizer (AdamW)", "optimizer_bytes"), ("activations", "activations_bytes")):
+        row(label, [format_bytes(e[key]) for e in methods])
+    if any(e.get("reference") for e in methods):
+        row("reference model", [format_bytes(e["reference_bytes"]) for e in methods])
+        row("  (kept as)", [str(e.get("reference") or "-") for e in methods])
+    row("[bold]total", [f"[bold]{format_bytes(e['total_bytes'])}" for e in methods])
     if gpu:
-        table.add_column("fits")
-    for est in mem["methods"]:
-        row = [est["method"], str(est["batch_size"]), "on" if est["gradient_checkpointing"] else "off",
-               f"{est['trainable_parameters']:,}", format_bytes(est["weights_bytes"]),
-               format_bytes(est["gradients_bytes"]), format_bytes(est["optimizer_bytes"]),
-               format_bytes(est["activations_bytes"]),
-               *((f"{format_bytes(est['reference_bytes'])} ({est['reference']})",) if pairs else ()),
-               f"[bold]{format_bytes(est['total_bytes'])}"]
-        if gpu:
-            row.append("[green]yes" if est["fits"] else "[red]no")
-        table.add_row(*row)
-    console.print(table)
-    console.print("AdamW, weights in the given dtype; qlora: NF4 base. The verdict keeps 10% + 1 GiB for the CUDA "
-                  "context and allocator slack. `ftcli warmup` measures the real peak.")
+        row(f"fits {format_bytes(gpu)}", ["[green]yes" if e["fits"] else "[red]no" for e in methods])
+    return table
 
 
 def _render_compile_cache(report: dict[str, Any]) -> None:
@@ -126,12 +154,13 @@ def _render_run(report: dict[str, Any]) -> None:
              ("device, dtype", f"{run['device']}, {run['dtype']}"),
              ("parameters", f"{run['trainable_parameters']:,} trainable of {run['total_parameters']:,}"
               if run.get("total_parameters") else None),
-             ("data", f"{run['data'].get('rows_used')} examples, {run['data'].get('tokens')} tokens, "
-                      f"{run['data'].get('truncated')} truncated")]
+             ("data", f"{number_text('rows', run['data'].get('rows_used'))} examples, "
+                      f"{number_text('tokens', run['data'].get('tokens'))} tokens, "
+                      f"{number_text('truncated', run['data'].get('truncated'))} truncated")]
     metrics = run.get("metrics") or {}
     for key in ("steps", "train_loss", "train_runtime", "real_tokens_per_second"):
         if metrics.get(key) is not None:
-            rows.append((key, metrics[key]))
+            rows.append((key, number_text(key, metrics[key])))
     if metrics.get("peak_memory_bytes"):
         rows.append((metrics.get("peak_memory_kind", "peak memory"), format_bytes(metrics["peak_memory_bytes"])))
     checkpoints = report["checkpoints"]
@@ -209,6 +238,7 @@ def _render_data(report: dict[str, Any]) -> None:
     console.print(_kv_table("dataset" if report["kind"] == "dataset" else "prepared dataset", [
         ("source", f"{' + '.join(d['source']) if isinstance(d['source'], list) else d['source']} "
                    f"({d['source_kind']})"), ("format / template", f"{d['format']} / {d['template']}"),
+        *([("conversations", d["rendering"])] if d.get("rendering") else []),
         ("tokenizer", d["tokenizer"]), ("rows", f"{d['rows']} kept of {d['rows_read']} read"
                                         + (f" (dropped: {dropped})" if any(dropped.values()) else "")),
         ("tokens", f"{d['tokens']:,} ({d['loss_tokens']:,} in the loss, {share(d['loss_token_share'])})"

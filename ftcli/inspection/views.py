@@ -328,6 +328,7 @@ def inspect_dataset(target: str, options: InspectOptions) -> dict[str, Any]:
 def _data_view(folder: Path, manifest: dict[str, Any], tokenizer: Any, tokenizer_ref: str | None,
                options: InspectOptions, dataset: Any = None) -> dict[str, Any]:
     from ftcli.data.pipeline import explain_example
+    from ftcli.data.stats import rendering_note
 
     stats = manifest.get("stats", {})
     source = manifest.get("source", {})
@@ -336,6 +337,7 @@ def _data_view(folder: Path, manifest: dict[str, Any], tokenizer: Any, tokenizer
         "data": {
             "source": source.get("ref"), "source_kind": source.get("kind"), "prepared_folder": str(folder),
             "format": manifest.get("format"), "template": manifest.get("template"),
+            "rendering": rendering_note(stats, manifest.get("format")),
             "tokenizer": tokenizer_ref, "seq_length": opts.get("seq_length"),
             "train_on_inputs": opts.get("train_on_inputs"),
             "rows_read": stats.get("rows_read"), "rows": stats.get("rows_kept"), "dropped": stats.get("dropped"),

@@ -6,7 +6,9 @@
 It shows step/total, loss, learning rate, real (non-padding) tokens/s, ETA and peak memory (and the
 last eval loss when the run evaluates; with a preference objective the reward margin, accuracy and the
 chosen/rejected rewards too), and writes one JSON line per logging step and per evaluation
-to `metrics.jsonl`. Only rank 0 draws and writes.
+to `metrics.jsonl`. Only rank 0 draws and writes. On a terminal the line fits its width: the fields
+are dropped by rank (LINE_FIELDS) as it narrows, step N/M and ETA always stay; piped, each logging
+step is one plain line with every field.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import Progress
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
 from transformers import TrainerCallback
 
 from ftcli.console import console
@@ -30,6 +36,77 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+# The live line's fields, in the order drawn, each with its rank: when the terminal is too narrow for all
+# of them, the highest ranks go first. The step counter and the ETA are always drawn (rank 0), then the
+# bar takes what is left (at least BAR_MIN columns, at most BAR_MAX).
+LINE_FIELDS = [("label", 9), ("steps", 0), ("loss", 1), ("eval", 5), ("margin", 6), ("acc", 7), ("rewards", 8),
+               ("lr", 2), ("tps", 3), ("mem", 4), ("eta", 0)]
+BAR_MIN, BAR_MAX = 12, 40
+
+
+def line_texts(completed: int, total: int, fields: dict[str, str], evaluates: bool) -> dict[str, Text]:
+    """Each field of the live line as styled text ("" values are not drawn)."""
+    steps = f"{completed:>{len(str(total))}}/{total}"
+    texts = {"label": Text("train", style="bold"), "steps": Text(steps),
+             "loss": Text.assemble("loss ", (fields.get("loss", "-"), "cyan")),
+             "lr": Text(f"lr {fields.get('lr', '-')}"),
+             "tps": Text(f"{fields.get('tps', '-')} tok/s", style="green"),
+             "mem": Text(f"mem {fields.get('mem', '-')}"),
+             "eta": Text(f"eta {fields.get('eta', '--:--')}")}
+    if evaluates:
+        texts["eval"] = Text.assemble("eval ", (fields.get("eval", "-"), "magenta"))
+    for key in ("margin", "acc", "rewards"):
+        if fields.get(key):
+            texts[key] = Text(fields[key])
+    return texts
+
+
+def fit_line(completed: int, total: int, fields: dict[str, str], width: int, evaluates: bool = False) -> Table:
+    """The live line at `width` columns: the fields by rank, then the bar in what is left; never wider."""
+    texts = line_texts(completed, total, fields, evaluates)
+    kept: set[str] = set()
+    used = -1  # n fields take their widths plus n - 1 separating spaces
+    for key, _ in sorted((f for f in LINE_FIELDS if f[0] in texts), key=lambda f: f[1]):
+        need = texts[key].cell_len + 1
+        if key not in ("steps", "eta") and used + need + 1 + BAR_MIN > width:
+            break  # this field and every lower-ranked one stay off the line
+        kept.add(key)
+        used += need
+    bar = max(0, min(BAR_MAX, width - used - 1))
+    line = Table.grid(padding=(0, 1, 0, 0))
+    cells: list[Any] = []
+    for key, _ in LINE_FIELDS:
+        if key == "steps" and bar:
+            line.add_column(width=bar, no_wrap=True)
+            cells.append(ProgressBar(total=max(total, 1), completed=completed, width=bar))
+        if key in kept:
+            line.add_column(no_wrap=True, overflow="crop")
+            cells.append(texts[key])
+    line.add_row(*cells)
+    return line
+
+
+class _Line:
+    """One task's live line, fitted to the width it is drawn at (the terminal's, at every refresh)."""
+
+    def __init__(self, task: Any, evaluates: bool):
+        self.task, self.evaluates = task, evaluates
+
+    def __rich_console__(self, console: Console, options: Any) -> Any:
+        task = self.task
+        yield fit_line(int(task.completed), int(task.total or 0), task.fields, options.max_width, self.evaluates)
+
+
+def preference_fields(logs: dict[str, float]) -> dict[str, str]:
+    """The live line's pieces of a preference objective's rewards (none without them)."""
+    if "rewards/margins" not in logs:
+        return {}
+    return {"margin": f"margin {logs['rewards/margins']:.3f}",
+            "acc": f"acc {logs.get('rewards/accuracies', float('nan')):.0%}",
+            "rewards": f"chosen {logs.get('rewards/chosen', float('nan')):.3f} "
+                       f"rejected {logs.get('rewards/rejected', float('nan')):.3f}"}
+
+
 def preference_text(logs: dict[str, float]) -> str:
     """`margin 0.031 acc 75% (chosen 0.012 rejected -0.019)` from a preference objective's rewards, else ""."""
     if "rewards/margins" not in logs:
@@ -37,6 +114,18 @@ def preference_text(logs: dict[str, float]) -> str:
     return (f"margin {logs['rewards/margins']:.3f} acc {logs.get('rewards/accuracies', float('nan')):.0%} "
             f"(chosen {logs.get('rewards/chosen', float('nan')):.3f} rejected "
             f"{logs.get('rewards/rejected', float('nan')):.3f})")
+
+
+class LineProgress(Progress):
+    """A Rich Progress drawing each task as one line fitted to the terminal (`fit_line`)."""
+
+    def __init__(self, *, evaluates: bool = False, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.evaluates = evaluates
+
+    def get_renderables(self) -> Any:
+        for task in self.tasks:
+            yield _Line(task, self.evaluates)
 
 
 class TrainingDisplay(TrainerCallback):  # type: ignore[misc,valid-type]
@@ -72,6 +161,7 @@ class TrainingDisplay(TrainerCallback):  # type: ignore[misc,valid-type]
             "mem": format_bytes(peak_memory(self.device)[1]),
             "eval": f"{self.last_eval:.4f}" if self.last_eval is not None else "-",
             "pref": preference_text(self.last),
+            **preference_fields(self.last),
         }
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -80,16 +170,7 @@ class TrainingDisplay(TrainerCallback):  # type: ignore[misc,valid-type]
             self.metrics_path.write_text("")
         if not state.is_world_process_zero or not self.out.is_terminal:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-        self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss [cyan]{task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-            TextColumn("[green]{task.fields[tps]} tok/s"), TextColumn("eta {task.fields[eta]}"),
-            TextColumn("mem {task.fields[mem]}"), TextColumn("{task.fields[pref]}"),
-            *([TextColumn("eval [magenta]{task.fields[eval]}")] if self.evaluates else []),
-            console=self.out, refresh_per_second=4,
-        )
+        self.progress = LineProgress(evaluates=self.evaluates, console=self.out, refresh_per_second=4)
         self.progress.start()
         self.task = self.progress.add_task("train", total=state.max_steps, **self._fields(state))
 

@@ -134,6 +134,10 @@ def print_data_lines(report: Any, config: Any) -> None:
         console.print(f"data: {s['ref']}: weight {s['weight']:g} ({s['share']:.1%}), {s['format']}/{s['template']}, "
                       f"{s['rows_read']:,} rows read, {s['rows_used']:,} of {s['rows_available']:,} examples used, "
                       f"{s['tokens']:,} tokens", soft_wrap=True)
+    from ftcli.data.stats import rendering_note
+
+    if report.stats.get("per_turn"):
+        console.print(f"data: {rendering_note(report.stats, report.format)}", soft_wrap=True)
     if report.prepared:
         console.print(f"data: {'reusing prepared data from' if report.reused else 'prepared and cached in'} "
                       f"{report.prepared}", soft_wrap=True)

@@ -67,13 +67,15 @@ def prompt_format(src: Any, tokenizer: Any) -> PromptFormat:
     data = (src.manifest or {}).get("data") or {}
     fmt, spec = rendering(data.get("format"), data.get("template"), "auto", tokenizer, str(src.path),
                           folder=Path(src.path))
+    kwargs = ((src.manifest or {}).get("config") or {}).get("template_kwargs")
+    if spec.is_chat and kwargs:
+        spec = spec.with_kwargs(kwargs)
     bos = tokenizer.bos_token
     prefix = special_prefix(tokenizer)
     eot_token = None
     if spec.is_chat:
-        template = spec.chat_template
-        first = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
-                                              add_generation_prompt=True, chat_template=template)
+        template = spec.baked_template  # --template-kwargs set inside it: llama.cpp renders as training did
+        first = spec.apply(tokenizer, [{"role": "user", "content": "x"}], True)
         add_bos = bool(bos) and first.startswith(bos)
         eot = end_of_turn_ids(spec, tokenizer)
         eot_id = eot[0] if eot and eot[0] != tokenizer.eos_token_id else None
@@ -112,8 +114,7 @@ def render_training_text(example: Any, spec: Any, tokenizer: Any) -> str:
 
     if spec.is_chat and example.kind != "text":
         messages = [m for m in example_to_messages(example) if m["role"] != "assistant" or m["content"]]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                             chat_template=spec.chat_template)
+        return spec.apply(tokenizer, messages, True)
     text = example.response if example.kind == "text" else example_to_pair(example, spec)[0]
     prefix = special_prefix(tokenizer)
     return (tokenizer.decode(prefix) if prefix else "") + text
@@ -151,8 +152,7 @@ def _ollama(prompt: PromptFormat, spec: Any, tokenizer: Any) -> tuple[str | None
     if not spec.is_chat:
         return "{{ .Prompt }}", "the prompt as it is, as training used it"
     try:
-        rendered = tokenizer.apply_chat_template(_PROBE_CHAT, tokenize=False, add_generation_prompt=True,
-                                                 chat_template=spec.chat_template)
+        rendered = spec.apply(tokenizer, _PROBE_CHAT, True)
     except Exception:  # noqa: BLE001 - a template that refuses a system turn: not ChatML
         rendered = None
     chatml = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in _PROBE_CHAT)
