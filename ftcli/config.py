@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
-from ftcli.data.specs import check_dataset
+from ftcli.data.specs import check_dataset, parse_columns, parse_template_kwargs
 from ftcli.errors import ConfigError
 from ftcli.files import read_yaml_document
 from ftcli.methods import METHODS
@@ -411,39 +411,6 @@ def _types_in(annotation: Any) -> set[Any]:
 # The options that take a number (int and/or float, never bool): checked by RunConfig._strict_numbers.
 NUMBER_FIELDS = frozenset(name for name, f in RunConfig.model_fields.items()
                           if _types_in(f.annotation) & {int, float} and bool not in _types_in(f.annotation))
-
-
-def parse_columns(text: str) -> dict[str, str]:
-    """`instruction=question,output=answer` -> {"instruction": "question", "output": "answer"}: the one parser of
-    the `--columns` flag and the `columns:` YAML key. A ValueError names the part that is not FIELD=COLUMN."""
-    mapping: dict[str, str] = {}
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        field, sep, column = part.partition("=")
-        if not sep or not field.strip() or not column.strip():
-            raise ValueError(f"'{part}' is not FIELD=COLUMN (write e.g. instruction=question,output=answer)")
-        mapping[field.strip()] = column.strip()
-    return mapping
-
-
-def parse_template_kwargs(text: str) -> dict[str, Any]:
-    """`enable_thinking=false,reasoning_effort=low` -> {"enable_thinking": False, "reasoning_effort": "low"}: each
-    value read as JSON where it is JSON (true, 3, "x", [..]), else as text."""
-    import json
-
-    out: dict[str, Any] = {}
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        key, sep, value = part.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise ValueError(f"'{part}' is not KEY=VALUE (write e.g. enable_thinking=false)")
-        try:
-            out[key.strip()] = json.loads(value.strip())
-        except ValueError:
-            out[key.strip()] = value.strip()
-    return out
 
 
 def normalize_key(key: str) -> str:

@@ -1,4 +1,5 @@
-"""`--dataset` as written: one source, or a mixture of `SOURCE[:WEIGHT]` (see ftcli.data.mixture).
+"""The data options as written: `--dataset` (one source, or a mixture of `SOURCE[:WEIGHT]`, see
+ftcli.data.mixture), `--columns FIELD=COLUMN,...` and `--template-kwargs KEY=VALUE,...`.
 
     >>> split_weight("data/b.jsonl:0.25"), split_weight("builtin:alpaca-sample")
     (('data/b.jsonl', 0.25), ('builtin:alpaca-sample', None))
@@ -80,3 +81,36 @@ def map_spec(spec: str, fn: Any) -> str:
 def dataset_label(dataset: str | list[str]) -> str:
     """`--dataset` for messages: the source, or the mixture's sources joined with ` + `."""
     return dataset if isinstance(dataset, str) else " + ".join(dataset)
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """`instruction=question,output=answer` -> {"instruction": "question", "output": "answer"}: the one parser of
+    the `--columns` flag and the `columns:` YAML key. A ValueError names the part that is not FIELD=COLUMN."""
+    mapping: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        field, sep, column = part.partition("=")
+        if not sep or not field.strip() or not column.strip():
+            raise ValueError(f"'{part}' is not FIELD=COLUMN (write e.g. instruction=question,output=answer)")
+        mapping[field.strip()] = column.strip()
+    return mapping
+
+
+def parse_template_kwargs(text: str) -> dict[str, Any]:
+    """`enable_thinking=false,reasoning_effort=low` -> {"enable_thinking": False, "reasoning_effort": "low"}: each
+    value read as JSON where it is JSON (true, 3, "x", [..]), else as text."""
+    import json
+
+    out: dict[str, Any] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(f"'{part}' is not KEY=VALUE (write e.g. enable_thinking=false)")
+        try:
+            out[key.strip()] = json.loads(value.strip())
+        except ValueError:
+            out[key.strip()] = value.strip()
+    return out
