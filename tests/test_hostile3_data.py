@@ -1,0 +1,90 @@
+"""Issue 26 (hostile round 3), data, DPO, evaluation and options: each item of the report through the real CLI on
+the built-in tiny model, with data files written here. Every refusal is one line with the documented exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import read_manifest, write_small_alpaca
+from ftcli.errors import EXIT_CONFIG, EXIT_DATA
+from test_errors import assert_one_line_error
+
+TINY = ["--model", "builtin:tiny-llama"]
+DPO = ["train", "--objective", "dpo", "--method", "lora", *TINY, "--max-steps", 1, "--batch-size", 2,
+       "--seq-length", 64]
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ftcli.console import console
+
+    monkeypatch.setattr(console, "width", 1000)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def pairs(n: int = 8) -> list[dict]:
+    return [{"prompt": f"Question {i}?\n", "chosen": f"Good answer {i}.", "rejected": f"bad {i}"} for i in range(n)]
+
+
+# ---- D9: a malformed first DPO row is one line, like a later one -----------------------------------------------
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"prompt": "Hi", "chosen": "Hello", "rejected": None}, "'rejected' must be a string"),
+    ({"prompt": "Hi", "chosen": 3, "rejected": 4}, "'chosen' must be a string"),
+    ({"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+      "rejected": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}, "share no leading"),
+])
+def test_malformed_first_pair_is_one_line(cli, tmp_path: Path, bad: dict, needle: str) -> None:
+    rest = pairs(3) if bad["rejected"] is None else [bad] * 3  # the same column types throughout
+    data = write_jsonl(tmp_path / "p.jsonl", [bad, *rest])
+    out = tmp_path / "run"
+    result = cli(*DPO, "--dataset", data, "--output-dir", out)
+    assert_one_line_error(result, EXIT_DATA, "row 1:", needle)
+    assert not out.exists()
+
+
+# ---- D20, R24: pairs that teach nothing are dropped, each with its reason --------------------------------------
+
+def msgs(*turns: str) -> list[dict]:
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+
+
+@pytest.mark.parametrize("rows, dropped", [
+    ([*pairs(6), {"prompt": "Pi", "chosen": "same", "rejected": "same"},
+      {"chosen": "Whole same text", "rejected": "Whole same text"}, {"prompt": "Q", "chosen": "", "rejected": "no"}],
+     "3 pairs dropped: 1 with an empty answer, 2 with identical chosen and rejected answers"),
+    ([*({"chosen": msgs(f"Q{i}", f"good {i}"), "rejected": msgs(f"Q{i}", f"bad {i}")} for i in range(6)),
+      {"chosen": msgs("Hi", "x"), "rejected": msgs("Hi", "x")},
+      {"prompt": "Q", "chosen": msgs("only a question"), "rejected": msgs("Q", "an answer")}],
+     "2 pairs dropped: 1 with an answer with no assistant message, 1 with identical chosen and rejected answers"),
+])
+def test_pairs_that_teach_nothing_are_dropped_with_their_reason(cli, tmp_path: Path, rows: list[dict],
+                                                                 dropped: str) -> None:
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    result = cli(*DPO, "--dataset", data, "--output-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    text = " ".join(result.stdout.split())
+    assert f"{len(rows)} rows read" in text and "6 examples used" in text
+    assert dropped in text
+
+
+@pytest.mark.parametrize("rows", [
+    [{"prompt": "Pi", "chosen": "same", "rejected": "same"}] * 4,
+    [{"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x"}],
+      "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x"}]}] * 4,
+])
+def test_all_identical_pairs_are_refused(cli, tmp_path: Path, rows: list[dict]) -> None:
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    out = tmp_path / "run"
+    err = assert_one_line_error(cli(*DPO, "--dataset", data, "--output-dir", out), EXIT_DATA,
+                                "4 chosen and rejected identical", "nothing to prefer")
+    assert str(data) in err
+    assert not out.exists()
