@@ -88,3 +88,48 @@ def test_all_identical_pairs_are_refused(cli, tmp_path: Path, rows: list[dict]) 
                                 "4 chosen and rejected identical", "nothing to prefer")
     assert str(data) in err
     assert not out.exists()
+
+
+# ---- D8: text no tokenizer can encode is refused where it is read, naming the line ---------------------------
+
+SURROGATE_ROW = '{"instruction": "Say hi", "input": "", "output": "bad \\ud800 surrogate"}\n'
+
+
+def test_lone_surrogates_in_data_are_refused_naming_the_line(cli, tmp_path: Path) -> None:
+    data = write_small_alpaca(tmp_path / "surr.jsonl")
+    data.write_text(data.read_text() + SURROGATE_ROW)
+    where = f"{data}:9: 'output': a lone surrogate \\ud800"
+    assert_one_line_error(cli("train", "--method", "full", *TINY, "--dataset", data, "--max-steps", 1,
+                              "--output-dir", tmp_path / "run"), EXIT_DATA, where)
+    assert not (tmp_path / "run").exists()
+    assert_one_line_error(cli("eval", "builtin:tiny-llama", "--dataset", data), EXIT_DATA, where)
+    prefs = tmp_path / "prefs.json"  # a JSON array: named by row
+    prefs.write_text(json.dumps(pairs(3))[:-1] + ', {"prompt": "Hi", "chosen": "a \\udc00", "rejected": "b"}]')
+    assert_one_line_error(cli(*DPO, "--dataset", prefs, "--output-dir", tmp_path / "dpo"), EXIT_DATA,
+                          f"{prefs}: row 4: 'chosen': a lone surrogate \\udc00")
+    ok = tmp_path / "emoji.jsonl"  # a surrogate pair is one character: read as it is
+    ok.write_text('{"text": "smile \\ud83d\\ude00"}\n')
+    from ftcli.data.sources import load_rows
+
+    assert load_rows(str(ok)).dataset[0]["text"] == "smile \U0001F600"
+
+
+def test_text_that_is_not_utf8_in_prompts_is_refused(cli, tmp_path: Path) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"messages": [{"role": "user", "content": "ok"}]}\n'
+                       '{"messages": [{"role": "user", "content": "hi \\ud800"}]}\n')
+    assert_one_line_error(cli("generate", "builtin:tiny-llama", "--prompts-file", prompts), EXIT_DATA,
+                          f"--prompts-file {prompts}:2: 'messages': a lone surrogate")
+    raw = tmp_path / "p.txt"
+    raw.write_bytes(b"Hi\n\xff\xfe bad\n")
+    assert_one_line_error(cli("generate", "builtin:tiny-llama", "--prompts-file", raw), EXIT_DATA,
+                          f"--prompts-file {raw}:2: not valid UTF-8")
+    # argv holds bytes that are not UTF-8 as surrogates (surrogateescape)
+    assert_one_line_error(cli("generate", "builtin:tiny-llama", "--prompt", "hi \udced\udca0\udc80"), EXIT_DATA,
+                          "--prompt: byte 0xed, which is not UTF-8")
+    out = tmp_path / "chat.jsonl"
+    result = cli("chat", "builtin:tiny-llama", "--max-new-tokens", 2, "--output", out,
+                 input=b"Hi\nthere \xff bad\n")
+    assert result.exit_code == EXIT_DATA and "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: chat input line 2: byte 0xff, which is not UTF-8")
+    assert len(out.read_text().splitlines()) == 1  # the first answer is kept
