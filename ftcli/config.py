@@ -42,6 +42,17 @@ LORA_VARIANT_FIELDS = ("use_dora", "use_rslora", "lora_init", "lora_bias")
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {name: dict(m.defaults) for name, m in METHODS.items()}
 
 
+# The one seed range of every command that takes --seed (train and YAML, generate, chat): numpy's, which
+# transformers' set_seed seeds (a seed outside it fails there, after loading).
+SEED_MIN, SEED_MAX = 0, 2**32 - 1
+
+
+def seed_problem(seed: int) -> str | None:
+    if SEED_MIN <= seed <= SEED_MAX:
+        return None
+    return f"--seed must be between {SEED_MIN} and {SEED_MAX} (2**32 - 1) (got {seed})"
+
+
 class RunConfig(BaseModel):
     """The resolved configuration of one `ftcli train` run."""
 
@@ -76,7 +87,7 @@ class RunConfig(BaseModel):
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     learning_rate: float | None = Field(default=None, gt=0)
     gradient_checkpointing: bool | None = None
-    seed: int = 42
+    seed: int = Field(default=42, ge=SEED_MIN, le=SEED_MAX)
 
     # Optimizer and schedule (see README "Optimizer and schedule"): handed to the trainer by ftcli/training/recipe.py.
     optim: str = "auto"  # a transformers OptimizerNames value; auto: adamw_torch_fused where it runs, else adamw_torch
@@ -497,8 +508,9 @@ def _describe_validation_error(exc: ValidationError, config_file: str | Path | N
         flag = f"--{name.replace('_', '-')}" if name else "config"
         value = err.get("input")
         msg = err.get("msg", "invalid value").removeprefix("Value error, ")
-        if name and not isinstance(value, dict):
-            problems.append(f"{flag}: {msg} (got {value!r})")
+        if name:  # a value of the wrong shape too (`optim: {name: adamw}` in YAML): name its key
+            got = repr(value)
+            problems.append(f"{flag}: {msg} (got {got if len(got) <= 80 else got[:77] + '...'})")
         else:
             problems.append(msg)
     where = f" (flags and {config_file})" if config_file else ""

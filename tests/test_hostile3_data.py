@@ -133,3 +133,85 @@ def test_text_that_is_not_utf8_in_prompts_is_refused(cli, tmp_path: Path) -> Non
     assert result.exit_code == EXIT_DATA and "Traceback" not in result.stdout + result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: chat input line 2: byte 0xff, which is not UTF-8")
     assert len(out.read_text().splitlines()) == 1  # the first answer is kept
+
+
+# ---- D6: eval scores preference pairs as the DPO run did -------------------------------------------------------
+
+def eval_json(cli, *args: object) -> dict:
+    result = cli("eval", *args, "--json")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_eval_of_a_dpo_run_repeats_its_final_eval_metrics(cli, tmp_path: Path, method: str) -> None:
+    data = write_jsonl(tmp_path / "p.jsonl", pairs(12))
+    run = tmp_path / "run"
+    result = cli("train", "--objective", "dpo", "--method", method, *TINY, "--max-steps", 2, "--batch-size", 4,
+                 "--seq-length", 64, "--learning-rate", "1e-2", "--eval-split", 4, "--dataset", data,
+                 "--output-dir", run)
+    assert result.exit_code == 0, result.stdout + result.stderr
+    final = read_manifest(run)["eval"]["final_metrics"]
+    report = eval_json(cli, run)
+    assert report["objective"] == "dpo" and report["pairs"] == 4
+    assert report["reference"] == ("adapter disabled" if method == "lora" else "builtin:tiny-llama")
+    for name in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+        assert report[name] == pytest.approx(final[f"eval_{name}"], rel=1e-4, abs=1e-6), name
+    assert report["loss"] == pytest.approx(read_manifest(run)["eval"]["final_loss"], rel=1e-4)
+    assert abs(report["rewards/margins"]) > 0  # the policy moved away from its reference
+    # any pairs file, scored against the same reference
+    other = write_jsonl(tmp_path / "q.jsonl", pairs(5))
+    assert eval_json(cli, run, "--dataset", other)["pairs"] == 5
+
+
+def test_pairs_need_a_reference_and_eval_takes_one_dataset(cli, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "p.jsonl", pairs(4))
+    assert_one_line_error(cli("eval", "builtin:tiny-llama", "--dataset", data), EXIT_CONFIG,
+                          "preference pairs are scored against a reference model")
+    alp = write_small_alpaca(tmp_path / "a.jsonl")
+    assert_one_line_error(cli("eval", "builtin:tiny-llama", "--dataset", alp, "--dataset", data), EXIT_CONFIG,
+                          "--dataset given 2 times")  # R6
+
+
+# ---- D16: a loss that is not finite is strict JSON (null) and a failure ---------------------------------------
+
+def test_non_finite_eval_loss_is_valid_json_and_exit_1(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ftcli.evaluation.loss as loss
+
+    real = loss.evaluate_loss
+
+    def nan_loss(*args, **kwargs):  # as a model with NaN weights scores (other tests load such a model)
+        result = real(*args, **kwargs)
+        result.loss, result.perplexity = float("nan"), float("inf")
+        return result
+
+    monkeypatch.setattr(loss, "evaluate_loss", nan_loss)
+    data = write_small_alpaca(tmp_path / "a.jsonl")
+    result = cli("eval", "builtin:tiny-llama", "--dataset", data, "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout, parse_constant=lambda word: pytest.fail(f"bare {word} in the JSON"))
+    assert report["loss"] is None and report["perplexity"] is None
+    assert report["non_finite"] == ["loss", "perplexity"] and report["examples"] == 8
+    assert result.stderr.strip().splitlines()[-1].startswith("error: the eval loss of builtin:tiny-llama is not finite")
+    result = cli("eval", "builtin:tiny-llama", "--dataset", data)  # the table, then the same error
+    assert result.exit_code == 1 and "nan" in result.stdout and "not finite" in result.stderr
+
+
+# ---- D10, R25: one seed range, and YAML values of the wrong shape name their key --------------------------------
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_seed_outside_its_range_is_refused_before_loading(cli, tmp_path: Path, seed: str) -> None:
+    assert_one_line_error(cli("train", "--method", "full", *TINY, "--seed", seed, "--output-dir", tmp_path / "r"),
+                          EXIT_CONFIG, "--seed", f"(got {seed})")
+    assert not (tmp_path / "r").exists()
+    assert_one_line_error(cli("generate", "builtin:tiny-llama", "--prompt", "Hi", "--seed", seed), EXIT_CONFIG,
+                          "--seed must be between 0 and 4294967295")
+    assert_one_line_error(cli("chat", "builtin:tiny-llama", "--seed", seed, input="Hi\n"), EXIT_CONFIG, "--seed")
+
+
+def test_yaml_seed_and_wrong_shapes_name_their_key(cli, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("seed: 99999999999999999999\noptim: {name: adamw}\n")
+    assert_one_line_error(cli("train", "--config", cfg, "--method", "full", *TINY, "--output-dir", tmp_path / "r"),
+                          EXIT_CONFIG, "--seed: Input should be less than or equal to 4294967295",
+                          "--optim: Input should be a valid string (got {'name': 'adamw'})")

@@ -40,6 +40,10 @@ class Decoding:
             problems.append(f"--top-k must be >= 0 (got {self.top_k})")
         if not 0 < self.repetition_penalty < float("inf"):
             problems.append(f"--repetition-penalty must be > 0 (got {self.repetition_penalty})")
+        from ftcli.config import seed_problem
+
+        if seed_problem(self.seed):
+            problems.append(seed_problem(self.seed))
         if problems:
             raise ConfigError("; ".join(problems), hint="see --help for each option's range")
 
