@@ -215,3 +215,41 @@ def test_yaml_seed_and_wrong_shapes_name_their_key(cli, tmp_path: Path) -> None:
     assert_one_line_error(cli("train", "--config", cfg, "--method", "full", *TINY, "--output-dir", tmp_path / "r"),
                           EXIT_CONFIG, "--seed: Input should be less than or equal to 4294967295",
                           "--optim: Input should be a valid string (got {'name': 'adamw'})")
+
+
+# ---- D22, R17: the DPO reference cache is verified like the prepared-data cache --------------------------------
+
+def test_damaged_reference_cache_is_rebuilt_with_a_note(cli, tmp_path: Path) -> None:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    data = write_jsonl(tmp_path / "p.jsonl", pairs(6))
+    args = ["train", "--objective", "dpo", "--method", "full", *TINY, "--max-steps", 1, "--batch-size", 2,
+            "--seq-length", 64, "--precompute-ref", "--dataset", data, "--output-dir"]
+
+    def run(name: str) -> str:
+        result = cli(*args, tmp_path / name)
+        assert result.exit_code == 0, result.stdout + result.stderr
+        return " ".join(result.stdout.split())
+
+    text = run("r1")
+    cached = Path(text.split("computed once and cached in ")[1].split(" ")[0])
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert cached.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert "reused from" in run("r2")
+    loss = json.loads((tmp_path / "r1" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+    with safe_open(str(cached), framework="pt") as fh:
+        metadata = fh.metadata()
+    tensors = load_file(str(cached))
+    save_file({k: torch.full_like(v, 50.0) for k, v in tensors.items()}, str(cached), metadata=metadata)  # same size
+    text = run("r3")
+    assert f"the cached reference log-probs {cached} are damaged (checksum mismatch): computing them again" in text
+    assert json.loads((tmp_path / "r3" / "metrics.jsonl").read_text().splitlines()[0])["loss"] == \
+        pytest.approx(loss, rel=1e-5)
+
+    os.truncate(cached, 100)
+    assert "are damaged (unreadable" in run("r4")
+    assert "reused from" in run("r5")  # rebuilt, and trusted again
