@@ -253,3 +253,55 @@ def test_damaged_reference_cache_is_rebuilt_with_a_note(cli, tmp_path: Path) -> 
     os.truncate(cached, 100)
     assert "are damaged (unreadable" in run("r4")
     assert "reused from" in run("r5")  # rebuilt, and trusted again
+
+
+# ---- R7-R11, R22: options refused before loading, or noted -----------------------------------------------------
+
+def test_dpo_mixture_is_refused_up_front(cli, tmp_path: Path) -> None:
+    a, b = write_jsonl(tmp_path / "a.jsonl", pairs(3)), write_jsonl(tmp_path / "b.jsonl", pairs(4))
+    assert_one_line_error(cli(*DPO, "--dataset", a, "--dataset", b, "--output-dir", tmp_path / "r"), EXIT_CONFIG,
+                          "--objective dpo trains on one preference dataset, not a mixture")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_path_named_like_a_weight_is_read(cli, tmp_path: Path) -> None:
+    folder = tmp_path / "d:5"  # R9: `d:5` exists and `d` does not: it is the name, not `d` with weight 5
+    folder.mkdir()
+    write_small_alpaca(folder / "a.jsonl")
+    other = write_small_alpaca(tmp_path / "b.jsonl")
+    train = ["train", "--method", "full", *TINY, "--max-steps", 1]
+    result = cli(*train, "--dataset", folder, "--output-dir", tmp_path / "r1")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    result = cli(*train, "--dataset", f"{folder}:3", "--dataset", f"{other}:1", "--output-dir", tmp_path / "r2")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert "weight 3 (75.0%)" in " ".join(result.stdout.split())
+    named = write_small_alpaca(tmp_path / "t:5")
+    assert_one_line_error(cli(*train, "--dataset", named, "--output-dir", tmp_path / "r3"), EXIT_DATA,
+                          f"dataset file {named} has an unsupported type")
+
+
+def test_tiny_mixture_weight_warmup_longer_than_the_run_and_symlinked_devices(cli, tmp_path: Path) -> None:
+    a, b = write_small_alpaca(tmp_path / "a.jsonl"), write_small_alpaca(tmp_path / "b.jsonl")
+    result = cli("train", "--method", "full", *TINY, "--dataset", a, "--dataset", f"{b}:1e-300", "--max-steps", 2,
+                 "--warmup-steps", 1000, "--output-dir", tmp_path / "r")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    text = " ".join(result.stdout.split())
+    assert f"{b} contributes no example to a mixture" in text  # R8
+    assert "note: the warmup (1,000 steps) is as long as the run (2 optimizer steps) or longer" in text  # R10
+    zero = tmp_path / "zero.jsonl"
+    zero.symlink_to("/dev/zero")
+    assert_one_line_error(cli("eval", "builtin:tiny-llama", "--dataset", zero), EXIT_DATA,
+                          f"dataset file {zero} is not a regular file (a link to /dev/zero)")  # R22
+
+
+def test_tracker_problems_are_found_before_loading(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = write_small_alpaca(tmp_path / "a.jsonl")
+    args = ["train", "--method", "full", *TINY, "--dataset", data, "--max-steps", 1, "--report-to", "mlflow"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9/")
+    assert_one_line_error(cli(*args, "--output-dir", tmp_path / "r1"), EXIT_CONFIG,
+                          "the tracking server MLFLOW_TRACKING_URI=http://127.0.0.1:9/ cannot be reached")
+    assert not (tmp_path / "r1").exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path / 'mlruns'}")  # the user's own file store works
+    result = cli(*args, "--output-dir", tmp_path / "r2")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert (tmp_path / "mlruns").is_dir()

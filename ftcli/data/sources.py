@@ -105,6 +105,10 @@ def local_files(ref: str) -> list[Path]:
     if path.suffix.lower() not in LOCAL_SUFFIXES:
         raise DataError(f"dataset file {path} has an unsupported type '{path.suffix}'",
                         hint="use .jsonl, .json, .csv, .parquet or .txt")
+    if not path.is_file():  # a device or a pipe, perhaps behind a symlink (/dev/zero would be read forever)
+        where = f" (a link to {path.resolve()})" if path.is_symlink() else ""
+        raise DataError(f"dataset file {path} is not a regular file{where}",
+                        hint="pass a data file (copy a stream to a file first)")
     return [path]
 
 
