@@ -305,3 +305,19 @@ def test_tracker_problems_are_found_before_loading(cli, tmp_path: Path, monkeypa
     result = cli(*args, "--output-dir", tmp_path / "r2")
     assert result.exit_code == 0, result.stdout + result.stderr
     assert (tmp_path / "mlruns").is_dir()
+
+
+# ---- D5: PiSSA/OLoRA's rank is at most the narrowest adapted layer ---------------------------------------------
+
+def test_pissa_rank_above_the_layer_size_is_refused(cli, tmp_path: Path) -> None:
+    data = write_small_alpaca(tmp_path / "a.jsonl")
+    train = ["train", "--method", "lora", *TINY, "--dataset", data, "--max-steps", 1, "--lora-init", "pissa"]
+    out = tmp_path / "huge"
+    assert_one_line_error(cli(*train, "--lora-rank", 64, "--output-dir", out), EXIT_CONFIG,
+                          "--lora-rank 64 with --lora-init pissa: the rank must be at most min(in, out)",
+                          "is 64 x 32", "use --lora-rank 32 or less")
+    assert not out.exists() or not any(out.iterdir())
+    result = cli(*train, "--lora-rank", 32, "--output-dir", tmp_path / "ok")  # the largest rank: saved and loadable
+    assert result.exit_code == 0, result.stdout + result.stderr
+    result = cli("eval", tmp_path / "ok", "--dataset", data)
+    assert result.exit_code == 0, result.stdout + result.stderr
