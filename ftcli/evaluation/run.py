@@ -62,12 +62,21 @@ def eval_config(target: TargetInfo, opts: EvalOptions) -> Any:
         base = {"model": target.base or target.model, "eval_dataset": opts.dataset}
     if opts.batch_size is not None:
         base["eval_batch_size"] = opts.batch_size
-    if opts.dataset is not None and base.get("objective", "sft") != "dpo" and is_preference_data(opts, base):
+    if opts.dataset is not None and not scores_pairs(base.get("objective", "sft")) and is_preference_data(opts, base):
         # Pairs are scored as DPO scores them (ftcli.evaluation.pairs); what only training reads is left as DPO has it.
-        base.update(objective="dpo", train_on_inputs=False, format="auto", lora_dropout=0.0, packing=False,
+        base.update(objective=PAIRS_OBJECTIVE, train_on_inputs=False, format="auto", lora_dropout=0.0, packing=False,
                     padding_free=None, compile=False, lora_init="default")
     base.update({k: v for k, v in flags.items() if v is not None})
     return build_run_config(base)
+
+
+PAIRS_OBJECTIVE = "dpo"  # how `ftcli eval` scores preference data given to a target trained otherwise
+
+
+def scores_pairs(objective: str) -> bool:
+    from ftcli.objectives import OBJECTIVES
+
+    return OBJECTIVES[objective].pairs
 
 
 def is_preference_data(opts: EvalOptions, base: dict[str, Any]) -> bool:
@@ -95,7 +104,7 @@ def load_eval_set(config: Any, tokenizer: Any) -> Any:
     if config.eval_dataset is not None:
         # The data to score is `--dataset` here, whatever the run called it.
         prepare = None
-        if config.objective == "dpo":
+        if scores_pairs(config.objective):
             from ftcli.data.preference_prepare import prepare_pairs as prepare
         return prepare_eval_dataset(config, tokenizer, flag="--dataset", prepare=prepare)
     # A run's held-out split: its training data prepared again (a cache hit), the same rows held out.
@@ -128,14 +137,14 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
         "adapter": str(target.adapter) if target.adapter else None, "base_4bit": target.loads_4bit,
         "data": eval_set.source, "seq_length": config.seq_length, "batch_size": batch_size, "device": device,
     }
-    if config.objective == "dpo":  # preference pairs: DPO's loss and rewards against the policy's start
+    if scores_pairs(config.objective):  # preference pairs: DPO's loss and rewards against the policy's start
         from ftcli.evaluation.pairs import evaluate_pairs, reference_of
 
         reference_of(target)  # refused before any weight loads
         if opts.compare_base:
             raise ConfigError("--compare-base: on preference pairs the base is the reference every reward is "
                               "measured against", hint="drop --compare-base")
-        return {**report, "objective": "dpo", **evaluate_pairs(target, config, eval_set, tokenizer, device)}
+        return {**report, "objective": config.objective, **evaluate_pairs(target, config, eval_set, tokenizer, device)}
     model = load_target_model(target, config, device)
     result = evaluate_loss(model, eval_set.dataset, batch_size, pad)
     report.update({**result.to_dict(), "base": None})
@@ -150,7 +159,7 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
 def print_report(report: dict[str, Any]) -> None:
     from rich.table import Table
 
-    if report.get("objective") == "dpo":
+    if report.get("objective") is not None:
         return print_pair_report(report)
     table = Table(title="evaluation", show_header=True)
     for column in ("model", "loss", "perplexity", "examples", "tokens"):
