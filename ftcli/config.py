@@ -40,6 +40,7 @@ LORA_VARIANT_FIELDS = ("use_dora", "use_rslora", "lora_init", "lora_bias")
 # Each method's defaults of the options that depend on the method (the reference scripts'): declared
 # by the method itself (ftcli/methods/), read here and nowhere else.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {name: dict(m.defaults) for name, m in METHODS.items()}
+SEED_MAX = 2**32 - 1  # the one --seed range, 0..SEED_MAX (numpy's, seeded by set_seed): train, YAML, generate, chat
 
 
 class RunConfig(BaseModel):
@@ -76,7 +77,7 @@ class RunConfig(BaseModel):
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     learning_rate: float | None = Field(default=None, gt=0)
     gradient_checkpointing: bool | None = None
-    seed: int = 42
+    seed: int = Field(default=42, ge=0, le=SEED_MAX)
 
     # Optimizer and schedule (see README "Optimizer and schedule"): handed to the trainer by ftcli/training/recipe.py.
     optim: str = "auto"  # a transformers OptimizerNames value; auto: adamw_torch_fused where it runs, else adamw_torch
@@ -465,8 +466,8 @@ def _describe_validation_error(exc: ValidationError, config_file: str | Path | N
         flag = f"--{name.replace('_', '-')}" if name else "config"
         value = err.get("input")
         msg = err.get("msg", "invalid value").removeprefix("Value error, ")
-        if name and not isinstance(value, dict):
-            problems.append(f"{flag}: {msg} (got {value!r})")
+        if name:  # a value of the wrong shape too (`optim: {name: adamw}` in YAML): name its key
+            problems.append(f"{flag}: {msg} (got {repr(value)[:80]})")
         else:
             problems.append(msg)
     where = f" (flags and {config_file})" if config_file else ""

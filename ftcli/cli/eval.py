@@ -22,8 +22,9 @@ def evaluate(
     target: Annotated[str, typer.Argument(
         help="A model (hub id, folder, builtin:tiny-llama), a LoRA adapter folder, a run folder (its base, method, "
              "template and loss mask come from its manifest) or an exported folder.", show_default=False)],
-    dataset: Annotated[Optional[str], typer.Option(
-        help=with_default("The data to score: anything `train --dataset` accepts.",
+    dataset: Annotated[Optional[list[str]], typer.Option(
+        help=with_default("The data to score: anything `train --dataset` accepts (once); preference pairs "
+                          "(chosen/rejected) are scored with DPO's loss and rewards.",
                           default="a run folder's own eval set"), rich_help_panel=DATA)] = None,
     dataset_split: Annotated[Optional[str], typer.Option(
         help=with_default("Split of a hub dataset.", default="the run's, else train"), rich_help_panel=DATA)] = None,
@@ -60,31 +61,42 @@ def evaluate(
     tokens scored; --compare-base shows the base model beside it."""
 
     def go() -> None:
-        import json
         import sys
 
         from ftcli.preflight import check_local_data, refuse_missing_path
 
         refuse_missing_path(target, "TARGET")  # before the imports, and before a hub lookup
-        if dataset:
-            check_local_data(dataset, "--dataset")
+        for source in dataset or []:
+            check_local_data(source, "--dataset")
         from ftcli.console import console
-        from ftcli.evaluation.run import EvalOptions, print_report
+        from ftcli.errors import ConfigError, RunFailed
+        from ftcli.evaluation.run import EvalOptions, json_report, non_finite, print_report
 
-        options = EvalOptions(target=target, dataset=dataset, dataset_split=dataset_split, format=format,
+        if dataset and len(dataset) > 1:
+            raise ConfigError(f"--dataset given {len(dataset)} times ({', '.join(dataset)}); eval scores one dataset",
+                              hint="pass --dataset once (merge the files into one, or a folder of them), or run eval "
+                                   "once per dataset")
+        options = EvalOptions(target=target, dataset=dataset[0] if dataset else None, dataset_split=dataset_split,
+                              format=format,
                               template=template, columns=parse_columns(columns) if columns else None,
                               train_on_inputs=train_on_inputs, seq_length=seq_length, batch_size=batch_size,
                               dtype=dtype, device=device, compare_base=compare_base)
         if not json_output:
-            print_report(run(options))
-            return
-        # With --json, stdout carries the JSON object alone.
-        console.quiet = True
-        try:
             report = run(options)
-        finally:
-            console.quiet = False
-        sys.stdout.write(json.dumps(report) + "\n")
+            print_report(report)
+        else:
+            # With --json, stdout carries the JSON object alone.
+            console.quiet = True
+            try:
+                report = run(options)
+            finally:
+                console.quiet = False
+            sys.stdout.write(json_report(report) + "\n")
+        bad = non_finite(report)
+        if any(name.endswith("loss") for name in bad):  # a score that is no score: never exit 0 with it
+            raise RunFailed(f"the eval loss of {target} is not finite ({', '.join(bad)}: NaN or infinity)",
+                            hint="the model's weights or outputs hold NaN or infinity (check the model, e.g. with "
+                                 "--dtype float32); the JSON report has null for them")
 
     def run(options: Any) -> dict:
         from ftcli.evaluation.run import run_eval

@@ -10,6 +10,7 @@ Parsed and checked here, with no heavy import: `ftcli.config` validates the `dat
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Any
 
@@ -19,10 +20,13 @@ _WEIGHT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|infinit
 
 def split_weight(spec: str) -> tuple[str, float | None]:
     """`data/b.jsonl:0.25` -> ("data/b.jsonl", 0.25): the text after the LAST colon is a weight only when it is
-    a number, so `builtin:alpaca-sample` and `org/name` stay names (weight None: not given)."""
+    a number, so `builtin:alpaca-sample` and `org/name` stay names (weight None: not given), and when the whole text
+    is not itself an existing path whose head is not (a file named `data/t:5` is read as that file)."""
     ref, sep, tail = spec.rpartition(":")
     if not sep or not ref or not _WEIGHT.fullmatch(tail.strip()):
         return spec, None
+    if os.path.lexists(os.path.expanduser(spec)) and not os.path.lexists(os.path.expanduser(ref)):
+        return spec, None  # a file named `t:5` (and no `t`): its name; in a mixture, `t:5:2` gives it weight 2
     return ref, float(tail)
 
 

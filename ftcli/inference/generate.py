@@ -40,6 +40,10 @@ class Decoding:
             problems.append(f"--top-k must be >= 0 (got {self.top_k})")
         if not 0 < self.repetition_penalty < float("inf"):
             problems.append(f"--repetition-penalty must be > 0 (got {self.repetition_penalty})")
+        from ftcli.config import SEED_MAX
+
+        if not 0 <= self.seed <= SEED_MAX:
+            problems.append(f"--seed must be between 0 and {SEED_MAX} (2**32 - 1) (got {self.seed})")
         if problems:
             raise ConfigError("; ".join(problems), hint="see --help for each option's range")
 
