@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
-from ftcli.data.specs import check_dataset
+from ftcli.data.specs import check_dataset, parse_columns, parse_template_kwargs
 from ftcli.errors import ConfigError
 from ftcli.files import read_yaml_document
 from ftcli.methods import METHODS
@@ -40,6 +40,7 @@ LORA_VARIANT_FIELDS = ("use_dora", "use_rslora", "lora_init", "lora_bias")
 # Each method's defaults of the options that depend on the method (the reference scripts'): declared
 # by the method itself (ftcli/methods/), read here and nowhere else.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {name: dict(m.defaults) for name, m in METHODS.items()}
+SEED_MAX = 2**32 - 1  # the one --seed range, 0..SEED_MAX (numpy's, seeded by set_seed): train, YAML, generate, chat
 
 
 class RunConfig(BaseModel):
@@ -76,7 +77,7 @@ class RunConfig(BaseModel):
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     learning_rate: float | None = Field(default=None, gt=0)
     gradient_checkpointing: bool | None = None
-    seed: int = 42
+    seed: int = Field(default=42, ge=0, le=SEED_MAX)
 
     # Optimizer and schedule (see README "Optimizer and schedule"): handed to the trainer by ftcli/training/recipe.py.
     optim: str = "auto"  # a transformers OptimizerNames value; auto: adamw_torch_fused where it runs, else adamw_torch
@@ -314,7 +315,8 @@ class RunConfig(BaseModel):
                                                                 "load_best")
                      if name in self.model_fields_set and getattr(self, name) not in (None, False)]
             if given:
-                raise ValueError(f"{', '.join(given)} need an eval set: add --eval-dataset SOURCE or --eval-split F|N")
+                raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} an eval set: add "
+                                 "--eval-dataset SOURCE or --eval-split F|N")
         return self
 
     @model_validator(mode="after")
@@ -412,39 +414,6 @@ NUMBER_FIELDS = frozenset(name for name, f in RunConfig.model_fields.items()
                           if _types_in(f.annotation) & {int, float} and bool not in _types_in(f.annotation))
 
 
-def parse_columns(text: str) -> dict[str, str]:
-    """`instruction=question,output=answer` -> {"instruction": "question", "output": "answer"}: the one parser of
-    the `--columns` flag and the `columns:` YAML key. A ValueError names the part that is not FIELD=COLUMN."""
-    mapping: dict[str, str] = {}
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        field, sep, column = part.partition("=")
-        if not sep or not field.strip() or not column.strip():
-            raise ValueError(f"'{part}' is not FIELD=COLUMN (write e.g. instruction=question,output=answer)")
-        mapping[field.strip()] = column.strip()
-    return mapping
-
-
-def parse_template_kwargs(text: str) -> dict[str, Any]:
-    """`enable_thinking=false,reasoning_effort=low` -> {"enable_thinking": False, "reasoning_effort": "low"}: each
-    value read as JSON where it is JSON (true, 3, "x", [..]), else as text."""
-    import json
-
-    out: dict[str, Any] = {}
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        key, sep, value = part.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise ValueError(f"'{part}' is not KEY=VALUE (write e.g. enable_thinking=false)")
-        try:
-            out[key.strip()] = json.loads(value.strip())
-        except ValueError:
-            out[key.strip()] = value.strip()
-    return out
-
-
 def normalize_key(key: str) -> str:
     return key.strip().replace("-", "_")
 
@@ -497,8 +466,8 @@ def _describe_validation_error(exc: ValidationError, config_file: str | Path | N
         flag = f"--{name.replace('_', '-')}" if name else "config"
         value = err.get("input")
         msg = err.get("msg", "invalid value").removeprefix("Value error, ")
-        if name and not isinstance(value, dict):
-            problems.append(f"{flag}: {msg} (got {value!r})")
+        if name:  # a value of the wrong shape too (`optim: {name: adamw}` in YAML): name its key
+            problems.append(f"{flag}: {msg} (got {repr(value)[:80]})")
         else:
             problems.append(msg)
     where = f" (flags and {config_file})" if config_file else ""

@@ -167,3 +167,38 @@ def _adapter_in_saved_dtype(model: Any, folder: Path) -> None:
     for name, param in model.named_parameters():
         if saved is not None and "lora_" in name and param.dtype != saved:
             param.data = param.data.to(saved)
+
+
+def target_uses_bitsandbytes(ref: str, base: str | None = None) -> bool:
+    """Whether loading TARGET needs bitsandbytes: a QLoRA run, or a model saved 4-/8-bit quantized (a hub model
+    not in the local cache counts as one: its config is not known here). Else it is kept out of the process."""
+    from ftcli.errors import FtcliError
+
+    try:
+        target = find_target(ref, base)
+    except FtcliError:
+        return True  # loading it says what is wrong, in its own words
+    return target.loads_4bit or any(_quantized(r) for r in {target.model, target.base} if r)
+
+
+def _quantized(ref: str) -> bool:
+    from ftcli.builtin import is_builtin
+    from ftcli.models import hub_offline
+
+    if is_builtin(ref):
+        return False
+    path = Path(ref).expanduser()
+    if not path.exists():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(ref, "config.json")
+        if not isinstance(cached, str):
+            return not hub_offline()
+        path = Path(cached).parent
+    config = path / "config.json"
+    if not config.is_file():
+        return False  # a run or adapter folder: its method said (loads_4bit)
+    try:
+        return "quantization_config" in read_json_object(config)
+    except Exception:  # noqa: BLE001 - unreadable: loading says why
+        return False

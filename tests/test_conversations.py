@@ -303,6 +303,20 @@ def test_template_kwargs_are_trained_with_and_reused(files, tokenizer, tmp_path:
     shown = ok(ftcli("generate", run, "--prompt", "Hi 1", "--max-new-tokens", 2, "--show-prompt"))
     assert "<think>\n\n</think>" in shown.stderr + shown.stdout
 
+    # GGUF: the run's Jinja file (kept in the run folder) with the switch set inside it, so llama.cpp and Ollama,
+    # which render the template without ftcli's kwargs, prompt as training did.
+    from test_gguf import read_gguf, the_gguf
+
+    exported = tmp_path / "no-think-gguf"
+    ok(ftcli("export", run, "--output", exported, "--format", "gguf"))
+    template = read_gguf(the_gguf(exported))[0]["tokenizer.chat_template"]
+    assert template == "{%- set enable_thinking = false -%}\n" + THINK
+    plain = tokenizer.apply_chat_template([{"role": "user", "content": "Hi 1"}], tokenize=False,
+                                          add_generation_prompt=True, chat_template=template)
+    assert plain == tokenizer.apply_chat_template([{"role": "user", "content": "Hi 1"}], tokenize=False,
+                                                  add_generation_prompt=True, chat_template=THINK,
+                                                  enable_thinking=False)
+
 
 def test_an_end_of_turn_in_plain_text_stops_generation(files, tmp_path: Path) -> None:
     """The template closes turns with `<end>`, no special token: training puts it in the loss after every answer,

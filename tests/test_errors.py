@@ -75,7 +75,7 @@ def test_missing_column_is_named(cli, tmp_path: Path) -> None:
 def test_missing_local_model(cli, tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = cli("train", "--model", tmp_path / "no-model", "--dataset", "builtin:alpaca-sample", "--output-dir", out)
-    assert_one_line_error(result, EXIT_MODEL, "no-model", "does not exist")
+    assert_one_line_error(result, EXIT_CONFIG, "no-model", "does not exist")  # a path typed wrong: exit 2
     assert not out.exists()
 
 

@@ -325,7 +325,7 @@ def test_bad_eval_options_fail_cleanly(cli, tmp_path: Path, train_data: Path, ev
 
 
 @pytest.mark.parametrize("args, code, words", [
-    (["/no/such/model", "--dataset", "x.jsonl"], 4, "does not exist"),
+    (["/no/such/model", "--dataset", "x.jsonl"], 2, "does not exist"),  # a path typed wrong: a bad argument
     (["builtin:no-such-model", "--dataset", "x.jsonl"], 4, "builtin"),
     (["builtin:tiny-llama"], 2, "--dataset"),
 ])

@@ -407,7 +407,7 @@ def test_user_errors_are_one_line_with_an_exit_code(case: str, lora_run: Path, c
     out = tmp_path / "out"
     source, extra, code, words = lora_run, [], 4, ""
     if case == "missing":
-        source, words = tmp_path / "nope", "does not exist"
+        source, code, words = tmp_path / "nope", 2, "does not exist"  # a path typed wrong: a bad argument
     elif case == "file":
         source, words = tmp_path / "f.txt", "is a file"
         source.write_text("x")

@@ -311,8 +311,10 @@ def test_dataset_file_view_and_the_prepared_folder_it_leaves(cli, small_alpaca: 
     assert "### Instruction:" in prompt_text and "### Response:" in prompt_text
     assert example["loss_tokens"] == sum(p["loss"] for p in example["pieces"])
 
-    # The prepared folder it left behind is a target of its own, with the same numbers.
-    prepared = _inspect_json(cli, d["prepared_folder"], "--example", "1")
+    # The prepared folder it left behind is a target of its own, with the same numbers; its rows are shuffled
+    # (the file's row 1 is at prepared_row there).
+    assert example["source_row"] == 1
+    prepared = _inspect_json(cli, d["prepared_folder"], "--example", str(example["prepared_row"]))
     assert prepared["kind"] == "prepared"
     assert prepared["data"]["rows"] == 8 and prepared["data"]["length"] == lengths
     assert prepared["example"]["pieces"] == example["pieces"]

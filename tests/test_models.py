@@ -63,6 +63,7 @@ def test_cuda_device_without_cuda_is_one_line(cli, tmp_path: Path) -> None:
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    result = cli("train", "--model", "builtin:tiny-llama", "--device", "cuda", "--output-dir", tmp_path / "r")
+    result = cli("train", "--model", "builtin:tiny-llama", "--dataset", "builtin:alpaca-sample", "--device", "cuda",
+                 "--output-dir", tmp_path / "r")
     assert result.exit_code == 2
     assert "no CUDA device" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -426,7 +426,7 @@ def test_malformed_csv_and_json_name_the_line(cli, tmp_path: Path) -> None:
 def test_unknown_columns_list_found_and_expected(cli, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "a", "reply": "b"}])
     err = assert_one_line_error(_bad(cli, tmp_path, data), EXIT_DATA, "fits no known format",
-                                "'question', 'reply'", "alpaca ('instruction', 'output'", "chat ('messages')",
+                                "'question', 'reply'", "alpaca ('instruction', 'output'", "chat ('messages'[, 'tools'])",
                                 "--columns")
     assert "prompt-completion" in err and "sharegpt" in err
     forced = _bad(cli, tmp_path, data, "--format", "prompt-completion")

@@ -1,6 +1,6 @@
-"""The README is executable: every `ftcli ...` command it shows is checked against the real CLI, and run.
+"""The README and docs/ are executable: every `ftcli ...` command they show is checked against the real CLI, and run.
 
-What this file proves, for every `ftcli` command line in README.md (fenced shell blocks, `$ ftcli` lines of
+What this file proves, for every `ftcli` command line in README.md and docs/*.md (fenced shell blocks, `$ ftcli` lines of
 output blocks, `a && ftcli ...` chains, `printf ... | ftcli ...` pipes, and inline code spans that start
 with `ftcli `):
 
@@ -9,7 +9,8 @@ with `ftcli `):
    flag renamed in the code fails here, naming the README line.
 2. `test_every_readme_command_is_run_or_listed`: each command is either in RUN (it is executed below) or in
    NOT_RUN with the reason; a new README command that is in neither fails, and so does a stale entry.
-3. `test_readme_command_runs` (slow): the RUN commands are executed in README order, through bash (so
+3. `test_readme_command_runs` (slow): the RUN commands are executed in document order (README.md, then
+   DOCS_ORDER), each distinct command once (docs repeat some of the README's), through bash (so
    quoting, globs and pipes behave as in the reader's shell) and the real `ftcli` CLI (`python -m ftcli`),
    in one shared folder, so that `ftcli generate runs/quickstart` finds what the quick start trained. The
    flags are the README's; the only changes are the ones each RUN entry lists (the built-in tiny model and
@@ -37,7 +38,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -45,7 +46,12 @@ import pytest
 
 from conftest import SMALL_ALPACA_ROWS
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+# The order the docs' commands run in (each can rely on what an earlier one made): the README's old section order.
+DOCS_ORDER = ("training.md", "preference-tuning.md", "evaluation.md", "performance.md", "data.md", "conversations.md",
+              "inspect.md", "export.md", "inference.md", "reliability.md", "architecture.md", "development.md")
+DOCS = [README, *(ROOT / "docs" / name for name in DOCS_ORDER)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -54,10 +60,11 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 @dataclass(frozen=True)
 class ReadmeCommand:
-    line: int                         # README line the command starts on
+    line: int                         # line of its document the command starts on
     text: str                         # the `ftcli ...` command as written (continuations joined, comment cut)
     stdin_from: Optional[str] = None  # `printf '...'` piped into it
     piped_to: Optional[str] = None    # `jq ...` it is piped into
+    source: str = "README.md"         # the document, relative to the repository root
 
     @property
     def argv(self) -> list[str]:
@@ -65,7 +72,7 @@ class ReadmeCommand:
 
     @property
     def id(self) -> str:
-        return f"L{self.line}: {self.text[:70]}"
+        return f"{self.source}:{self.line}: {self.text[:70]}"
 
 
 def shell_segments(line: str) -> list[tuple[Optional[str], str]]:
@@ -121,8 +128,8 @@ def _commands_in_shell_line(line_no: int, line: str) -> list[ReadmeCommand]:
     return found
 
 
-def extract_commands(text: str) -> list[ReadmeCommand]:
-    """Every `ftcli` command of the README, in README order."""
+def extract_commands(text: str, source: str = "README.md") -> list[ReadmeCommand]:
+    """Every `ftcli` command of one document, in document order."""
     lines = text.splitlines()
     commands: list[ReadmeCommand] = []
     prose: list[str] = []  # the README with fenced blocks blanked out (line numbers kept) for inline spans
@@ -151,16 +158,21 @@ def extract_commands(text: str) -> list[ReadmeCommand]:
             joined = joined.strip()
             if prompted and not joined.startswith("$ "):
                 continue
-            commands += _commands_in_shell_line(start + 2 + first, joined)
+            commands += [replace(c, source=source) for c in _commands_in_shell_line(start + 2 + first, joined)]
     body = "\n".join(prose)
     for match in re.finditer(r"(?<!`)`([^`]+)`(?!`)", body):
         span = " ".join(match.group(1).split())
         if span.startswith("ftcli "):
-            commands.append(ReadmeCommand(body.count("\n", 0, match.start()) + 1, span))
+            commands.append(ReadmeCommand(body.count("\n", 0, match.start()) + 1, span, source=source))
     return sorted(commands, key=lambda c: c.line)
 
 
-COMMANDS = extract_commands(README.read_text(encoding="utf-8"))
+def test_docs_order_lists_every_doc() -> None:
+    assert sorted(p.name for p in (ROOT / "docs").glob("*.md")) == sorted(DOCS_ORDER), "add the new doc to DOCS_ORDER"
+
+
+COMMANDS = [c for doc in DOCS if doc.exists()
+            for c in extract_commands(doc.read_text(encoding="utf-8"), str(doc.relative_to(ROOT)))]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,7 +235,18 @@ PREF_ROWS = [{"prompt": f"What is {a} + {b}?\n", "chosen": str(a + b), "rejected
 QUESTIONS = [{"messages": [{"role": "user", "content": q}]} for q in ("Name a color.", "Say hello.")]
 TINY = "builtin:tiny-llama"
 SAMPLE = "builtin:alpaca-sample"
-QUICK_LORA = "ftcli train --method lora --model builtin:tiny-llama --dataset builtin:alpaca-sample"
+# The README's LoRA run (its loop: train, eval, generate, export); later examples copy its run folder.
+QUICK_LORA = ("ftcli train --method lora --model builtin:tiny-llama --dataset builtin:alpaca-sample --num-epochs 3 "
+              "--learning-rate 3e-3 --eval-split 0.1 --output-dir runs/lora")
+QWEN = "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def qa_csv(w: Workdir) -> None:
+    """`qa.csv`: the README's "your own data" file, question and answer columns."""
+    path = w.path / "qa.csv"
+    if not path.exists():
+        rows = [(r["instruction"] + (" " + r["input"] if r["input"] else ""), r["output"]) for r in SMALL_ALPACA_ROWS]
+        path.write_text("question,answer\n" + "".join(f'"{q}","{a}"\n' for q, a in rows), encoding="utf-8")
 
 
 def chat_run(w: Workdir) -> None:
@@ -311,7 +334,20 @@ RUN: dict[str, Run] = {
     "--learning-rate 1e-3 --output-dir runs/quickstart": Run(creates=tuple(f"runs/quickstart/{f}" for f in FULL_RUN)),
     'ftcli generate runs/quickstart --prompt "Make an acronym from the first letters of the words in the input." '
     '--input "apple blanket" --compare-base --max-new-tokens 32': Run(output_has=("tuned:", "base:")),
-    QUICK_LORA: Run(),
+    # Your own data, pick a real model (the hub model -> the built-in one)
+    f"ftcli train --method lora --model {QWEN} --dataset qa.csv --columns instruction=question,output=answer "
+    "--output-dir runs/qa": Run(replace=((QWEN, TINY),), setup=qa_csv, creates=("runs/qa/adapter_model.safetensors",)),
+    f"ftcli prepare --model {QWEN} --dataset qa.csv --columns instruction=question,output=answer": Run(
+        replace=((QWEN, TINY),), setup=qa_csv),
+    "ftcli inspect meta-llama/Llama-3.1-8B-Instruct --seq-length 2048 --gpu-memory 24GB": Run(replace=HUB_TO_BUILTIN),
+    # The loop: train, eval, generate, export
+    QUICK_LORA: Run(output_has=("eval loss: base",), creates=("runs/lora/adapter_model.safetensors",)),
+    "ftcli eval runs/lora --compare-base": Run(output_has=("base",)),
+    'ftcli generate runs/lora --prompt "Give an antonym." --input "hot" --compare-base --max-new-tokens 16': Run(
+        output_has=("tuned:", "base:")),
+    "ftcli export runs/lora --output models/lora": Run(creates=tuple(f"models/lora/{f}" for f in EXPORTED)),
+    "ftcli inspect runs/lora": Run(output_has=("finished",)),
+    "ftcli train --help": Run(output_has=("--method",)),
     # ftcli train: the run folder, checkpoints and resuming
     "ftcli train --config ftcli_config.yaml --output-dir NEW": Run(
         setup=lambda w: shutil.copy(w.path / "runs/quickstart/ftcli_config.yaml", w.path / "ftcli_config.yaml"),
@@ -400,6 +436,8 @@ PLACEHOLDER = "a synopsis: its MODEL / RUN / TARGET / DIR / mix/ is a placeholde
 ELIDED = "`...` stands for the reader's own flags"
 MULTI = "needs several GPUs or machines (8 processes, or a second machine's rendezvous)"
 COMPILE = "torch.compile on CPU: about 100 s cold by the README's own figure, too long here (tests/test_warmup.py)"
+EXAMPLE = ("an examples/ file on a hub model and dataset: tests/test_examples.py loads it and trains that kind of run "
+           "on the built-in model")
 NETWORK = "fetches llama.cpp's converter from the package index on first use: no network here (tests/test_gguf.py)"
 
 NOT_RUN: dict[str, str] = {
@@ -422,7 +460,14 @@ NOT_RUN: dict[str, str] = {
     "ftcli train --dataset DIR": PLACEHOLDER,
     "ftcli train --dataset mix/": PLACEHOLDER,
     "ftcli train --method lora --model meta-llama/Llama-3.1-8B-Instruct --dataset tatsu-lab/alpaca":
-        "a hub model and dataset; on the built-in ones it is the quick start's LoRA line, which runs",
+        "a hub model and dataset; on the built-in ones it is the README's LoRA line, which runs",
+    "ftcli inspect MODEL": PLACEHOLDER,
+    "ftcli inspect FILE": PLACEHOLDER,
+    "ftcli inspect FILE --model MODEL": PLACEHOLDER,
+    "ftcli chat RUN": PLACEHOLDER,
+    "ftcli train --config examples/lora-qwen2.5-0.5b.yaml": EXAMPLE,
+    "ftcli train --config examples/lora-llama-3.1-8b.yaml --num-epochs 2": EXAMPLE,
+    "ftcli export runs/lora --output models/lora-gguf --format gguf": NETWORK,
     "ftcli train --method fsdp --model meta-llama/Llama-3.1-70B-Instruct --nproc-per-node 8": MULTI,
     "ftcli train --method fsdp --nnodes 2 --node-rank 0 --nproc-per-node 8 --master-addr 10.0.0.1 "
     "--master-port 29500 ...": MULTI,
@@ -439,7 +484,8 @@ NOT_RUN: dict[str, str] = {
     "ftcli export runs/lora-1 --output models/lora-1-q8 --format gguf --gguf-type q8_0": NETWORK,
 }
 
-TO_RUN = [c for c in COMMANDS if c.text in RUN]
+# Each distinct command once, where it first appears (docs repeat some README commands).
+TO_RUN = [c for i, c in enumerate(COMMANDS) if c.text in RUN and c.text not in {d.text for d in COMMANDS[:i]}]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -484,7 +530,7 @@ def flag_problems(command: ReadmeCommand) -> list[str]:
 @pytest.mark.parametrize("command", COMMANDS, ids=[c.id for c in COMMANDS])
 def test_readme_command_uses_real_flags(command: ReadmeCommand) -> None:
     problems = flag_problems(command)
-    assert not problems, f"README.md line {command.line}: `{command.text}`: " + "; ".join(problems)
+    assert not problems, f"{command.source} line {command.line}: `{command.text}`: " + "; ".join(problems)
 
 
 def test_extraction_finds_the_readme_commands() -> None:
@@ -504,7 +550,7 @@ def test_extraction_finds_the_readme_commands() -> None:
 
 def test_every_readme_command_is_run_or_listed() -> None:
     texts = {c.text for c in COMMANDS}
-    neither = [f"L{c.line}: {c.text}" for c in COMMANDS if c.text not in RUN and c.text not in NOT_RUN]
+    neither = [f"{c.source}:{c.line}: {c.text}" for c in COMMANDS if c.text not in RUN and c.text not in NOT_RUN]
     both = sorted(set(RUN) & set(NOT_RUN))
     stale = sorted(k for k in [*RUN, *NOT_RUN] if k not in texts)
     bad_replace = [f"{k}: {old!r}" for k, run in RUN.items() for old, _ in run.replace if old not in k]
@@ -564,7 +610,7 @@ def test_readme_command_runs(command: ReadmeCommand, workdir: Workdir) -> None:
         text = text.replace(old, new)
     before = set(os.listdir(w.path / "runs")) if (w.path / "runs").is_dir() else set()
     proc = _execute(w, command, run, text)
-    where = f"README.md line {command.line}: `{command.text}`"
+    where = f"{command.source} line {command.line}: `{command.text}`"
     if text != command.text:
         where += f"\n  run as `{text}`"
     assert proc.returncode == run.exit_code, (

@@ -144,4 +144,4 @@ def test_warmup_command_options_and_errors(cli, tmp_path: Path) -> None:
     result = cli("warmup", "--method", "fsdp", "--model", "builtin:tiny-llama", "--dataset", "builtin:alpaca-sample")
     assert result.exit_code == 2 and "fsdp" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     result = cli("warmup", "--model", tmp_path / "missing", "--dataset", "builtin:alpaca-sample")
-    assert result.exit_code == 4 and "does not exist" in result.stderr
+    assert result.exit_code == 2 and "does not exist" in result.stderr

@@ -24,11 +24,18 @@ def chat(values: dict) -> None:
     """Chat with a run, adapter, export or model (/reset, /system TEXT, /exit); reads turns from stdin when piped."""
 
     def go() -> None:
+        from ftcli.preflight import refuse_missing_path
+
+        refuse_missing_path(values["target"], "TARGET")  # before the imports, and before a hub lookup
+        refuse_missing_path(values.get("base"), "--base")
         from ftcli.inference.chat import ChatOptions, run_chat
+        from ftcli.models import without_bitsandbytes
+        from ftcli.targets import target_uses_bitsandbytes
 
         decoding, load = generation_settings(values, temperature=0.7, top_p=0.9)
-        run_chat(ChatOptions(target=values["target"], system=values.get("system"), decoding=decoding, load=load,
-                             output=values.get("output")))
+        with without_bitsandbytes(not target_uses_bitsandbytes(values["target"], values.get("base"))):
+            run_chat(ChatOptions(target=values["target"], system=values.get("system"), decoding=decoding,
+                                 load=load, output=values.get("output")))
 
     run_guarded(go)
 

@@ -96,6 +96,8 @@ def one_line_usage_errors() -> Iterator[None]:
     try:
         yield
     except every as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            raise typer.Exit(exc.exit_code) from None  # bare `ftcli`: the help is printed, no error line below it
         text = escape(" ".join(exc.format_message().split()))
         if isinstance(exc, usage):
             text = text.rstrip(".")

@@ -9,7 +9,7 @@ Registered in ftcli/cli/__init__.py; the work happens in ftcli/evaluation/run.py
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -22,8 +22,9 @@ def evaluate(
     target: Annotated[str, typer.Argument(
         help="A model (hub id, folder, builtin:tiny-llama), a LoRA adapter folder, a run folder (its base, method, "
              "template and loss mask come from its manifest) or an exported folder.", show_default=False)],
-    dataset: Annotated[Optional[str], typer.Option(
-        help=with_default("The data to score: anything `train --dataset` accepts.",
+    dataset: Annotated[Optional[list[str]], typer.Option(
+        help=with_default("The data to score: anything `train --dataset` accepts (once); preference pairs "
+                          "(chosen/rejected) are scored with DPO's loss and rewards.",
                           default="a run folder's own eval set"), rich_help_panel=DATA)] = None,
     dataset_split: Annotated[Optional[str], typer.Option(
         help=with_default("Split of a hub dataset.", default="the run's, else train"), rich_help_panel=DATA)] = None,
@@ -60,26 +61,50 @@ def evaluate(
     tokens scored; --compare-base shows the base model beside it."""
 
     def go() -> None:
-        import json
         import sys
 
-        from ftcli.console import console
-        from ftcli.evaluation.run import EvalOptions, print_report, run_eval
+        from ftcli.preflight import check_local_data, refuse_missing_path
 
-        options = EvalOptions(target=target, dataset=dataset, dataset_split=dataset_split, format=format,
+        refuse_missing_path(target, "TARGET")  # before the imports, and before a hub lookup
+        for source in dataset or []:
+            check_local_data(source, "--dataset")
+        from ftcli.console import console
+        from ftcli.errors import ConfigError, RunFailed
+        from ftcli.evaluation.run import EvalOptions, json_report, non_finite, print_report
+
+        if dataset and len(dataset) > 1:
+            raise ConfigError(f"--dataset given {len(dataset)} times ({', '.join(dataset)}); eval scores one dataset",
+                              hint="pass --dataset once (merge the files into one, or a folder of them), or run eval "
+                                   "once per dataset")
+        options = EvalOptions(target=target, dataset=dataset[0] if dataset else None, dataset_split=dataset_split,
+                              format=format,
                               template=template, columns=parse_columns(columns) if columns else None,
                               train_on_inputs=train_on_inputs, seq_length=seq_length, batch_size=batch_size,
                               dtype=dtype, device=device, compare_base=compare_base)
         if not json_output:
-            print_report(run_eval(options))
-            return
-        # With --json, stdout carries the JSON object alone.
-        console.quiet = True
-        try:
-            report = run_eval(options)
-        finally:
-            console.quiet = False
-        sys.stdout.write(json.dumps(report) + "\n")
+            report = run(options)
+            print_report(report)
+        else:
+            # With --json, stdout carries the JSON object alone.
+            console.quiet = True
+            try:
+                report = run(options)
+            finally:
+                console.quiet = False
+            sys.stdout.write(json_report(report) + "\n")
+        bad = non_finite(report)
+        if any(name.endswith("loss") for name in bad):  # a score that is no score: never exit 0 with it
+            raise RunFailed(f"the eval loss of {target} is not finite ({', '.join(bad)}: NaN or infinity)",
+                            hint="the model's weights or outputs hold NaN or infinity (check the model, e.g. with "
+                                 "--dtype float32); the JSON report has null for them")
+
+    def run(options: Any) -> dict:
+        from ftcli.evaluation.run import run_eval
+        from ftcli.models import without_bitsandbytes
+        from ftcli.targets import target_uses_bitsandbytes
+
+        with without_bitsandbytes(not target_uses_bitsandbytes(target)):
+            return run_eval(options)
 
     run_guarded(go)
 

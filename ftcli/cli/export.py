@@ -60,6 +60,10 @@ def export(
     or as a GGUF file checked against it (--format gguf)."""
 
     def go() -> None:
+        from ftcli.preflight import refuse_missing_path
+
+        refuse_missing_path(source, "export source", always_path=True)  # before the imports
+        refuse_missing_path(base, "--base")
         from ftcli.export.run import ExportOptions, export_model
 
         export_model(ExportOptions(source=source, output=output, base=base, revision=revision,

@@ -54,16 +54,23 @@ def generate(values: dict) -> None:
     """Generate completions with a run, adapter, export or model, prompts rendered as its training rendered them."""
 
     def go() -> None:
+        from ftcli.preflight import refuse_missing_path
+
+        refuse_missing_path(values["target"], "TARGET")  # before the imports, and before a hub lookup
+        refuse_missing_path(values.get("base"), "--base")
         from ftcli.inference.run import GenerateOptions, run_generate
+        from ftcli.models import without_bitsandbytes
+        from ftcli.targets import target_uses_bitsandbytes
 
         decoding, load = generation_settings(values, temperature=0.0, top_p=1.0)
-        run_generate(GenerateOptions(
-            target=values["target"], prompts=list(values.get("prompt") or []),
-            prompts_file=str(values["prompts_file"]) if values.get("prompts_file") else None,
-            extra_input=values.get("input") or "", system=values.get("system"),
-            output=values.get("output"), overwrite=bool(values.get("overwrite")),
-            compare_base=bool(values.get("compare_base")), show_prompt=bool(values.get("show_prompt")),
-            decoding=decoding, load=load))
+        with without_bitsandbytes(not target_uses_bitsandbytes(values["target"], values.get("base"))):
+            run_generate(GenerateOptions(
+                target=values["target"], prompts=list(values.get("prompt") or []),
+                prompts_file=str(values["prompts_file"]) if values.get("prompts_file") else None,
+                extra_input=values.get("input") or "", system=values.get("system"),
+                output=values.get("output"), overwrite=bool(values.get("overwrite")),
+                compare_base=bool(values.get("compare_base")), show_prompt=bool(values.get("show_prompt")),
+                decoding=decoding, load=load))
 
     run_guarded(go)
 

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ftcli.cli.common import default_text, run_guarded, with_default
+from ftcli.cli.common import default_text, parse_columns, run_guarded, with_default
 
 ESTIMATE = "Memory estimate (models)"
 DATA = "Datasets (files, built-in samples, prepared folders)"
@@ -52,6 +52,9 @@ def inspect(
     format: Annotated[Optional[str], typer.Option(
         "--format", help=with_default("Dataset files: auto | alpaca | prompt-completion | chat | sharegpt | text.", "format"),
         rich_help_panel=DATA)] = None,
+    columns: Annotated[Optional[str], typer.Option(
+        help="Dataset files: map the format's fields to your column names, e.g. instruction=question,output=answer.",
+        rich_help_panel=DATA)] = None,
     template: Annotated[Optional[str], typer.Option(
         help=with_default("Dataset files: auto | alpaca | model | path to a Jinja file.", "template"),
         rich_help_panel=DATA)] = None,
@@ -70,7 +73,7 @@ def inspect(
         options = InspectOptions(batch_size=batch_size, seq_length=seq_length,
                                  gradient_checkpointing=gradient_checkpointing, nproc=nproc, gpu_memory=gpu_memory,
                                  dtype=dtype, lora_rank=lora_rank, example=example, model=model, format=format,
-                                 template=template, train_on_inputs=train_on_inputs, objective=objective,
+                                 columns=parse_columns(columns) if columns else None, template=template, train_on_inputs=train_on_inputs, objective=objective,
                                  precompute_ref=precompute_ref)
         if not json_output:
             render(inspect_target(target, options))

@@ -27,15 +27,18 @@ def prepare(values: dict) -> None:
     num_proc = values.pop("num_proc", None)
 
     def go() -> None:
-        from ftcli.data.mixture import prepare_data
-        from ftcli.data.prepare import check_output_dir
         from ftcli.errors import ConfigError
-        from ftcli.files import output_path
-        from ftcli.models import load_tokenizer
+        from ftcli.preflight import check_run
 
         if num_proc is not None and num_proc < 1:
             raise ConfigError(f"--num-proc must be >= 1 (got {num_proc})", hint="pass 1 or more processes")
         config = run_config_from_flags(values)
+        check_run(config, "prepare")  # before the imports: a typo or a missing file is one line at once
+        from ftcli.data.mixture import prepare_data
+        from ftcli.data.prepare import check_output_dir
+        from ftcli.files import output_path
+        from ftcli.models import load_tokenizer
+
         out = output_path(config.output_dir, "--output-dir")
         if out is not None:  # before the tokenizer loads: a refused folder costs nothing and gets nothing written
             check_output_dir(out, config.overwrite)
@@ -74,7 +77,7 @@ def print_prepared(prepared: Any, config: Any) -> None:
     s = m["stats"]
     d = s["dropped"]
     length = s["length"]
-    pad = s["padding"]
+    pad = _padding_at(prepared, s["padding"], config.batch_size or 1)
     if prepared.reused:
         console.print(f"[bold]already prepared[/] (cache hit): {prepared.folder}")
     else:
@@ -104,6 +107,19 @@ def print_prepared(prepared: Any, config: Any) -> None:
         console.print(source_table(prepared.report.sources))
     for note in prepared.report.notes:
         console.print(f"[yellow]note:[/] {note}")
+
+
+def _padding_at(prepared: Any, recorded: dict[str, Any], batch_size: int) -> dict[str, Any]:
+    """The padding shares at the batch size asked: a cache hit's manifest has them at its build's batch size."""
+    if recorded.get("batch_size") == batch_size or "length" not in prepared.dataset.column_names:
+        return recorded
+    import numpy as np
+
+    from ftcli.data.stats import padding_waste
+
+    lengths = np.asarray(prepared.dataset["length"], dtype=np.int64)
+    return {"batch_size": batch_size, "in_order": padding_waste(lengths, batch_size),
+            "length_grouped": padding_waste(np.sort(lengths)[::-1], batch_size)}
 
 
 def _print_pairs(prepared: Any) -> None:

@@ -17,9 +17,12 @@ def train(values: dict) -> None:
     """Fine-tune a model (full, LoRA, QLoRA or FSDP), with live progress and a reproducible run folder."""
 
     def go() -> None:
-        from ftcli.training.launch import launch, needs_launch
+        from ftcli.preflight import check_run
 
         run_config = run_config_from_flags(values)
+        check_run(run_config, "train")  # before the imports: a typo or a missing file is one line at once
+        from ftcli.training.launch import launch, needs_launch
+
         if needs_launch(run_config):
             # This process only starts and watches the ranks; each of them reruns this command and trains.
             launch(run_config, sys.argv[1:])

@@ -20,9 +20,16 @@ def warmup(values: dict) -> None:
     in what is compiled."""
 
     def go() -> None:
+        from ftcli.preflight import check_run
+
+        config = run_config_from_flags(values)
+        check_run(config, "warmup")
+        from ftcli.models import without_bitsandbytes
+        from ftcli.training.recipe import uses_bitsandbytes
         from ftcli.training.warmup import run_warmup
 
-        run_warmup(run_config_from_flags(values))
+        with without_bitsandbytes(not uses_bitsandbytes(config)):
+            run_warmup(config)
 
     run_guarded(go)
 

@@ -119,8 +119,13 @@ def column_renames(columns: dict[str, str] | None, available: list[str], fields:
             raise ConfigError(f"--columns {fld}={col}: '{fld}' is not a field of {kind}",
                               hint=f"fields: {', '.join(sorted(fields | set(message_keys)))}")
         if col not in available:
-            raise DataError(f"--columns {fld}={col}: {source} has no column '{col}' "
-                            f"(columns found: {', '.join(available) or 'none'})", hint="check the column name")
+            # `Answer ` (a CSV header with a stray space) is mapped by `output=Answer` when that is unambiguous.
+            alike = [c for c in available if c.strip() == col.strip()]
+            if len(alike) != 1:
+                found = ", ".join(f"'{c}'" for c in available) or "none"
+                raise DataError(f"--columns {fld}={col}: {source} has no column '{col}' (columns found: {found})",
+                                hint="check the column name")
+            col = alike[0]
         if col != fld:
             renames[col] = fld
     return renames
@@ -129,6 +134,9 @@ def column_renames(columns: dict[str, str] | None, available: list[str], fields:
 def detect_format(columns: list[str], requested: str, source: str) -> str:
     """The format of a dataset with these (already renamed) columns; a DataError that lists both sides."""
     found = ", ".join(f"'{c}'" for c in columns) or "none"
+    if "chosen" in columns and "rejected" in columns and fitting_format(set(columns)) is None:
+        raise DataError(f"dataset {source} holds preference pairs (columns found: {found}), which SFT cannot train on",
+                        hint="add --objective dpo to train on the pairs")
     if requested != "auto":
         required = FORMATS[requested][0]
         missing = [f for f in required if f not in columns]

@@ -32,6 +32,8 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # how reasoning is written insi
 DROP_EMPTY = "empty"  # no response / no assistant turn / empty text
 DROP_TOO_LONG = "too_long"  # the prompt alone is longer than --seq-length
 DROP_NO_RESPONSE = "no_response"  # the prompt fits, but truncation leaves no trained token
+DROP_SAME = "same_answers"  # a preference pair whose chosen and rejected answers are identical (nothing to learn)
+DROP_NO_ASSISTANT = "no_assistant"  # a preference answer given as messages with no assistant message
 INVALID = "invalid: "  # prefix of a row whose values are unusable (an error, not a drop)
 
 

@@ -24,7 +24,9 @@ the trained ones (`chosen_ids`, `rejected_ids`), the prompt (`prompt_ids`) is ma
 Truncation keeps the prompt's start, cut to `--max-prompt-length` (default: half of `--seq-length`), and cuts
 each answer to what is left of `--seq-length` (a cut answer loses its EOS, as in SFT). A pair where one answer
 is cut and the other is not is counted (`cut_differently`) and reported: the two are then compared on
-unequal terms. A pair with an empty answer is dropped; a row with no chosen/rejected pair at all is refused.
+unequal terms. A pair with an empty answer, an answer with no assistant message, or identical chosen and rejected
+answers (with or without a prompt: nothing to prefer) is dropped, each reason counted and reported; a row with no
+chosen/rejected pair at all is refused, and so is data where every pair is dropped.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ftcli.data.formats import Example, RowError, _messages, column_renames, nested
-from ftcli.data.pipeline import DROP_EMPTY, DROP_NO_RESPONSE, INVALID, special_prefix, token_ids
+from ftcli.data.pipeline import (DROP_EMPTY, DROP_NO_ASSISTANT, DROP_NO_RESPONSE, DROP_SAME, INVALID, special_prefix,
+                                 token_ids)
 from ftcli.data.templates import NotPrefixStable, example_to_pair, render_chat, render_turns
 from ftcli.errors import DataError
 
@@ -88,6 +91,8 @@ def row_pair(row: dict[str, Any], keys: dict[str, str]) -> Pair:
     prompt, chosen, rejected = (nested(row.get(k)) for k in ("prompt", "chosen", "rejected"))
     if isinstance(prompt, dict):  # one message where a list is expected
         prompt = [prompt]
+    if chosen == rejected and chosen is not None:  # nothing to prefer, in any shape: dropped (DROP_SAME) by the caller
+        return Pair(not isinstance(chosen, str), prompt, chosen, rejected)
     if isinstance(chosen, str) and isinstance(rejected, str) and not isinstance(prompt, list):
         if prompt is None:  # whole texts (Anthropic HH as strings): the shared leading words are the prompt
             shared = shared_text(chosen, rejected)
@@ -112,8 +117,6 @@ def shared_text(a: str, b: str) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
-    if n == len(a) == len(b):
-        raise RowError("chosen and rejected are the same text")
     while n > 0 and not a[n - 1].isspace():
         n -= 1
     return n
@@ -130,10 +133,20 @@ def _answer(value: Any, role: str, content: str, name: str) -> list[dict[str, st
     return _messages(value, role, content, roles=None)
 
 
-def _empty(answer: Any) -> bool:
-    if isinstance(answer, str):
-        return not answer.strip()
-    return not any(m["role"] == "assistant" and m["content"].strip() for m in answer)
+def drop_reason(pair: Pair) -> str:
+    """Why a pair teaches nothing ("" when it is usable): an empty answer, an answer with no assistant message, or
+    two identical answers (DPO's loss stays at log 2 on them), in that order."""
+    if pair.chosen == pair.rejected:
+        return DROP_EMPTY if isinstance(pair.chosen, str) and not pair.chosen.strip() else DROP_SAME
+    for answer in (pair.chosen, pair.rejected):
+        if isinstance(answer, str):
+            if not answer.strip():
+                return DROP_EMPTY
+        elif not any(m["role"] == "assistant" for m in answer):
+            return DROP_NO_ASSISTANT
+        elif not any(m["role"] == "assistant" and m["content"].strip() for m in answer):
+            return DROP_EMPTY
+    return ""
 
 
 # ---- rendering and tokenizing ---------------------------------------------------------------------------------
@@ -211,8 +224,9 @@ def encode_pairs_batch(batch: dict[str, list[Any]], *, keys: dict[str, str], tem
     for i in range(n):
         try:
             pair = row_pair({k: v[i] for k, v in batch.items()}, keys)
-            if _empty(pair.chosen) or _empty(pair.rejected):
-                encoded = EncodedPair([], [], [], drop=DROP_EMPTY)
+            reason = drop_reason(pair)
+            if reason:
+                encoded = EncodedPair([], [], [], drop=reason)
             elif template.is_chat:
                 encoded = truncate(encode_chat_pair(pair, template, tokenizer), max_prompt, seq_length)
             elif pair.chat:

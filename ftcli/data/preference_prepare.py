@@ -7,7 +7,7 @@
 
 The cache key is SFT's (ftcli.data.cache.key_fields: data content, tokenizer, template, --seq-length, size, seed)
 plus `pairs` and the resolved `--max-prompt-length`; the folder's manifest has `kind: preference` and its own
-`stats`: rows_read, rows_selected, rows_kept, dropped {empty, no_response}, tokens, loss_tokens (both answers),
+`stats`: rows_read, rows_selected, rows_kept, dropped {empty, no_response, no_assistant, same}, tokens, loss_tokens (both answers),
 prompt_truncated, chosen_truncated, rejected_truncated, truncated, cut_differently, eos_trained_once, length.
 """
 
@@ -19,13 +19,16 @@ from typing import Any
 
 from ftcli import __version__
 from ftcli.data import cache
-from ftcli.data.pipeline import DROP_EMPTY, DROP_NO_RESPONSE, DataReport
+from ftcli.data.pipeline import DROP_EMPTY, DROP_NO_ASSISTANT, DROP_NO_RESPONSE, DROP_SAME, DataReport
+from ftcli.data.formats import RowError
 from ftcli.data.preference import (COLUMNS, MAP_BATCH, PAIR_FIELDS, check_pair_columns, encode_pairs_batch,
                                    pair_renames, row_pair)
 from ftcli.errors import DataError
 
 
 # ---- preparing and caching ------------------------------------------------------------------------------------
+
+PAIR_RULES = 2  # which pairs are kept (2: identical answers and answers without an assistant turn are dropped)
 
 
 def prepare_pairs(config: Any, tokenizer: Any, *, output: str | Path | None = None, overwrite: bool = False,
@@ -53,7 +56,7 @@ def prepare_pairs(config: Any, tokenizer: Any, *, output: str | Path | None = No
         loaded = load_rows(config.dataset, split=config.dataset_split, revision=config.dataset_revision)
         source_fp = loaded.fingerprint
     fields = {**cache.key_fields(config, cache.tokenizer_fingerprint(tokenizer), source_fp, template_text, inherited),
-              "pairs": True, "max_prompt_length": max_prompt_length(config)}
+              "pairs": True, "max_prompt_length": max_prompt_length(config), "pair_rules": PAIR_RULES}
     key = cache.cache_key(fields)
     final = output_path(output, "--output-dir") if output is not None else cache.cache_dir(key)
     if output is not None:
@@ -118,7 +121,7 @@ def _build_pairs(config: Any, tokenizer: Any, loaded: Any, fields: dict[str, Any
     ds = ds.rename_columns(renames) if renames else ds
     check_pair_columns(ds.column_names, config.dataset)
     ds = ds.select_columns([c for c in PAIR_FIELDS if c in ds.column_names])
-    first = row_pair(ds[0], _message_keys(config)) if len(ds) else None
+    first = _first_pair(ds, _message_keys(config))
     fmt = "chat" if first is not None and first.chat else "prompt-completion"
     template = resolve_template(config.template, fmt, tokenizer, model=config.model or "the model", text=template_text,
                                 inherited=inherited, kwargs=config.template_kwargs)
@@ -167,6 +170,20 @@ def _build_pairs(config: Any, tokenizer: Any, loaded: Any, fields: dict[str, Any
     return _load(final, manifest, reused=False)
 
 
+FORMAT_PROBE_ROWS = 100
+
+
+def _first_pair(ds: Any, keys: dict[str, str]) -> Any:
+    """The first of the leading rows that reads as a pair (its shape picks the format), or None: a malformed row is
+    reported by the map below, in one line naming its row, wherever it is."""
+    for i in range(min(len(ds), FORMAT_PROBE_ROWS)):
+        try:
+            return row_pair(ds[i], keys)
+        except RowError:
+            continue
+    return None
+
+
 def _message_keys(config: Any) -> dict[str, str]:
     return {k: v for k, v in (config.columns or {}).items() if k in ("role", "content")}
 
@@ -189,7 +206,8 @@ def pair_stats(kept: Any, drops: list[str], rows_read: int, rows_selected: int, 
     lengths = sorted(p + max(len(c), len(r)) for p, c, r in zip(prompts, cols["chosen_ids"], cols["rejected_ids"]))
     return {
         "rows_read": rows_read, "rows_selected": rows_selected, "rows_kept": len(kept),
-        "dropped": {"empty": drops.count(DROP_EMPTY), "too_long": 0, "no_response": drops.count(DROP_NO_RESPONSE)},
+        "dropped": {"empty": drops.count(DROP_EMPTY), "too_long": 0, "no_response": drops.count(DROP_NO_RESPONSE),
+                    "no_assistant": drops.count(DROP_NO_ASSISTANT), "same": drops.count(DROP_SAME)},
         "tokens": 2 * sum(prompts) + sum(answers), "loss_tokens": sum(answers),
         "prompt_truncated": sum(cols["prompt_cut"]), "chosen_truncated": sum(cols["chosen_cut"]),
         "rejected_truncated": sum(cols["rejected_cut"]), "truncated": sum(cut),
@@ -214,8 +232,17 @@ def pair_report(manifest: dict[str, Any], folder: Path, reused: bool) -> DataRep
     return report
 
 
+DROP_NAMES = (("empty", "an empty answer"), ("no_assistant", "an answer with no assistant message"),
+              ("same", "identical chosen and rejected answers (nothing to prefer)"),
+              ("no_response", "no answer left after truncation"))
+
+
 def pair_notes(s: dict[str, Any], options: dict[str, Any]) -> list[str]:
     notes = []
+    dropped = [(s["dropped"].get(key, 0), text) for key, text in DROP_NAMES]
+    if any(n for n, _ in dropped):
+        notes.append(f"{sum(n for n, _ in dropped):,} pairs dropped: "
+                     + ", ".join(f"{n:,} with {text}" for n, text in dropped if n))
     if s["prompt_truncated"]:
         notes.append(f"{s['prompt_truncated']:,} prompts cut to --max-prompt-length {options['max_prompt_length']} "
                      "(their start kept)")
@@ -261,8 +288,7 @@ def pairs_table(manifest: dict[str, Any]) -> Any:
     table.add_row("format / template", f"preference pairs ({manifest['format']}) / {manifest['template']}")
     table.add_row("loss", "both answers + their EOS / end of turn (prompts masked)")
     table.add_row("pairs", f"{s['rows_read']:,} read, {s['rows_selected']:,} selected, {s['rows_kept']:,} kept")
-    table.add_row("dropped", f"{s['dropped']['empty']:,} with an empty answer, {s['dropped']['no_response']:,} "
-                             "with no answer left after truncation")
+    table.add_row("dropped", ", ".join(f"{s['dropped'].get(key, 0):,} with {text}" for key, text in DROP_NAMES))
     table.add_row("tokens", f"{s['tokens']:,} ({s['loss_tokens']:,} answer tokens in the loss)")
     table.add_row("length (prompt + longer answer)", f"min {s['length']['min']}  p50 {s['length']['p50']}  "
                                                      f"max {s['length']['max']}")

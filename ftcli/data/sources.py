@@ -14,7 +14,9 @@ sorted order. A folder laid out like a hub dataset repository (a `README.md` or 
 sub-folder, as `hf download --repo-type dataset` leaves it) is read by `datasets.load_dataset`,
 exactly like a hub id, honouring `--dataset-split`.
 
-Text files are UTF-8 (a byte-order mark, as Excel and Notepad write it, is skipped). `load_rows`
+Text files are UTF-8 (a byte-order mark, as Excel and Notepad write it, is skipped); a byte that is not UTF-8, or
+a JSON escape of a lone surrogate (`"\\ud800"`, half an emoji), is refused naming its file and line (`check_text`,
+the rule every reader of text follows: prompts files, `--prompt`, chat input). `load_rows`
 reads each local file once and fingerprints the bytes it parsed; it also records each distinct set of
 keys its rows have (`RowShape`), so that a folder or file mixing formats is refused rather than read
 as one format (`ftcli.data.formats.check_one_format`). Values nested too deeply to store are a
@@ -32,6 +34,7 @@ import glob
 import hashlib
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +105,10 @@ def local_files(ref: str) -> list[Path]:
     if path.suffix.lower() not in LOCAL_SUFFIXES:
         raise DataError(f"dataset file {path} has an unsupported type '{path.suffix}'",
                         hint="use .jsonl, .json, .csv, .parquet or .txt")
+    if not path.is_file():  # a device or a pipe, perhaps behind a symlink (/dev/zero would be read forever)
+        where = f" (a link to {path.resolve()})" if path.is_symlink() else ""
+        raise DataError(f"dataset file {path} is not a regular file{where}",
+                        hint="pass a data file (copy a stream to a file first)")
     return [path]
 
 
@@ -318,6 +325,43 @@ def parse_local_rows(path: Path, data: bytes) -> list[dict[str, Any]]:
                                                           "lists of messages") from None
 
 
+def unencodable(value: Any) -> str | None:
+    """What in `value` (a string, or lists and objects of them) no tokenizer can encode, or None: a lone UTF-16
+    surrogate (a JSON escape such as "\\ud800", half of an emoji cut by a scraper) or, read from the command line or
+    stdin, a byte that is not UTF-8 (Python keeps it as a surrogate). Every reader of text refuses it (`check_text`)."""
+    stack = [(value, "")]
+    while stack:
+        item, name = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                code = ord(item[exc.start])
+                what = f"byte 0x{code - 0xDC00:02x}, which is not UTF-8" if 0xDC80 <= code <= 0xDCFF else \
+                    f"a lone surrogate \\u{code:04x}, which is not a character"
+                return f"{name + ': ' if name else ''}{what} (at character {exc.start + 1})"
+        elif isinstance(item, dict):
+            stack.extend((v, name or repr(k)) for k, v in reversed(item.items()))
+        elif isinstance(item, list):
+            stack.extend((v, name) for v in reversed(item))
+    return None
+
+
+def check_text(value: Any, where: str) -> None:
+    """Refuse text that cannot be encoded as UTF-8 (see `unencodable`), naming `where` (file and line or row)."""
+    problem = unencodable(value)
+    if problem is not None:
+        raise DataError(f"{where}: {problem}", hint="fix or delete that text, and save the data as UTF-8 (a surrogate "
+                                                    "pair's two halves must stay together)")
+
+
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape of \uD800-\uDFFF (valid pairs pass check_text)
+
+
+def _maybe_surrogate(text: str) -> bool:
+    return "\\u" in text and SURROGATE_ESCAPE.search(text) is not None
+
+
 def _parse_json(path: Path, text: str) -> list[dict[str, Any]]:
     try:
         data = json.loads(text)
@@ -332,6 +376,9 @@ def _parse_json(path: Path, text: str) -> list[dict[str, Any]]:
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise DataError(f"{path}: expected a JSON array of objects (or an object of equal-length columns)",
                         hint="write [{\"instruction\": ...}, ...], or use .jsonl with one object per line")
+    if _maybe_surrogate(text):
+        for i, row in enumerate(data, start=1):
+            check_text(row, f"{path}: row {i}")
     return data
 
 
@@ -352,6 +399,8 @@ def _parse_jsonl(path: Path, text: str) -> list[dict[str, Any]]:
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}",
                             hint="write one {\"instruction\": ..., \"output\": ...} object per line")
+        if _maybe_surrogate(line):
+            check_text(row, f"{path}:{lineno}")
         rows.append(row)
     return rows
 

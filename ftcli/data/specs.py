@@ -1,4 +1,5 @@
-"""`--dataset` as written: one source, or a mixture of `SOURCE[:WEIGHT]` (see ftcli.data.mixture).
+"""The data options as written: `--dataset` (one source, or a mixture of `SOURCE[:WEIGHT]`, see
+ftcli.data.mixture), `--columns FIELD=COLUMN,...` and `--template-kwargs KEY=VALUE,...`.
 
     >>> split_weight("data/b.jsonl:0.25"), split_weight("builtin:alpaca-sample")
     (('data/b.jsonl', 0.25), ('builtin:alpaca-sample', None))
@@ -9,6 +10,7 @@ Parsed and checked here, with no heavy import: `ftcli.config` validates the `dat
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Any
 
@@ -18,10 +20,13 @@ _WEIGHT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|infinit
 
 def split_weight(spec: str) -> tuple[str, float | None]:
     """`data/b.jsonl:0.25` -> ("data/b.jsonl", 0.25): the text after the LAST colon is a weight only when it is
-    a number, so `builtin:alpaca-sample` and `org/name` stay names (weight None: not given)."""
+    a number, so `builtin:alpaca-sample` and `org/name` stay names (weight None: not given), and when the whole text
+    is not itself an existing path whose head is not (a file named `data/t:5` is read as that file)."""
     ref, sep, tail = spec.rpartition(":")
     if not sep or not ref or not _WEIGHT.fullmatch(tail.strip()):
         return spec, None
+    if os.path.lexists(os.path.expanduser(spec)) and not os.path.lexists(os.path.expanduser(ref)):
+        return spec, None  # a file named `t:5` (and no `t`): its name; in a mixture, `t:5:2` gives it weight 2
     return ref, float(tail)
 
 
@@ -80,3 +85,36 @@ def map_spec(spec: str, fn: Any) -> str:
 def dataset_label(dataset: str | list[str]) -> str:
     """`--dataset` for messages: the source, or the mixture's sources joined with ` + `."""
     return dataset if isinstance(dataset, str) else " + ".join(dataset)
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """`instruction=question,output=answer` -> {"instruction": "question", "output": "answer"}: the one parser of
+    the `--columns` flag and the `columns:` YAML key. A ValueError names the part that is not FIELD=COLUMN."""
+    mapping: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        field, sep, column = part.partition("=")
+        if not sep or not field.strip() or not column.strip():
+            raise ValueError(f"'{part}' is not FIELD=COLUMN (write e.g. instruction=question,output=answer)")
+        mapping[field.strip()] = column.strip()
+    return mapping
+
+
+def parse_template_kwargs(text: str) -> dict[str, Any]:
+    """`enable_thinking=false,reasoning_effort=low` -> {"enable_thinking": False, "reasoning_effort": "low"}: each
+    value read as JSON where it is JSON (true, 3, "x", [..]), else as text."""
+    import json
+
+    out: dict[str, Any] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(f"'{part}' is not KEY=VALUE (write e.g. enable_thinking=false)")
+        try:
+            out[key.strip()] = json.loads(value.strip())
+        except ValueError:
+            out[key.strip()] = value.strip()
+    return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftcli.data.pipeline import DROP_EMPTY, DROP_NO_RESPONSE, DROP_TOO_LONG, INVALID
+from ftcli.data.pipeline import DROP_EMPTY, DROP_NO_ASSISTANT, DROP_NO_RESPONSE, DROP_SAME, DROP_TOO_LONG, INVALID
 from ftcli.errors import DataError
 
 
@@ -98,12 +98,30 @@ def rendering_note(stats: dict[str, Any], fmt: str | None) -> str | None:
 
 def drop_summary(drops: list[str]) -> str:
     names = {DROP_EMPTY: "empty response", DROP_TOO_LONG: "prompt longer than --seq-length",
-             DROP_NO_RESPONSE: "no response left after truncation"}
+             DROP_NO_RESPONSE: "no response left after truncation", DROP_NO_ASSISTANT: "answer with no assistant message",
+             DROP_SAME: "chosen and rejected identical"}
     parts = [f"{drops.count(k)} {v}" for k, v in names.items() if drops.count(k)]
     return ", ".join(parts)
 
 
 def all_dropped_hint(drops: list[str], seq_length: int) -> str:
-    if drops.count(DROP_EMPTY) == len(drops):
+    if drops.count(DROP_SAME) == len(drops):
+        return "in every pair the chosen and rejected answers are the same, so DPO has nothing to prefer; check the " \
+               "data and --columns"
+    if drops.count(DROP_EMPTY) + drops.count(DROP_NO_ASSISTANT) == len(drops):
         return "every response (output, completion, assistant turn or text) is empty; check --format and --columns"
     return f"raise --seq-length (now {seq_length}) or shorten the prompts"
+
+
+def prepared_position(manifest: dict[str, Any], row: int) -> int | None:
+    """Where row `row` (0 = the first) of the source is in its prepared data, which is shuffled with the seed;
+    None when rows were dropped (which ones is not recorded) or the manifest does not say."""
+    stats, seed = manifest.get("stats", {}), manifest.get("options", {}).get("seed")
+    selected = stats.get("rows_selected")
+    if seed is None or selected is None or stats.get("rows_kept") != selected or row >= selected:
+        return None
+    from datasets import Dataset
+
+    # The same shuffle prepare made (it depends on the number of rows and the seed only).
+    order = shuffled_order(Dataset.from_dict({"row": list(range(selected))}).shuffle(seed=seed))
+    return order.index(row)

@@ -63,8 +63,39 @@ def eval_config(target: TargetInfo, opts: EvalOptions) -> Any:
         base = {"model": target.base or target.model, "eval_dataset": opts.dataset}
     if opts.batch_size is not None:
         base["eval_batch_size"] = opts.batch_size
+    if opts.dataset is not None and not scores_pairs(base.get("objective", "sft")) and is_preference_data(opts, base):
+        # Pairs are scored as DPO scores them (ftcli.evaluation.pairs); what only training reads is left as DPO has it.
+        base.update(objective=PAIRS_OBJECTIVE, train_on_inputs=False, format="auto", lora_dropout=0.0, packing=False,
+                    padding_free=None, compile=False, lora_init="default")
     base.update({k: v for k, v in flags.items() if v is not None})
     return build_run_config(base)
+
+
+PAIRS_OBJECTIVE = "dpo"  # how `ftcli eval` scores preference data given to a target trained otherwise
+
+
+def scores_pairs(objective: str) -> bool:
+    from ftcli.objectives import OBJECTIVES
+
+    return OBJECTIVES[objective].pairs
+
+
+def is_preference_data(opts: EvalOptions, base: dict[str, Any]) -> bool:
+    """Whether `--dataset` holds preference pairs (a 'chosen' and a 'rejected' column, after --columns)."""
+    from ftcli.data import cache
+    from ftcli.data.sources import load_rows
+    from ftcli.errors import DataError
+
+    source = str(opts.dataset)
+    if cache.is_prepared_folder(source):
+        return (cache.read_prepared_manifest(Path(source).expanduser()) or {}).get("kind") == "preference"
+    try:
+        names = set(load_rows(source, split=opts.dataset_split or base.get("dataset_split") or "train").dataset
+                    .column_names)
+    except DataError:  # preparing the data names the problem, with --dataset
+        return False
+    columns = opts.columns or base.get("columns") or {}
+    return all(columns.get(field, field) in names for field in ("chosen", "rejected"))
 
 
 def load_eval_set(config: Any, tokenizer: Any) -> Any:
@@ -73,7 +104,10 @@ def load_eval_set(config: Any, tokenizer: Any) -> Any:
 
     if config.eval_dataset is not None:
         # The data to score is `--dataset` here, whatever the run called it.
-        return prepare_eval_dataset(config, tokenizer, flag="--dataset")
+        prepare = None
+        if scores_pairs(config.objective):
+            from ftcli.data.preference_prepare import prepare_pairs as prepare
+        return prepare_eval_dataset(config, tokenizer, flag="--dataset", prepare=prepare)
     # A run's held-out split: its training data prepared again (a cache hit), the same rows held out.
     return load_datasets(config, tokenizer)[2]
 
@@ -114,14 +148,22 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
     console.print(f"eval: {eval_set.examples:,} examples, {eval_set.loss_tokens:,} loss tokens ({eval_set.source})",
                   soft_wrap=True)
     batch_size = config.eval_batch_size or config.batch_size
-    model = load_target_model(target, config, device)
-    result = evaluate_loss(model, eval_set.dataset, batch_size, pad)
     report: dict[str, Any] = {
         "target": target.ref, "kind": target.kind, "model": target.model,
         "adapter": str(target.adapter) if target.adapter else None, "base_4bit": target.loads_4bit,
         "data": eval_set.source, "seq_length": config.seq_length, "batch_size": batch_size, "device": device,
-        **result.to_dict(), "base": None,
     }
+    if scores_pairs(config.objective):  # preference pairs: DPO's loss and rewards against the policy's start
+        from ftcli.evaluation.pairs import evaluate_pairs, reference_of
+
+        reference_of(target)  # refused before any weight loads
+        if opts.compare_base:
+            raise ConfigError("--compare-base: on preference pairs the base is the reference every reward is "
+                              "measured against", hint="drop --compare-base")
+        return {**report, "objective": config.objective, **evaluate_pairs(target, config, eval_set, tokenizer, device)}
+    model = load_target_model(target, config, device)
+    result = evaluate_loss(model, eval_set.dataset, batch_size, pad)
+    report.update({**result.to_dict(), "base": None})
     if opts.compare_base:
         del model
         base = evaluate_loss(load_target_model(target, config, device, base_only=True), eval_set.dataset,
@@ -133,6 +175,8 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
 def print_report(report: dict[str, Any]) -> None:
     from rich.table import Table
 
+    if report.get("objective") is not None:
+        return print_pair_report(report)
     table = Table(title="evaluation", show_header=True)
     for column in ("model", "loss", "perplexity", "examples", "tokens"):
         table.add_column(column, justify="left" if column == "model" else "right")
@@ -148,3 +192,42 @@ def print_report(report: dict[str, Any]) -> None:
     where = f"; adapter {Path(report['adapter'])}" if report.get("adapter") else ""
     console.print(f"data: {report['data']}; seq length {report['seq_length']}, batch {report['batch_size']}"
                   f"{where}{'; 4-bit base' if report['base_4bit'] else ''}", soft_wrap=True)
+
+
+def print_pair_report(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title="evaluation (preference pairs)", show_header=True)
+    for column in ("model", "loss", "reward accuracy", "reward margin", "chosen reward", "rejected reward", "pairs"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    fmt = (lambda v: "n/a" if v is None else f"{v:.4f}")  # noqa: E731
+    table.add_row(report["target"], fmt(report["loss"]), fmt(report["rewards/accuracies"]),
+                  fmt(report["rewards/margins"]), fmt(report["rewards/chosen"]), fmt(report["rewards/rejected"]),
+                  f"{report['pairs']:,}")
+    console.print(table)
+    console.print(f"data: {report['data']}; DPO loss {report['dpo_loss']}, beta {report['beta']:g}, reference "
+                  f"{report['reference']}; seq length {report['seq_length']}, batch {report['batch_size']}",
+                  soft_wrap=True)
+
+
+def non_finite(report: dict[str, Any]) -> list[str]:
+    """The report's numbers that are NaN or infinite (`base.loss` for the base's), e.g. a model with NaN weights."""
+    import math
+
+    found = [k for k, v in report.items() if isinstance(v, float) and not math.isfinite(v)]
+    base = report.get("base") or {}
+    return found + [f"base.{k}" for k, v in base.items() if isinstance(v, float) and not math.isfinite(v)]
+
+
+def json_report(report: dict[str, Any]) -> str:
+    """The report as strict JSON: a NaN or infinite number is null, and `non_finite` names them (json.dumps would
+    write the bare words NaN and Infinity, which jq and JSON.parse refuse)."""
+    import json
+    import math
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return {k: clean(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    return json.dumps({**clean(report), "non_finite": non_finite(report)}, allow_nan=False)

@@ -298,7 +298,7 @@ def _quiet_libraries() -> None:
     import logging
     import warnings
 
-    for name in ("bitsandbytes", "accelerate", "peft"):
+    for name in ("bitsandbytes", "kernels", "accelerate", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import transformers
 

@@ -83,7 +83,7 @@ def find_source(opts: ExportOptions) -> ExportSource:
     path = Path(opts.source).expanduser()
     hint = "pass a run folder written by `ftcli train` or a folder with adapter_config.json"
     if not path.exists():
-        raise ModelError(f"export source {path} does not exist", hint=hint)
+        raise ConfigError(f"export source {path} does not exist", hint=hint)
     if not path.is_dir():
         raise ModelError(f"export source {path} is a file, not a folder", hint=hint)
     if (path / MANIFEST).is_file():

@@ -26,11 +26,13 @@ from typing import Any, Iterable, Iterator
 
 from ftcli.console import console, err_console
 from ftcli.data.pipeline import THINK_CLOSE, THINK_OPEN
-from ftcli.errors import ConfigError
+from ftcli.errors import ConfigError, DataError
 from ftcli.inference.generate import Decoding, check_output_file, complete, output_lock, print_piece
+from ftcli.inference.stream import WordWrap
 from ftcli.inference.target import TargetOptions, load_target
 
-HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit (or Ctrl-D)"
+HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit (or Ctrl-D); "
+        "Ctrl-C stops an answer")
 
 
 @dataclass
@@ -93,14 +95,32 @@ def _chat(opts: ChatOptions, lines: Iterable[str] | None) -> Conversation:
 
 
 def _read_turns(interactive: bool) -> Iterator[str]:
+    from ftcli.data.sources import check_text
+
+    number = 0
     while True:
         try:
-            line = console.input("[bold cyan]you>[/] ") if interactive else sys.stdin.readline()
-        except EOFError:
+            line = console.input("[bold cyan]you>[/] ") if interactive else _stdin_line()
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt: the chat ends
+            if interactive:
+                console.print()  # the shell's prompt on a line of its own, not after `you>`
             return
+        except UnicodeDecodeError:  # a console that decodes strictly
+            raise DataError(f"chat input line {number + 1}: not valid UTF-8", hint="send UTF-8 text") from None
         if not interactive and line == "":
             return
+        number += 1
+        check_text(line, f"chat input line {number}")  # a byte that is not UTF-8: the chat ends, its transcript kept
         yield line.rstrip("\n")
+
+
+def _stdin_line() -> str:
+    """One line of piped input, a byte that is not UTF-8 kept as a surrogate (refused by check_text on its line,
+    where a strict text wrapper would fail on the block it read ahead)."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:
+        return sys.stdin.readline()
+    return buffer.readline().decode("utf-8", errors="surrogateescape")
 
 
 def _handle(text: str, conversation: Conversation, target: Any, decoding: Decoding, interactive: bool) -> bool:
@@ -127,8 +147,17 @@ def _handle(text: str, conversation: Conversation, target: Any, decoding: Decodi
     conversation.turns.append({"role": "user", "content": text.removeprefix("/") if stripped.startswith("//")
                                else text})
     ids = render(target, Example("chat", messages=conversation.messages()))
-    done = complete(target, ids, decoding, on_text=ReasoningPrinter() if interactive else None)
-    if interactive:
+    wrap = WordWrap(ReasoningPrinter(), console.width) if interactive else None
+    try:
+        done = complete(target, ids, decoding, on_text=wrap)
+    except KeyboardInterrupt:  # Ctrl-C stops this answer only; Ctrl-C at the prompt ends the chat
+        conversation.turns.pop()
+        console.print()
+        err_console.print("[dim](answer stopped: it and its question are left out of the conversation; Ctrl-C "
+                          "again at the prompt, /exit or Ctrl-D ends the chat)[/]")
+        return True
+    if wrap is not None:
+        wrap.finish()
         console.print()
     else:
         ReasoningPrinter()(done.text)

@@ -41,6 +41,10 @@ class Decoding:
             problems.append(f"--top-k must be >= 0 (got {self.top_k})")
         if not 0 < self.repetition_penalty < float("inf"):
             problems.append(f"--repetition-penalty must be > 0 (got {self.repetition_penalty})")
+        from ftcli.config import SEED_MAX
+
+        if not 0 <= self.seed <= SEED_MAX:
+            problems.append(f"--seed must be between 0 and {SEED_MAX} (2**32 - 1) (got {self.seed})")
         if problems:
             raise ConfigError("; ".join(problems), hint="see --help for each option's range")
 
@@ -141,7 +145,11 @@ def _generate_streaming(model: Any, kwargs: dict[str, Any], streamer: Any, on_te
 
     import torch
 
+    from ftcli.inference.stream import stop_on
+
     result: dict[str, Any] = {}
+    stop = threading.Event()  # set on Ctrl-C: the worker ends at its next token instead of running on
+    kwargs = {**kwargs, "stopping_criteria": stop_on(stop)}
 
     def work() -> None:
         try:
@@ -153,8 +161,13 @@ def _generate_streaming(model: Any, kwargs: dict[str, Any], streamer: Any, on_te
 
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
-    for piece in streamer:
-        on_text(piece)
+    try:
+        for piece in streamer:
+            on_text(piece)
+    except KeyboardInterrupt:
+        stop.set()
+        worker.join()
+        raise
     worker.join()
     if "error" in result:
         raise result["error"]

@@ -30,8 +30,12 @@ def prompt_example(target: Any, text: str, extra_input: str = "") -> Any:
     """`--prompt TEXT` (and `--input`) as an example of the target's format."""
     from ftcli.data.formats import Example
 
+    from ftcli.data.sources import check_text
+
     if not text.strip():
         raise ConfigError("--prompt is empty", hint="give the text the model should answer")
+    check_text(text, "--prompt")
+    check_text(extra_input, "--input")
     if target.fmt == "alpaca":
         return Example("alpaca", instruction=text, input=extra_input)
     if extra_input:
@@ -62,10 +66,18 @@ def render(target: Any, example: Any, system: str | None = None) -> list[int]:
 def read_prompts_file(path: Path, target: Any) -> list[Prompt]:
     """A `.txt` (one prompt per non-blank line) or `.jsonl` file (rows in the run's columns) as prompts."""
     from ftcli.data.formats import FORMATS, RowError, row_to_example
+    from ftcli.data.sources import check_text
 
     if not path.is_file():
         raise DataError(f"--prompts-file {path} does not exist", hint="check the path")
-    text = path.read_text(encoding="utf-8")
+    try:
+        data = path.read_bytes()
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise DataError(f"--prompts-file {path}:{line}: not valid UTF-8", hint="save the file as UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"cannot read --prompts-file {path}: {exc.strerror or exc}", hint="check the file") from None
     if path.suffix.lower() == ".txt":
         prompts = [Prompt(line, prompt_example(target, line)) for line in text.splitlines() if line.strip()]
     elif path.suffix.lower() == ".jsonl":
@@ -79,6 +91,7 @@ def read_prompts_file(path: Path, target: Any) -> list[Prompt]:
             except ValueError as exc:
                 raise DataError(f"--prompts-file {path}:{number} is not JSON: {exc}",
                                 hint="write one JSON object per line") from None
+            check_text(row, f"--prompts-file {path}:{number}")
             prompt_fields = [f for f in fields if f not in ("output", "completion")]
             if not isinstance(row, dict) or not any(f in row for f in prompt_fields):
                 raise DataError(f"--prompts-file {path}:{number} has none of the fields {target.ref} reads prompts "

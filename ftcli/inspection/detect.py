@@ -22,6 +22,7 @@ from ftcli.data.sources import LOCAL_SUFFIXES
 from ftcli.errors import ConfigError
 from ftcli.inspection import views
 from ftcli.inspection.views import InspectOptions
+from ftcli.preflight import refuse_missing_path
 from ftcli.training.runfolder import MANIFEST
 
 # The data files `inspect` reads are exactly those `train --dataset` reads.
@@ -56,8 +57,8 @@ def detect(target: str) -> str:
             return "dataset"
         raise ConfigError(f"cannot tell what {target} is (a {path.suffix or 'suffix-less'} file)",
                           hint=f"data files end in {', '.join(DATA_SUFFIXES)}; models and runs are folders")
-    if target.startswith((".", "/", "~")) or target.count("/") > 1 or Path(target).suffix.lower() in DATA_SUFFIXES:
-        raise ConfigError(f"{target} does not exist", hint="check the path")
+    # runs/typo, ./x, a/b/c, data.jsonl: a path, not a hub id
+    refuse_missing_path(target, "TARGET", always_path=Path(target).suffix.lower() in DATA_SUFFIXES)
     return "model"  # a hub id: the model view says whether it can be read
 
 

@@ -257,7 +257,8 @@ def _render_data(report: dict[str, Any]) -> None:
         if report.get("example_note"):
             console.print(report["example_note"])
         return
-    console.print(f"[bold]example {example['index']}[/]: {example['tokens']} tokens, {example['loss_tokens']} in the "
+    console.print(f"[bold]example {example['index']}[/] ({example.get('where', '')}): {example['tokens']} tokens, "
+                  f"{example['loss_tokens']} in the "
                   "loss ([bold green]green[/] = in the loss, [dim]dim[/] = masked)")
     text = Text()
     for piece in example["pieces"]:
@@ -289,7 +290,7 @@ def _render_pairs(report: dict[str, Any]) -> None:
         return
     for side in ("chosen", "rejected"):
         pieces = example[side]
-        console.print(f"[bold]pair {example['index']}, {side}[/]: {len(pieces)} tokens, "
+        console.print(f"[bold]pair {example['index']}, {side}[/] ({example.get('where', '')}): {len(pieces)} tokens, "
                       f"{sum(1 for p in pieces if p['loss'])} in the loss ([bold green]green[/] = in the loss, "
                       "[dim]dim[/] = masked prompt)")
         text = Text()

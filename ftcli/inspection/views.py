@@ -35,6 +35,7 @@ class InspectOptions:
     # Raw dataset files: the tokenizer and the options `train` would use.
     model: str = "builtin:tiny-llama"
     format: str | None = None
+    columns: dict[str, str] | None = None  # --columns FIELD=COLUMN, as train reads it
     template: str | None = None
     train_on_inputs: bool | None = None
     # The training objective (ftcli.objectives): the estimate counts its reference and rows; pairs for datasets.
@@ -309,10 +310,10 @@ def inspect_dataset(target: str, options: InspectOptions) -> dict[str, Any]:
 
     flags: dict[str, Any] = {"dataset": target, "model": options.model, "seq_length": options.seq_length,
                              "dataset_size": None, "format": options.format, "template": options.template,
-                             "train_on_inputs": options.train_on_inputs}
+                             "train_on_inputs": options.train_on_inputs, "columns": options.columns}
     if options.objective is not None:
         flags["objective"] = options.objective
-    elif _has_pair_columns(target):
+    elif _has_pair_columns(target, options.columns):
         flags["objective"] = next(name for name, o in OBJECTIVES.items() if o.pairs)
     config = build_run_config({k: v for k, v in flags.items() if v is not None or k == "dataset_size"})
     tokenizer = load_tokenizer(config.model)
@@ -320,13 +321,30 @@ def inspect_dataset(target: str, options: InspectOptions) -> dict[str, Any]:
         from ftcli.data.preference_prepare import prepare_pairs
 
         prepared = prepare_pairs(config, tokenizer)
-        return _pair_view(prepared.folder, prepared.manifest, tokenizer, config.model, options, prepared.dataset)
+        return _pair_view(prepared.folder, prepared.manifest, tokenizer, config.model, options, prepared.dataset,
+                          from_file=True)
     prepared = prepare_dataset(config, tokenizer)
-    return _data_view(prepared.folder, prepared.manifest, tokenizer, config.model, options, dataset=prepared.dataset)
+    return _data_view(prepared.folder, prepared.manifest, tokenizer, config.model, options, dataset=prepared.dataset,
+                      from_file=True)
+
+
+def _example_index(manifest: dict[str, Any], asked: int, from_file: bool) -> tuple[int, dict[str, Any]]:
+    """--example N as the index into the prepared (shuffled) rows, and the words saying which row that is: of a
+    file, row N of the file (0 = the first) when that can be known, else the prepared data's N-th row, said so."""
+    from ftcli.data.stats import prepared_position
+
+    position = prepared_position(manifest, asked) if from_file else None
+    if position is not None:
+        return position, {"source_row": asked, "prepared_row": position, "where": f"row {asked} of the file"}
+    seed = manifest.get("options", {}).get("seed")
+    where = f"row {asked} of the prepared data, shuffled with seed {seed}"
+    if from_file:
+        where += " (rows were dropped, so which row of the file it is is not known)"
+    return asked, {"source_row": None, "prepared_row": asked, "where": where}
 
 
 def _data_view(folder: Path, manifest: dict[str, Any], tokenizer: Any, tokenizer_ref: str | None,
-               options: InspectOptions, dataset: Any = None) -> dict[str, Any]:
+               options: InspectOptions, dataset: Any = None, from_file: bool = False) -> dict[str, Any]:
     from ftcli.data.pipeline import explain_example
     from ftcli.data.stats import rendering_note
 
@@ -362,27 +380,30 @@ def _data_view(folder: Path, manifest: dict[str, Any], tokenizer: Any, tokenizer
     if options.example >= rows:
         raise ConfigError(f"--example {options.example} is beyond the {rows} examples of {folder}",
                           hint=f"pick an index in 0..{rows - 1}" if rows else "this dataset has no examples to show")
-    index = options.example
+    index, where = _example_index(manifest, options.example, from_file)
     row = dataset[index]
     pieces = explain_example(row["input_ids"], row["labels"], tokenizer)
-    view["example"] = {"index": index, "tokens": len(pieces), "loss_tokens": sum(1 for _, on in pieces if on),
+    view["example"] = {"index": options.example, **where, "tokens": len(pieces),
+                       "loss_tokens": sum(1 for _, on in pieces if on),
                        "pieces": [{"text": text, "loss": on} for text, on in pieces]}
     return view
 
 
-def _has_pair_columns(target: str) -> bool:
-    """Whether a dataset file's rows have chosen and rejected columns (preference pairs)."""
+def _has_pair_columns(target: str, mapping: dict[str, str] | None = None) -> bool:
+    """Whether a dataset file's rows have chosen and rejected columns (preference pairs), --columns applied."""
     from ftcli.data.sources import load_rows
 
     try:
         columns = load_rows(target).dataset.column_names
     except Exception:  # noqa: BLE001 - unreadable here: SFT's preparation says why, in its own words
         return False
-    return "chosen" in columns and "rejected" in columns
+    names = set(columns) | {field for field, column in (mapping or {}).items() if column.strip() in
+                            {c.strip() for c in columns}}
+    return "chosen" in names and "rejected" in names
 
 
 def _pair_view(folder: Path, manifest: dict[str, Any], tokenizer: Any, tokenizer_ref: str | None,
-               options: InspectOptions, dataset: Any = None) -> dict[str, Any]:
+               options: InspectOptions, dataset: Any = None, from_file: bool = False) -> dict[str, Any]:
     """Prepared preference pairs: their statistics and one pair, each answer's tokens with its mask."""
     from ftcli.data.preference import explain_pair
 
@@ -404,9 +425,10 @@ def _pair_view(folder: Path, manifest: dict[str, Any], tokenizer: Any, tokenizer
     if options.example >= len(dataset):
         raise ConfigError(f"--example {options.example} is beyond the {len(dataset)} pairs of {folder}",
                           hint=f"pick an index in 0..{len(dataset) - 1}")
-    row = dataset[options.example]
+    index, where = _example_index(manifest, options.example, from_file)
+    row = dataset[index]
     sides = explain_pair(row, tokenizer)
-    view["example"] = {"index": options.example, "prompt_tokens": len(row["prompt_ids"]),
+    view["example"] = {"index": options.example, **where, "prompt_tokens": len(row["prompt_ids"]),
                        **{side: [{"text": t, "loss": on} for t, on in pieces] for side, pieces in sides.items()}}
     return view
 

@@ -36,6 +36,7 @@ def plan(config: Any, model: Any) -> Any:
                               hint=f"its linear layers are: {', '.join(available)} (or use all-linear)")
     target_modules = targets[0] if targets == ["all-linear"] else targets
     variants.check_biases(config, model, target_modules)
+    variants.check_rank(config, model, target_modules)
     lora_config = LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,

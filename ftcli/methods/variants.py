@@ -71,6 +71,30 @@ def lora_config_args(config: Any) -> dict[str, Any]:
             "init_lora_weights": PEFT_INIT[config.lora_init], "bias": config.lora_bias}
 
 
+def check_rank(config: Any, model: Any, targets: Any) -> None:
+    """PiSSA and OLoRA start the adapter from the first `--lora-rank` singular directions (QR columns) of each adapted
+    weight, which has only min(in, out) of them: a higher rank trains, and saves an adapter whose recorded rank its
+    tensors do not have (nothing loads it). Refused before training, naming the narrowest layer."""
+    import torch
+
+    if config.lora_init not in ("pissa", "olora"):
+        return
+    wanted = None if targets == "all-linear" else set(targets)
+    narrowest = None
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if not isinstance(module, torch.nn.Linear) or leaf == "lm_head" or (wanted is not None and leaf not in wanted):
+            continue
+        size = min(module.in_features, module.out_features)
+        if narrowest is None or size < narrowest[0]:
+            narrowest = (size, name, module.in_features, module.out_features)
+    if narrowest is not None and config.lora_rank > narrowest[0]:
+        size, name, n_in, n_out = narrowest
+        raise ConfigError(f"--lora-rank {config.lora_rank} with --lora-init {config.lora_init}: the rank must be at "
+                          f"most min(in, out) of every adapted layer, and {name} is {n_in} x {n_out}",
+                          hint=f"use --lora-rank {size} or less, or --lora-init default")
+
+
 def check_biases(config: Any, model: Any, targets: Any) -> None:
     """Refuse --lora-bias when the layers it would train have no bias (nothing would train, silently)."""
     if config.lora_bias == "none":

@@ -115,6 +115,9 @@ def check(config: Any) -> None:
     from ftcli.methods import METHODS
 
     method = METHODS[config.method]
+    if not isinstance(config.dataset, str):
+        raise ValueError("--objective dpo trains on one preference dataset, not a mixture: pass one --dataset (merge "
+                         "the files into one, or a folder of them)")
     if config.train_on_inputs:
         raise ValueError("--train-on-inputs puts the prompt in an SFT loss; DPO compares the two answers only (the "
                          "prompt is never in its loss): drop --train-on-inputs")

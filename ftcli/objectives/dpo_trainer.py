@@ -12,7 +12,8 @@ Three changes to TRL's behaviour, each small:
   model at extra memory, and which `save_pretrained` would then write into the run folder too;
 - `--precompute-ref`: the reference log-probabilities are cached under `<ftcli_home>/datasets/reference/`,
   keyed by the reference weights, the data and the settings that change the numbers, so a second run or a
-  resume reads them back instead of computing them again.
+  resume reads them back instead of computing them again. Each entry carries the checksum of its tensors and is
+  flushed to disk before its rename; a damaged entry (truncated, edited, unreadable) is computed again, with a note.
 """
 
 from __future__ import annotations
@@ -45,12 +46,13 @@ class FtcliDPOTrainer(DPOTrainer):  # type: ignore[misc]
 
     def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
         path = reference_cache_path(self._precompute_model_hash, dataset._fingerprint, self._ftcli_settings())
-        if path.is_file():
-            from safetensors.torch import load_file
-
-            saved = load_file(str(path))
+        saved, problem = load_reference(path, len(dataset))
+        if saved is not None:
             console.print(f"reference log-probs ({name}, {len(dataset):,} pairs): reused from {path}", soft_wrap=True)
         else:
+            if problem:
+                console.print(f"[yellow]note:[/] the cached reference log-probs {path} are damaged ({problem}): "
+                              "computing them again", soft_wrap=True)
             saved = self._compute_reference(dataset, batch_size)
             save_reference(path, saved)
             console.print(f"reference log-probs ({name}, {len(dataset):,} pairs): computed once and cached in "
@@ -89,14 +91,58 @@ def reference_cache_path(model_hash: str, data_fingerprint: str, settings: dict[
     return cache_root() / REFERENCE_FOLDER / f"{key}.safetensors"
 
 
+CHECKSUM = "ftcli_sha256"  # the safetensors metadata entry: sha256 of the tensors' names, shapes and bytes
+
+
+def tensors_digest(tensors: dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name].contiguous().cpu()
+        h.update(f"{name}\0{value.dtype}\0{tuple(value.shape)}\0".encode())
+        h.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return h.hexdigest()
+
+
+def load_reference(path: Path, pairs: int) -> tuple[dict[str, Any] | None, str | None]:
+    """(the cached log-probabilities, None), or (None, why they cannot be trusted) — (None, None) when there are
+    none. An entry is used only when it parses, holds both columns for `pairs` pairs, and its tensors match the
+    checksum written with them (a truncated file, a same-size edit and a file of another version are all rebuilt)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None, None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            checksum = (fh.metadata() or {}).get(CHECKSUM)
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        return None, f"unreadable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    if checksum is None:
+        return None, "no checksum"
+    if set(tensors) != {"chosen", "rejected"} or any(t.shape != (pairs,) for t in tensors.values()):
+        return None, "not the log-probabilities of these pairs"
+    if tensors_digest(tensors) != checksum:
+        return None, "checksum mismatch"
+    return tensors, None
+
+
 def save_reference(path: Path, tensors: dict[str, Any]) -> None:
-    """The log-probabilities written through a temporary sibling and one rename (never half a file)."""
+    """The log-probabilities and their checksum written through a temporary sibling, flushed to disk, and one rename
+    (never half a file, even after a power cut), readable as the umask says (safetensors writes 0600)."""
     from safetensors.torch import save_file
+
+    from ftcli.files import file_mode, fsync_dir
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        save_file(tensors, str(tmp), metadata={CHECKSUM: tensors_digest(tensors)})
+        os.chmod(tmp, file_mode())
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)

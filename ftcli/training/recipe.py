@@ -75,6 +75,14 @@ def needs_bitsandbytes(config: Any) -> bool:
     return config.optim != AUTO and config.optim.startswith(BITSANDBYTES_OPTIMIZERS)
 
 
+def uses_bitsandbytes(config: Any) -> bool:
+    """Whether the run imports bitsandbytes at all: a 4-bit method or a bitsandbytes optimizer (else it stays
+    out of the process: seconds of import, and notices about kernels the run never uses)."""
+    from ftcli.methods import METHODS
+
+    return METHODS[config.method].loads_4bit or needs_bitsandbytes(config)
+
+
 def optimizer_names() -> list[str]:
     """Every --optim the installed transformers knows."""
     from transformers.training_args import OptimizerNames
@@ -109,6 +117,48 @@ def check_recipe(config: Any, device: str) -> None:
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"--report-to {name}: the {module} library is not installed",
                               hint=f"{install}, or drop {name} from --report-to")
+    check_tracker_access(config)
+
+
+TRACKER_TIMEOUT = 5.0  # seconds to reach a tracking server before the run is refused
+
+
+def check_tracker_access(config: Any) -> None:
+    """What would fail a tracker only after loading, refused first: an MLflow server that cannot be reached (mlflow
+    retries for minutes), W&B online with no API key. (A user's `file:` MLflow store is accepted: see
+    _mlflow_callback.)"""
+    import socket
+    from urllib.parse import urlparse
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    parsed = urlparse(uri)
+    if "mlflow" in config.report_to and parsed.scheme in ("http", "https") and parsed.hostname:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=TRACKER_TIMEOUT).close()
+        except OSError as exc:
+            raise ConfigError(f"--report-to mlflow: the tracking server MLFLOW_TRACKING_URI={uri} cannot be reached "
+                              f"({exc.strerror or type(exc).__name__})", hint="start the server or fix the URI, or "
+                              "unset MLFLOW_TRACKING_URI to log into the run folder") from None
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if "wandb" in config.report_to and mode not in ("offline", "disabled", "dryrun") \
+            and not os.environ.get("WANDB_API_KEY") and not _netrc_login(os.environ.get("WANDB_BASE_URL")
+                                                                         or "https://api.wandb.ai"):
+        raise ConfigError("--report-to wandb: no W&B API key (WANDB_API_KEY, or a `wandb login` in ~/.netrc)",
+                          hint="run `wandb login` or set WANDB_API_KEY, or set WANDB_MODE=offline to log into the run "
+                               "folder")
+
+
+def _netrc_login(url: str) -> bool:
+    """Whether the netrc file (`wandb login` writes it) holds a login for `url`'s host."""
+    import netrc
+    from urllib.parse import urlparse
+
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        return netrc.netrc(path).authenticators(urlparse(url).hostname or "") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 # ---- schedule -------------------------------------------------------------------------------------
@@ -154,6 +204,13 @@ def trainer_class(base: type) -> type:
 
     class RecipeTrainer(base):  # type: ignore[misc,valid-type]
         def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+            warmup = self.args.get_warmup_steps(num_training_steps)
+            if warmup >= num_training_steps and self.lr_scheduler is None:
+                from ftcli.console import console
+
+                console.print(f"[yellow]note:[/] the warmup ({warmup:,} steps) is as long as the run "
+                              f"({num_training_steps:,} optimizer steps) or longer: the learning rate never reaches "
+                              f"--learning-rate; use a shorter --warmup-steps (or --warmup-ratio)", soft_wrap=True)
             kwargs = self.args.lr_scheduler_kwargs
             if isinstance(kwargs, dict) and DECAY_RATIO_KEY in kwargs:
                 kwargs = dict(kwargs)
@@ -243,11 +300,12 @@ def _setup_in_env(base: type, values: dict[str, str]) -> type:
 
 def _mlflow_callback(uri: str) -> Any:
     """MLflow's callback logging to `uri`: the user's MLFLOW_TRACKING_URI, else a file store in the run folder (which
-    the lighter mlflow-skinny can write; MLflow asks for MLFLOW_ALLOW_FILE_STORE to accept it)."""
+    the lighter mlflow-skinny can write; MLflow asks for MLFLOW_ALLOW_FILE_STORE to accept a file store, the user's
+    `file:` URI too)."""
     from transformers.integrations import MLflowCallback
 
     values = {"MLFLOW_TRACKING_URI": uri}
-    if uri.startswith("file:") and not os.environ.get("MLFLOW_TRACKING_URI"):
+    if uri.startswith("file:") or "://" not in uri:  # a file store, ftcli's or one the user named: MLflow asks for this
         values["MLFLOW_ALLOW_FILE_STORE"] = "true"
 
     class RunFolderMLflowCallback(_setup_in_env(MLflowCallback, values)):  # type: ignore[misc]

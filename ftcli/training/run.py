@@ -36,7 +36,6 @@ from ftcli.data.specs import map_sources
 from ftcli.errors import EXIT_INTERRUPTED, RunFailed
 from ftcli.files import disk_full_note, followed, fsync_tree, write_atomic, write_json_atomic
 from ftcli.system import utc_now
-from ftcli.methods import METHODS
 from ftcli.models import without_bitsandbytes
 from ftcli.training.checkpoints import (
     check_compatible, complete_checkpoints, goal_reached, latest_checkpoint, local_path_or_id,
@@ -85,7 +84,7 @@ def run_training(config: RunConfig, command: list[str] | None = None) -> RunResu
     lock = main and not joined
     with claim_run_dir(config.output_dir, config.method, config.overwrite, bool(config.resume), lock=lock) as out, \
             (join_run_lock(out) if joined else nullcontext()), \
-            without_bitsandbytes(not METHODS[config.method].loads_4bit and not recipe.needs_bitsandbytes(config)):
+            without_bitsandbytes(not recipe.uses_bitsandbytes(config)):
         return _run(config, command, out, main, verify=lock)
 
 

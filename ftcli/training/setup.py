@@ -39,7 +39,7 @@ class RunSetup:
 def quiet_libraries() -> None:
     """Keep the terminal for ftcli's own display: library progress bars and advice go quiet."""
     # Set before the libraries are imported: bitsandbytes warns about optional CPU kernels at import time.
-    for name in ("bitsandbytes", "torch.distributed", "accelerate"):
+    for name in ("bitsandbytes", "kernels", "torch.distributed", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import datasets
     import transformers
