@@ -143,7 +143,8 @@ def test_a_busy_master_port_is_one_line_naming_it(cli, tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = cli(*ddp_args(tmp_path / "missing.jsonl", tmp_path / "out", 2, "--master-port", port))
+        result = cli(*ddp_args(write_small_alpaca(tmp_path / "small.jsonl"), tmp_path / "out", 2,
+                               "--master-port", port))
     assert result.exit_code == 2, result.output
     assert f"--master-port {port}" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
@@ -152,7 +153,8 @@ def test_a_busy_master_port_is_one_line_naming_it(cli, tmp_path: Path) -> None:
 
 def test_more_ranks_than_cores_is_refused_before_anything_starts(cli, tmp_path: Path) -> None:
     many = len(os.sched_getaffinity(0)) + 1
-    result = cli(*ddp_args(tmp_path / "missing.jsonl", tmp_path / "out", 2)[:-4], "--nproc-per-node", many,
+    result = cli(*ddp_args(write_small_alpaca(tmp_path / "small.jsonl"), tmp_path / "out", 2)[:-4],
+                 "--nproc-per-node", many,
                  "--output-dir", tmp_path / "out", "--device", "cpu")
     assert result.exit_code == 2 and f"--nproc-per-node {many}" in result.output, result.output
     assert not (tmp_path / "out").exists()
