@@ -79,6 +79,10 @@ def fetch_tree(root: Path) -> None:
     from ftcli.files import exclusive
 
     name, version, sha256 = SOURCE_ARCHIVE
+    from ftcli.paths import home_folder
+
+    if root.parent == cached_tree().parent:
+        home_folder(root.parent.name)  # an FTCLI_HOME that cannot be written: one line, exit 5
     root.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(root, "llama.cpp's converter", wait=True):
         if is_llama_cpp_tree(root):
