@@ -73,12 +73,13 @@ def check_weight_files(folder: Path, hint: str = DAMAGED_HINT, files: list[Path]
 
 
 def nonfinite_parameter(model: Any) -> str | None:
-    """The name of a floating-point parameter holding NaN or inf, or None: one pass over the weights (cheap
-    beside training; quantized and meta tensors are skipped)."""
+    """The name of a floating-point parameter holding NaN or inf, or None: one float32 sum per tensor (NaN and inf
+    survive a sum; no tensor-sized temporary), cheap beside training; quantized and meta tensors are skipped."""
     import torch
 
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.is_floating_point() and param.device.type != "meta" and not torch.isfinite(param).all():
+            if param.is_floating_point() and param.device.type != "meta" and \
+                    not torch.isfinite(param.sum(dtype=torch.float32)):
                 return name
     return None

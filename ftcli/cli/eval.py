@@ -81,7 +81,10 @@ def evaluate(
             console.quiet = False
         sys.stdout.write(json.dumps(report) + "\n")
 
-    run_guarded(go)
+    from ftcli.system import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():  # SIGTERM / SIGHUP end it like Ctrl-C: one line, exit 130, what was done kept
+        run_guarded(go)
 
 
 command = evaluate
