@@ -79,7 +79,8 @@ def nonfinite_parameter(model: Any) -> str | None:
 
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.is_floating_point() and param.device.type != "meta" and \
+            packed = hasattr(param, "quant_state") or hasattr(param, "bnb_quantized")  # 4-bit: bytes, not values
+            if param.is_floating_point() and not packed and param.device.type != "meta" and \
                     not torch.isfinite(param.sum(dtype=torch.float32)):
                 return name
     return None

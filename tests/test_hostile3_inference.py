@@ -160,6 +160,8 @@ def test_prompts_files_refused_in_one_line(cli, runs, tmp_path) -> None:
     (tmp_path / "folder.txt").mkdir()
     result = cli("generate", runs["full"], "--prompts-file", tmp_path / "folder.txt")
     assert result.exit_code == 3 and "is a folder, not a file" in one_error_line(result)
+    result = cli("generate", runs["full"], "--prompt", "Hi", "--output", "")
+    assert result.exit_code == 2 and "pass a file path to --output" in one_error_line(result)
 
 
 def test_compare_base_on_a_bare_model_is_refused_before_loading(cli, monkeypatch) -> None:
@@ -289,3 +291,31 @@ def test_a_damaged_converter_cache_is_fetched_again_or_refused_in_one_line(cli, 
         one_error_line(offline)
     assert not (tmp_path / "g3").exists()
     convert._verified.clear()
+
+
+# ---- R2: a stop request during DPO's reference pass is honoured between batches ----
+
+def test_sigterm_during_the_dpo_reference_pass_stops_it(tmp_path) -> None:
+    data = tmp_path / "pref.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}, written out in words please?",
+                                        "chosen": f"It is {2 * i}.", "rejected": "I do not know."}) + "\n"
+                            for i in range(3000)), encoding="utf-8")
+    out = tmp_path / "dpo"
+    proc = subprocess.Popen([sys.executable, "-m", "ftcli", "train", "--objective", "dpo", "--method", "full", "--model",
+                             "builtin:tiny-llama", "--dataset", str(data), "--max-steps", "2", "--batch-size", "2",
+                             "--precompute-ref", "--output-dir", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    printed = []
+    for line in proc.stdout:
+        printed.append(line)
+        if line.startswith("model:"):
+            time.sleep(2)
+            proc.send_signal(signal.SIGTERM)
+            sent = time.time()
+            break
+    rest = proc.communicate(timeout=600)[0]
+    text = "".join(printed) + rest
+    assert proc.returncode == 130, text
+    assert "computed once and cached" not in text and "Traceback" not in text
+    assert time.time() - sent < 60, text
+    assert json.loads((out / "ftcli_run.json").read_text())["status"] == "interrupted"

@@ -257,7 +257,7 @@ def check_output_file(path: str, overwrite: bool) -> None:
     """A `.jsonl` file to write at the end: refused if it exists (unless `overwrite`) or its folder does not."""
     from ftcli.files import check_writable, output_path
 
-    out = output_path(path, "--output")
+    out = output_path(path, "--output", what="file")
     if out.suffix.lower() != ".jsonl":
         raise ConfigError(f"--output {out} must be a .jsonl file", hint="name it e.g. answers.jsonl")
     if out.exists() and (out.is_dir() or not overwrite):
