@@ -165,9 +165,9 @@ def test_prompts_files_refused_in_one_line(cli, runs, tmp_path) -> None:
 
 
 def test_compare_base_on_a_bare_model_is_refused_before_loading(cli, monkeypatch) -> None:
-    import ftcli.inference.target as target
+    import ftcli.inference.run as run
 
-    monkeypatch.setattr(target, "load_target", lambda *a, **k: pytest.fail("loaded the model first"))
+    monkeypatch.setattr(run, "load_target", lambda *a, **k: pytest.fail("loaded the model first"))
     result = cli("generate", "builtin:tiny-llama", "--prompt", "Hi", "--compare-base")
     assert result.exit_code == 2
     assert "--compare-base: builtin:tiny-llama is a model of its own" in one_error_line(result)
@@ -175,9 +175,10 @@ def test_compare_base_on_a_bare_model_is_refused_before_loading(cli, monkeypatch
 
 def test_chat_drops_the_carriage_return_of_crlf_input(cli, runs, tmp_path) -> None:
     out = tmp_path / "chat.jsonl"
-    result = cli("chat", runs["full"], "--template", "model", "--max-new-tokens", "2", "--output", out,
-                 input="Hi\r\n")
-    assert result.exit_code == 0, result.stderr
+    done = subprocess.run([sys.executable, "-m", "ftcli", "chat", str(runs["full"]), "--template", "model",
+                           "--max-new-tokens", "2", "--output", str(out)], input=b"Hi\r\n", capture_output=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
     row = json.loads(out.read_text().splitlines()[0])
     assert row["user"] == "Hi" and "\r" not in row["rendered_prompt"]
 
