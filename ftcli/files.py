@@ -122,13 +122,13 @@ def read_json_object(path: Path, hint: str) -> dict[str, Any]:
     return data
 
 
-def output_path(value: str | os.PathLike[str] | None, flag: str) -> Path | None:
+def output_path(value: str | os.PathLike[str] | None, flag: str, what: str = "folder") -> Path | None:
     """An output path as given: None stays None (the command's default); an empty or blank one is refused,
-    since it would mean the current folder (an unset `$OUT` in a script)."""
+    since it would mean the current folder (an unset `$OUT` in a script). `what`: a folder or a file."""
     if value is None:
         return None
     if not str(value).strip():
-        raise ConfigError(f"{flag} is empty", hint=f"pass a folder path to {flag} (an unset shell variable gives \"\")")
+        raise ConfigError(f"{flag} is empty", hint=f"pass a {what} path to {flag} (an unset shell variable gives \"\")")
     return Path(value).expanduser()
 
 

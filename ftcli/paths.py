@@ -2,6 +2,7 @@
 
     >>> from ftcli.paths import ftcli_home
     >>> ftcli_home()  # $FTCLI_HOME, else ~/.cache/ftcli
+    >>> home_folder("builtin")  # $FTCLI_HOME/builtin, created: one line (exit 5) when it cannot be
 """
 
 from __future__ import annotations
@@ -26,6 +27,25 @@ def ftcli_home() -> Path:
         home, named = base / "ftcli", "XDG_CACHE_HOME" if xdg else "the cache folder"
     _refuse_non_folder(home, named)
     return home
+
+
+def home_folder(*parts: str) -> Path:
+    """`ftcli_home() / parts...`, created, for a command about to write there: every place that builds or fetches
+    into the cache (built-in models, prepared data, the GGUF converter, compile caches) asks here, so a home that
+    cannot be created or written (FTCLI_HOME=/proc/ftcli, a read-only disk) is one line and exit 5 everywhere."""
+    home = ftcli_home()
+    folder = home.joinpath(*parts)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        writable = os.access(folder, os.W_OK | os.X_OK)
+        reason = "is not writable"
+    except OSError as exc:
+        writable, reason = False, f"cannot be created ({exc.strerror or type(exc).__name__})"
+    if not writable:
+        named = "FTCLI_HOME" if os.environ.get("FTCLI_HOME") else "the cache folder"
+        raise OutputError(f"{named} {home} cannot hold ftcli's cache: {folder} {reason}",
+                          hint="point FTCLI_HOME at a writable folder (or unset it for ~/.cache/ftcli)")
+    return folder
 
 
 def _refuse_non_folder(home: Path, named: str) -> None:

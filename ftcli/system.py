@@ -89,17 +89,19 @@ def process_alive(pid: int) -> bool:
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM ends the block like Ctrl-C (KeyboardInterrupt: what the command removes or records on the way
-    out, then exit 130) instead of killing the process where it stands. Only the main thread can install it."""
+    """SIGTERM (a scheduler, `kill`) and SIGHUP (the terminal closed) end the block like Ctrl-C (KeyboardInterrupt:
+    what the command removes, keeps or records on the way out, then exit 130) instead of killing the process where
+    it stands. Only the main thread can install it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    wanted = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in wanted}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
-
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # Set by ftcli's launcher for its ranks: the launcher's pid. A rank dies with the process that started it.

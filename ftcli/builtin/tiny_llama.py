@@ -78,6 +78,10 @@ def ensure_tiny_llama(home: Path | None = None) -> Path:
     if is_built(target):
         return target
     parent = target.parent
+    if home is None:
+        from ftcli.paths import home_folder
+
+        home_folder(parent.name)  # an FTCLI_HOME that cannot be written: one line, exit 5
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=".tiny-llama-tmp-"))
     try:

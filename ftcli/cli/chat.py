@@ -37,7 +37,10 @@ def chat(values: dict) -> None:
             run_chat(ChatOptions(target=values["target"], system=values.get("system"), decoding=decoding,
                                  load=load, output=values.get("output")))
 
-    run_guarded(go)
+    from ftcli.system import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():  # SIGTERM / SIGHUP end it like Ctrl-C: one line, exit 130, what was done kept
+        run_guarded(go)
 
 
 TARGET = target_argument("A run folder, an adapter folder, an exported folder, a model folder, a hub id or "

@@ -106,7 +106,10 @@ def evaluate(
         with without_bitsandbytes(not target_uses_bitsandbytes(target)):
             return run_eval(options)
 
-    run_guarded(go)
+    from ftcli.system import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():  # SIGTERM / SIGHUP end it like Ctrl-C: one line, exit 130, what was done kept
+        run_guarded(go)
 
 
 command = evaluate

@@ -72,7 +72,10 @@ def generate(values: dict) -> None:
                 compare_base=bool(values.get("compare_base")), show_prompt=bool(values.get("show_prompt")),
                 decoding=decoding, load=load))
 
-    run_guarded(go)
+    from ftcli.system import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():  # SIGTERM / SIGHUP end it like Ctrl-C: one line, exit 130, what was done kept
+        run_guarded(go)
 
 
 TARGET = target_argument("A run folder, an adapter folder, an exported folder, a model folder, a hub id or "

@@ -239,9 +239,10 @@ def protected_paths(src: ExportSource) -> list[Path]:
 
 def check_weight_files(src: ExportSource) -> None:
     """Refuse, before anything loads, a safetensors file of the source or of a local base that cannot be read
-    whole: a header that does not parse, or tensors that do not fill the file exactly (truncated, grown)."""
+    whole (ftcli.weights: the loading core's own check, here with export's hint)."""
     from ftcli.export.merge import weight_files
     from ftcli.models import resolve_model_source
+    from ftcli.weights import check_weight_files as check_files
 
     files = sorted(src.path.glob("*.safetensors"))
     try:
@@ -250,35 +251,4 @@ def check_weight_files(src: ExportSource) -> None:
         base = None
     if base is not None and base.kind != "hub" and Path(base.path) != src.path:
         files += weight_files(Path(base.path))
-    for file in files:
-        problem = safetensors_problem(file)
-        if problem:
-            raise ModelError(f"{file} is damaged: {problem}",
-                             hint="nothing was written; export from an intact copy (or train again)")
-
-
-def safetensors_problem(file: Path) -> str | None:
-    """Why `file` is not a whole safetensors file, or None when its header and size agree."""
-    import json
-    import struct
-
-    size = file.stat().st_size
-    try:
-        with open(file, "rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            if length > size - 8:
-                return f"its header claims {length} bytes, more than the file holds ({size})"
-            header = json.loads(fh.read(length))
-    except (OSError, struct.error, ValueError, RecursionError) as exc:
-        return f"its header does not parse ({type(exc).__name__})"
-    if not isinstance(header, dict):
-        return "its header is not a JSON object"
-    try:
-        ends = [int(info["data_offsets"][1]) for name, info in header.items() if name != "__metadata__"]
-    except (KeyError, IndexError, TypeError, ValueError):
-        return "its header lists a tensor without valid data offsets"
-    data = size - 8 - length
-    if max(ends, default=0) != data:
-        return f"its tensors need {max(ends, default=0)} bytes of data, the file holds {data} (truncated or grown)"
-    return None
-
+    check_files(src.path, hint="nothing was written; export from an intact copy (or train again)", files=files)

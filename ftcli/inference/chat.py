@@ -58,6 +58,9 @@ class Conversation:
 def run_chat(opts: ChatOptions, lines: Iterable[str] | None = None) -> Conversation:
     """Chat until /exit or the end of input; returns the conversation (what was said, in order)."""
     opts.decoding.check()
+    if lines is None and sys.stdin is None:  # `ftcli chat ... <&-`
+        raise ConfigError("chat reads its turns from stdin, and stdin is closed", hint="run it on a terminal, or pipe "
+                          "the turns in (printf 'Hi\\n' | ftcli chat TARGET)")
     if opts.output is not None:
         check_output_file(opts.output, overwrite=False)
     with output_lock(opts.output, overwrite=False):
@@ -128,6 +131,7 @@ def _handle(text: str, conversation: Conversation, target: Any, decoding: Decodi
     from ftcli.data.formats import Example
     from ftcli.inference.prompts import render
 
+    text = text.removesuffix("\r")  # a CRLF line's \r is no part of the turn
     stripped = text.strip()
     if not stripped:
         return True

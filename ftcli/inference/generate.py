@@ -108,11 +108,13 @@ def generate_ids(model: Any, target: Any, prompt_ids: list[int], decoding: Decod
     device = next(model.parameters()).device
     inputs = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     kwargs: dict[str, Any] = dict(
-        input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=decoding.max_new_tokens,
+        input_ids=inputs, attention_mask=torch.ones_like(inputs),
+        max_new_tokens=_fit_context(model, len(prompt_ids), decoding.max_new_tokens),
         eos_token_id=[eos, *turn_end], pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
         else eos, use_cache=True, **decoding.generate_kwargs())
     if stop_text:  # an end of turn that is no special token: stop on its text, as the answers were trained
         kwargs.update(stop_strings=[stop_text], tokenizer=tokenizer)
+    kwargs["logits_processor"] = finite_logits_check()
     streamer = None
     if on_text is not None:
         from transformers import TextIteratorStreamer
@@ -139,8 +141,42 @@ def generate_ids(model: Any, target: Any, prompt_ids: list[int], decoding: Decod
     return Completion(prompt_ids, new, text, reason, seconds)
 
 
+class AnswerInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM/SIGHUP, see ftcli.system.sigterm_as_interrupt) while an answer streamed: the generation
+    was stopped and its worker joined before this was raised, so a caller may catch it and go on (chat: stop only
+    that answer) or let it end the command (exit 130). `text` is what had been streamed."""
+
+    def __init__(self, text: str = ""):
+        super().__init__()
+        self.text = text
+
+
+def _fit_context(model: Any, prompt_tokens: int, wanted: int) -> int:
+    """--max-new-tokens within the model's context: a prompt that fills it is refused, more new tokens than fit are
+    capped, each in one line (the model would otherwise run far past what it was built for)."""
+    from ftcli.console import err_console
+    from ftcli.errors import DataError
+
+    context = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(context, int) or context <= 0:
+        return wanted
+    if prompt_tokens >= context:
+        raise DataError(f"the prompt is {prompt_tokens:,} tokens, and the model's context holds {context:,}",
+                        hint="shorten the prompt")
+    if prompt_tokens + wanted > context:
+        err_console.print(f"[yellow]note:[/] --max-new-tokens {wanted:,} capped to {context - prompt_tokens:,}: the "
+                          f"prompt's {prompt_tokens:,} tokens and the answer must fit the model's context of "
+                          f"{context:,}", soft_wrap=True)
+        return context - prompt_tokens
+    return wanted
+
+
 def _generate_streaming(model: Any, kwargs: dict[str, Any], streamer: Any, on_text: Callable[[str], None]) -> Any:
-    """`generate` in a worker thread while this thread hands the decoded pieces to `on_text`."""
+    """`generate` in a worker thread while this thread hands the decoded pieces to `on_text`.
+
+    An interrupt (Ctrl-C) reaches this thread only: it sets the worker's stop flag, which `generate` checks after
+    every token (a StoppingCriteria), and waits for the worker to end; the process never exits under a running
+    worker (the C++ runtime aborts then: `terminate called without an active exception`)."""
     import threading
 
     import torch
@@ -148,7 +184,7 @@ def _generate_streaming(model: Any, kwargs: dict[str, Any], streamer: Any, on_te
     from ftcli.inference.stream import stop_on
 
     result: dict[str, Any] = {}
-    stop = threading.Event()  # set on Ctrl-C: the worker ends at its next token instead of running on
+    stop = threading.Event()
     kwargs = {**kwargs, "stopping_criteria": stop_on(stop)}
 
     def work() -> None:
@@ -161,17 +197,52 @@ def _generate_streaming(model: Any, kwargs: dict[str, Any], streamer: Any, on_te
 
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
+    shown: list[str] = []
     try:
         for piece in streamer:
             on_text(piece)
+            shown.append(piece)
     except KeyboardInterrupt:
         stop.set()
-        worker.join()
-        raise
-    worker.join()
+        _join(worker, stop)
+        raise AnswerInterrupted("".join(shown)) from None
+    if _join(worker, stop):
+        raise AnswerInterrupted("".join(shown))
     if "error" in result:
         raise result["error"]
     return result["out"]
+
+
+def _join(worker: Any, stop: Any) -> bool:
+    """Wait for the worker (it stops within a token once asked); a Ctrl-C meanwhile asks it to stop but does not
+    cut the wait. True when one came."""
+    interrupted = False
+    while worker.is_alive():
+        try:
+            worker.join()
+        except KeyboardInterrupt:
+            stop.set()
+            interrupted = True
+    return interrupted
+
+
+def finite_logits_check() -> Any:
+    """A logits processor that refuses scores holding NaN or +inf (or no finite score at all): sampling from them is
+    a torch traceback, and greedy decoding of them an empty or garbage answer. One reduction per token."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from ftcli.errors import ModelError
+
+    class _Finite(LogitsProcessor):
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            if torch.isnan(scores).any() or torch.isposinf(scores).any() or not torch.isfinite(scores).any():
+                raise ModelError("the model's outputs are not finite (NaN or inf), so it cannot generate: its "
+                                 "weights may hold NaN", hint="check the model (a training run that diverged saves "
+                                 "NaN weights); train again from an intact start, or use an earlier checkpoint")
+            return scores
+
+    return LogitsProcessorList([_Finite()])
 
 
 def complete(target: Any, prompt_ids: list[int], decoding: Decoding, on_text: Callable[[str], None] | None = None,
@@ -187,7 +258,7 @@ def check_output_file(path: str, overwrite: bool) -> None:
     """A `.jsonl` file to write at the end: refused if it exists (unless `overwrite`) or its folder does not."""
     from ftcli.files import check_writable, output_path
 
-    out = output_path(path, "--output")
+    out = output_path(path, "--output", what="file")
     if out.suffix.lower() != ".jsonl":
         raise ConfigError(f"--output {out} must be a .jsonl file", hint="name it e.g. answers.jsonl")
     if out.exists() and (out.is_dir() or not overwrite):

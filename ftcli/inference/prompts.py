@@ -69,15 +69,10 @@ def read_prompts_file(path: Path, target: Any) -> list[Prompt]:
     from ftcli.data.sources import check_text
 
     if not path.is_file():
-        raise DataError(f"--prompts-file {path} does not exist", hint="check the path")
-    try:
-        data = path.read_bytes()
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise DataError(f"--prompts-file {path}:{line}: not valid UTF-8", hint="save the file as UTF-8") from None
-    except OSError as exc:
-        raise DataError(f"cannot read --prompts-file {path}: {exc.strerror or exc}", hint="check the file") from None
+        what = "is a folder, not a file" if path.is_dir() else "is not a regular file" if path.exists() else \
+            "does not exist"
+        raise DataError(f"--prompts-file {path} {what}", hint="check the path")
+    text = _read_text(path)
     if path.suffix.lower() == ".txt":
         prompts = [Prompt(line, prompt_example(target, line)) for line in text.splitlines() if line.strip()]
     elif path.suffix.lower() == ".jsonl":
@@ -98,12 +93,38 @@ def read_prompts_file(path: Path, target: Any) -> list[Prompt]:
                                 f"from ({', '.join(prompt_fields)}; format {target.fmt})",
                                 hint="write rows like the training data, without the answer, or use a .txt file")
             try:
-                prompts.append(Prompt(row, row_to_example(row, target.fmt)))
+                example = row_to_example(row, target.fmt)
             except RowError as exc:
                 raise DataError(f"--prompts-file {path}:{number}: {exc}", hint="fix that row") from None
+            if not _has_text(example):  # as `--prompt ""` is refused
+                raise DataError(f"--prompts-file {path}:{number}: the prompt is empty (null or \"\" in "
+                                f"{', '.join(prompt_fields)})", hint="give that row the text the model should answer, "
+                                "or remove it")
+            prompts.append(Prompt(row, example))
     else:
         raise DataError(f"--prompts-file {path}: a {path.suffix or 'suffix-less'} file",
                         hint="use .txt (one prompt a line) or .jsonl (rows in the training data's columns)")
     if not prompts:
         raise DataError(f"--prompts-file {path} holds no prompt", hint="write one prompt per line")
     return prompts
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8; bytes that are not: one line naming the file and line, as the training data reader does."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"--prompts-file {path}:{line}: not valid UTF-8", hint="save the file as UTF-8") from None
+
+
+def _has_text(example: Any) -> bool:
+    """Whether a prompt row gives the model anything to answer (its instruction, prompt, text or a message)."""
+    if example.kind == "alpaca":
+        return bool(example.instruction.strip())
+    if example.kind == "pair":
+        return bool(example.prompt.strip())
+    if example.kind == "text":
+        return bool(example.response.strip())
+    return any(str(m.get("content") or "").strip() or m.get("tool_calls") for m in example.messages)

@@ -10,21 +10,24 @@ The completions go to stdout (one after another, a blank line between them); wha
 the rendered prompt (`--show-prompt`) and the token counts and speed go to stderr, so
 `ftcli generate ... > answers.txt` keeps the answers alone. `--output FILE.jsonl` writes one row
 per prompt: prompt, rendered prompt, completion, token counts, stop reason, tokens/s (and the
-base's completion with `--compare-base`), atomically, once every prompt is done.
+base's completion with `--compare-base`) as each prompt is done: the rows go to a hidden temporary
+file beside it (`.NAME.*.partial`), renamed to FILE when every prompt is done, or, on Ctrl-C,
+SIGTERM, a full disk or an error, with the rows finished so far (each row whole; the last line
+says how many of how many). A name that appears is never a half-written row.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from ftcli.console import console, err_console
 from ftcli.errors import ConfigError
-from ftcli.inference.generate import (
-    Completion, Decoding, check_output_file, complete, output_lock, print_piece,
-)
+from ftcli.inference.generate import (AnswerInterrupted, Completion, Decoding, check_output_file, complete,
+                                     output_lock, print_piece)
 from ftcli.inference.prompts import Prompt, prompt_example, read_prompts_file, render
 from ftcli.inference.target import TargetOptions, load_target
 
@@ -59,24 +62,73 @@ def _generate(opts: GenerateOptions) -> list[dict[str, Any]]:
         [Prompt(text, prompt_example(target, text, opts.extra_input)) for text in opts.prompts]
     rendered = [render(target, p.example, opts.system) for p in prompts]  # every prompt checked before any runs
     err_console.print(f"[bold]ftcli generate[/] {target.label} on {target.device}", soft_wrap=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
     stream = console.is_terminal and not opts.compare_base
+    with rows_file(Path(opts.output).expanduser() if opts.output is not None else None, len(prompts)) as add:
+        _generate_all(opts, target, prompts, rendered, stream, rows, add)
+    return rows
+
+
+def _generate_all(opts: GenerateOptions, target: Any, prompts: list[Prompt], rendered: list[list[int]], stream: bool,
+                  rows: list[dict[str, Any]], add: Any) -> None:
     for number, (prompt, ids) in enumerate(zip(prompts, rendered), 1):
         if opts.show_prompt:
             err_console.print(f"[dim]prompt {number}, as rendered:[/]")
             err_console.print(target.tokenizer.decode(ids, skip_special_tokens=False), markup=False, highlight=False)
         if number > 1:
             console.print()
-        tuned = complete(target, ids, opts.decoding, on_text=print_piece if stream else None)
+        try:
+            tuned = complete(target, ids, opts.decoding, on_text=print_piece if stream else None)
+        except AnswerInterrupted:
+            console.print()  # the streamed answer stopped mid-line
+            raise
         base = complete(target, ids, opts.decoding, base=True) if opts.compare_base else None
         _show(tuned, base, streamed=stream, title=f"prompt {number}: {_short(prompt.source)}")
         rows.append(_row(prompt, target, ids, tuned, base))
-    if opts.output is not None:
-        from ftcli.files import write_atomic
+        add(rows[-1])
 
-        write_atomic(Path(opts.output).expanduser(), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        err_console.print(f"wrote {len(rows)} row(s) to {opts.output}", soft_wrap=True)
-    return rows
+
+@contextmanager
+def rows_file(path: Path | None, total: int) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """`add(row)` writes a row through at once to a temporary file beside `path`; the file becomes `path` when the
+    block ends, however it ends, if it holds a row (a write the disk refused is cut back to the last whole row)."""
+    if path is None:
+        yield lambda row: None
+        return
+    import os
+    import tempfile
+
+    from ftcli.files import file_mode
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    written = {"rows": 0, "bytes": 0}
+
+    def add(row: dict[str, Any]) -> None:
+        data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            os.ftruncate(fd, written["bytes"])
+            raise
+        written["rows"] += 1
+        written["bytes"] += len(data)
+
+    done = False
+    try:
+        os.fchmod(fd, file_mode())
+        yield add
+        done = True
+    finally:
+        os.close(fd)
+        if written["rows"]:
+            os.replace(tmp, path)
+            how = f"wrote {written['rows']} row(s)" if done else \
+                f"kept the {written['rows']} finished row(s) of {total}"
+            err_console.print(f"{how} to {path}", soft_wrap=True)
+        else:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def _check(opts: GenerateOptions) -> None:
@@ -89,6 +141,13 @@ def _check(opts: GenerateOptions) -> None:
     opts.decoding.check()
     if opts.output is not None:
         check_output_file(opts.output, opts.overwrite)
+    if opts.compare_base:  # before loading anything: a model of its own has no base to compare with
+        from ftcli.targets import find_target
+
+        info = find_target(opts.target, base=opts.load.base)
+        if info.adapter is None and not info.base:
+            raise ConfigError(f"--compare-base: {opts.target} is a model of its own, with no base recorded",
+                              hint="compare a run, an adapter or an export, or pass --base")
 
 
 def _short(source: Any, width: int = 60) -> str:

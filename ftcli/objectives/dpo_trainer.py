@@ -75,12 +75,25 @@ class FtcliDPOTrainer(DPOTrainer):  # type: ignore[misc]
                             shuffle=False)
         model = self.ref_model or self.model
         chosen, rejected = [], []
+        stop = self._ftcli_stop_request()
         for batch in loader:
+            if stop is not None and stop.requested:  # Ctrl-C / SIGTERM: honoured between batches, not after the pass
+                raise KeyboardInterrupt
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
             c, r = self.compute_ref_log_probs(model, batch)
             chosen.append(c.float().cpu())
             rejected.append(r.float().cpu())
         return {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
+
+
+    def _ftcli_stop_request(self) -> Any:
+        """The run guard's stop request (ftcli.training.guard.StopRequest), when a guard watches this trainer."""
+        handler = getattr(self, "callback_handler", None)
+        for callback in getattr(handler, "callbacks", []):
+            stop = getattr(callback, "stop", None)
+            if stop is not None and hasattr(stop, "requested"):
+                return stop
+        return None
 
 
 def reference_cache_path(model_hash: str, data_fingerprint: str, settings: dict[str, Any]) -> Path:

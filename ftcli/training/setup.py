@@ -104,11 +104,24 @@ def set_up(config: Any, command: str) -> RunSetup:
     model = load_start_model(start, dtype=config.dtype, device=device, attn_implementation=config.attn_implementation,
                              revision=config.revision, trust_remote_code=config.trust_remote_code,
                              **method.load_options(config, device))
+    _refuse_nonfinite_start(model, config.model)
     plan = method.plan(config, model)
     console.print(f"model: {plan.total_parameters:,} parameters, {plan.trainable_parameters:,} trainable "
                   f"({config.method}, {str(torch_dtype).removeprefix('torch.')}, {device})")
     return RunSetup(device, torch_dtype, tokenizer, pad_policy, dataset, report, method, plan, eval_set,
                     OBJECTIVES[config.objective])
+
+
+def _refuse_nonfinite_start(model: Any, ref: str) -> None:
+    """A start model that already holds NaN or inf fails at step 1 whatever the learning rate: say so at load."""
+    from ftcli.errors import ModelError
+    from ftcli.weights import nonfinite_parameter
+
+    bad = nonfinite_parameter(model)
+    if bad:
+        raise ModelError(f"the start model {ref} holds non-finite weights (NaN or inf, e.g. in {bad}), so training "
+                         "from it cannot work", hint="start from an intact model (a run that diverged saves NaN "
+                         "weights; train it again, or --resume it from an earlier checkpoint)")
 
 
 def chain_names(start: Any) -> list[str]:

@@ -65,23 +65,71 @@ def converter_source() -> tuple[Path, str]:
                               f"{LLAMA_CPP_COMMIT[:7]} from ftcli's cache")
         return root, f"llama.cpp checkout {root}"
     root = cached_tree()
-    if not is_llama_cpp_tree(root):
-        fetch_tree(root)
+    problem = tree_problem(root)
+    if problem is not None:
+        damaged = root.exists()
+        try:
+            fetch_tree(root)
+        except ConfigError as exc:
+            if not damaged:
+                raise
+            raise ConfigError(f"the cached llama.cpp converter in {root} is damaged ({problem}), and fetching it "
+                              f"again failed: {exc.message}", hint=exc.hint) from None
+        if damaged:
+            console.print(f"[yellow]note:[/] replaced the damaged cached llama.cpp converter ({problem})",
+                          soft_wrap=True)
     return root, f"llama.cpp {LLAMA_CPP_COMMIT[:12]}"
+
+
+TREE_RECORD = "ftcli-tree.json"  # sha256 of every file of the extracted tree, written when it was extracted
+_verified: set[Path] = set()
+
+
+def _tree_digests(root: Path) -> dict[str, str]:
+    from ftcli.files import file_sha256
+
+    return {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != TREE_RECORD and "__pycache__" not in p.parts}
+
+
+def tree_problem(root: Path) -> str | None:
+    """Why the cached tree at `root` cannot be used as extracted (missing, no record, a file changed), or None."""
+    import json
+
+    if root in _verified:
+        return None
+    if not is_llama_cpp_tree(root):
+        return "no converter there" if root.exists() else "not fetched yet"
+    try:
+        recorded = json.loads((root / TREE_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"no readable {TREE_RECORD} (the record of what was extracted)"
+    found = _tree_digests(root)
+    changed = sorted(set(recorded) ^ set(found) | {k for k in recorded if found.get(k) not in (None, recorded[k])})
+    if changed:
+        return f"{changed[0]} differs from what was extracted" + (f", and {len(changed) - 1} more" if
+                                                                     len(changed) > 1 else "")
+    _verified.add(root)
+    return None
 
 
 def fetch_tree(root: Path) -> None:
     """Put llama.cpp's converter (and its gguf-py and LICENSE) at `root`, from the pinned PyPI archive that
     vendors it; one process at a time, the tree renamed into place whole."""
+    import json
     import shutil
     import tempfile
 
     from ftcli.files import exclusive
 
     name, version, sha256 = SOURCE_ARCHIVE
+    from ftcli.paths import home_folder
+
+    if root.parent == cached_tree().parent:
+        home_folder(root.parent.name)  # an FTCLI_HOME that cannot be written: one line, exit 5
     root.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(root, "llama.cpp's converter", wait=True):
-        if is_llama_cpp_tree(root):
+        if tree_problem(root) is None:
             return
         console.print(f"gguf: fetching llama.cpp {LLAMA_CPP_COMMIT[:7]}'s converter once, from {name} {version}'s "
                       f"source archive on PyPI, into {root}")
@@ -89,6 +137,10 @@ def fetch_tree(root: Path) -> None:
         try:
             archive = _download(name, version, sha256, work)
             _extract_tree(archive, work / "tree")
+            (work / "tree" / TREE_RECORD).write_text(json.dumps(_tree_digests(work / "tree"), indent=1),
+                                                     encoding="utf-8")
+            if root.exists():  # a damaged tree: set aside (removed with `work`) only now that a good one is here
+                os.replace(root, work / "damaged")
             os.replace(work / "tree", root)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -192,6 +244,9 @@ def convert(folder: Path, out_file: Path, gguf_type: str, prompt: Any, name: str
             model.write()
     except (ModelError, ConfigError):
         raise
+    except SystemExit as exc:  # the converter's scripts end with sys.exit on some errors: no message of their own
+        raise RunFailed(f"llama.cpp's converter stopped on the merged model ({arch}) with exit code {exc.code}",
+                        hint="nothing was written; export with --format hf and convert it yourself") from None
     except Exception as exc:  # noqa: BLE001 - the converter's own failure, in one line
         raise RunFailed(f"llama.cpp's converter failed on the merged model ({arch}): {type(exc).__name__}: {exc}",
                         hint="nothing was written; export with --format hf and convert it yourself") from None
