@@ -152,7 +152,7 @@ def test_a_finished_epoch_run_says_it_is_complete_and_changes_nothing(readme_ref
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     result = ok(ftcli(*README_LORA, "--output-dir", run, "--resume"))
     said = " ".join(result.stdout.split())
-    assert "is complete" in said and "--num-epochs 1 (100 steps)" in said and "-1" not in said, said
+    assert "is complete" in said and "--num-epochs 1 (100 steps)" in said and "--max-steps -1" not in said, said
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
     # Into a new folder (--resume RUN): nothing to train, nothing created, no step past the goal.

@@ -326,7 +326,7 @@ def test_bad_eval_options_fail_cleanly(cli, tmp_path: Path, train_data: Path, ev
 
 @pytest.mark.parametrize("args, code, words", [
     (["/no/such/model", "--dataset", "x.jsonl"], 2, "does not exist"),  # a path typed wrong: a bad argument
-    (["builtin:no-such-model", "--dataset", "x.jsonl"], 4, "builtin"),
+    (["builtin:no-such-model", "--dataset", "builtin:alpaca-sample"], 4, "builtin"),
     (["builtin:tiny-llama"], 2, "--dataset"),
 ])
 def test_eval_refuses_unknown_targets(cli, tmp_path: Path, args: list[str], code: int, words: str) -> None:

@@ -223,6 +223,8 @@ def test_fsdp_sigterm_stops_all_ranks_and_resumes_exactly(varied_data: Path, tmp
 def test_incomplete_checkpoints_are_skipped(full_reference: Path, varied_data: Path, tmp_path: Path, cli) -> None:
     out = tmp_path / "run"
     shutil.copytree(full_reference, out)
+    manifest = read_manifest(out)  # a run killed while it wrote its last checkpoint: never finished
+    (out / "ftcli_run.json").write_text(json.dumps({**manifest, "status": "running"}))
     (out / "checkpoint-12" / MARKER).unlink()  # its writing stopped before the marker
     (out / "checkpoint-12" / "optimizer.pt").unlink()
     with open(out / "checkpoint-9" / "optimizer.pt", "r+b") as fh:  # marked, but a file was cut short since
@@ -306,7 +308,9 @@ def test_output_folder_rules(full_reference: Path, varied_data: Path, tmp_path: 
     out = tmp_path / "run"
     shutil.copytree(full_reference, out)
     again = cli(*train_args("full", varied_data, out))
-    assert again.exit_code == 5 and "not empty" in again.stderr and "--resume" in again.stderr
+    # A finished run: use it or replace it (resuming it would train nothing).
+    assert again.exit_code == 5 and "not empty" in again.stderr and "holds a finished run" in again.stderr
+    assert "--overwrite" in again.stderr and "ftcli export" in again.stderr
 
     other = tmp_path / "other"
     other.mkdir()

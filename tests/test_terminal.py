@@ -22,7 +22,12 @@ WIDTHS = [80, 120]
 
 def _help(cli, monkeypatch: pytest.MonkeyPatch, width: int, *argv: str) -> str:
     monkeypatch.setenv("COLUMNS", str(width))
-    monkeypatch.delenv("TERMINAL_WIDTH", raising=False)
+    # Typer's own width setting, read first by the help console: in a long in-process test session Rich's reading of
+    # COLUMNS alone was seen to stay at 80.
+    if argv:  # a command's help (ftcli's own layout; the top-level list is Typer's, which reads COLUMNS)
+        monkeypatch.setenv("TERMINAL_WIDTH", str(width))
+    else:
+        monkeypatch.delenv("TERMINAL_WIDTH", raising=False)
     result = cli(*argv, "--help")
     assert result.exit_code == 0, result.output
     return result.stdout

@@ -193,6 +193,9 @@ def _finished_here(config: RunConfig, out: Path) -> RunResult | None:
     manifest = finished_run(config, out)
     if manifest is None:
         return None
+    last = latest_checkpoint(out)
+    if last is not None:  # another run asked for than the one finished here is refused, as for any resume
+        check_compatible(last, run_identity(config, None, world_size()), config.force, True)
     steps = (manifest.get("metrics") or {}).get("steps")
     console.print(f"the run in {out} is complete: it trained {training_goal(config)}"
                   f"{f' ({steps} steps)' if steps else ''} and finished; nothing to train (to train further, resume "
