@@ -183,6 +183,26 @@ def test_chat_drops_the_carriage_return_of_crlf_input(cli, runs, tmp_path) -> No
     assert row["user"] == "Hi" and "\r" not in row["rendered_prompt"]
 
 
+def test_a_turn_the_template_refuses_is_not_sent_and_the_chat_goes_on(runs, tmp_path) -> None:
+    """R13: a system prompt the template refuses fails that turn only; `/system` alone clears it and the chat goes
+    on (it ended the whole chat with exit 3)."""
+    nosys = tmp_path / "nosys.jinja"
+    nosys.write_text("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+                     "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", encoding="utf-8")
+    out = tmp_path / "chat.jsonl"
+    done = subprocess.run([sys.executable, "-m", "ftcli", "chat", str(runs["full"]), "--template", str(nosys),
+                           "--max-new-tokens", "2", "--output", str(out)],
+                          input=b"Hi\n/system Be terse.\nStill there?\n/system\nAnd now?\n", capture_output=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    stderr = " ".join(done.stderr.decode().split())
+    assert "turn not sent: " in stderr and "no system role" in stderr and "the conversation so far is kept" in stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["user"] for r in rows] == ["Hi", "And now?"]
+    assert "Still there?" not in rows[1]["rendered_prompt"] and "Hi" in rows[1]["rendered_prompt"]
+
+
 # ---- D13 R3 R4: Ctrl-C, SIGTERM and SIGHUP while answers stream ----
 
 def _run_on_pty(args: list[str], sig: int, after: bytes, stdin_text: bytes = b"", settle: float = 3.0,

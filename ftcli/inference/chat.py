@@ -150,7 +150,15 @@ def _handle(text: str, conversation: Conversation, target: Any, decoding: Decodi
         return True
     conversation.turns.append({"role": "user", "content": text.removeprefix("/") if stripped.startswith("//")
                                else text})
-    ids = render(target, Example("chat", messages=conversation.messages()))
+    try:
+        ids = render(target, Example("chat", messages=conversation.messages()))
+    except DataError as exc:  # this turn cannot be rendered (a system role the template refuses...): not the chat
+        conversation.turns.pop()
+        from rich.markup import escape
+
+        err_console.print(f"[yellow]turn not sent:[/] {escape(exc.message)}; the conversation so far is kept (/system "
+                          "alone clears a system prompt, /reset starts again)", highlight=False, soft_wrap=True)
+        return True
     wrap = WordWrap(ReasoningPrinter(), console.width) if interactive else None
     try:
         done = complete(target, ids, decoding, on_text=wrap)
