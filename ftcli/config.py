@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
-from ftcli.data.specs import check_dataset, parse_columns, parse_template_kwargs
+from ftcli.data.specs import check_dataset, parse_columns, parse_template_kwargs, read_tools
 from ftcli.errors import ConfigError
 from ftcli.files import read_yaml_document
 from ftcli.methods import METHODS
@@ -67,6 +67,7 @@ class RunConfig(BaseModel):
     columns: dict[str, str] | None = None  # the data's names for the format's fields, e.g. {"instruction": "question"}
     template: str = "auto"  # auto | alpaca | model (the tokenizer's chat template) | path to a Jinja file
     template_kwargs: dict[str, Any] | None = None  # handed to the chat template, e.g. {"enable_thinking": False}
+    tools: str | None = None  # a JSON file of tool schemas for every conversation without its own (template_kwargs)
     train_on_inputs: bool = False
     train_reasoning: bool = True  # False: the text between <think> and </think> of assistant turns is masked
 
@@ -369,6 +370,18 @@ class RunConfig(BaseModel):
         if self.lora_init == "loftq" and self.device.startswith("cpu"):
             raise ValueError(f"--lora-init loftq needs CUDA (peft computes its 4-bit round trips on the GPU), and "
                              f"--device is {self.device}: run on a CUDA GPU, or use --lora-init default")
+        return self
+
+    @model_validator(mode="after")
+    def _read_tools(self) -> RunConfig:
+        """`--tools FILE.json`: its schemas go into the template's switches, so the record holds them (a run repeats
+        and later commands render as training did, whatever becomes of the file)."""
+        if self.tools and "tools" not in (self.template_kwargs or {}):
+            try:
+                kwargs = {**(self.template_kwargs or {}), "tools": read_tools(self.tools)}
+            except ValueError as exc:
+                raise ValueError(f"--tools: {exc}") from None
+            object.__setattr__(self, "template_kwargs", kwargs)
         return self
 
     @model_validator(mode="after")

@@ -222,6 +222,34 @@ def split_all(example: dict, tokenizer) -> tuple[str, str]:
     return tokenizer.decode(masked), tokenizer.decode(trained)
 
 
+def test_tools_for_the_whole_file(files, tokenizer, tmp_path: Path) -> None:
+    """`--tools FILE.json`: the schemas of every conversation without its own, recorded in the run (so the file may
+    change or go) and rendered by generate as in training."""
+    schemas = tmp_path / "tools.json"
+    schemas.write_text(json.dumps(TOOLS), encoding="utf-8")
+    rows = [{"messages": [{"role": "user", "content": f"Add {i} and 2."},
+                          {"role": "assistant", "content": f"The sum is {i + 2}."}]} for i in range(4)]
+    data = write_jsonl(tmp_path / "no-tools-column.jsonl", rows)
+    run = tmp_path / "tools-run"
+    ok(ftcli("train", "--method", "lora", "--model", "builtin:tiny-llama", "--dataset", data, "--template",
+             files["think"], "--tools", schemas, "--output-dir", run))
+    manifest = read_manifest(run)
+    assert manifest["config"]["template_kwargs"] == {"tools": TOOLS}
+    from datasets import load_from_disk
+
+    got = sorted(split(dict(input_ids=list(r["input_ids"]), labels=list(r["labels"])), tokenizer)
+                 for r in load_from_disk(manifest["data"]["prepared"]))
+    want = sorted((p, a + tokenizer.eos_token) for r in rows
+                  for p, a in expected_turns(tokenizer, THINK, r["messages"], tools=TOOLS))
+    assert got == want and all('"name": "add"' in prompt for prompt, _ in got)
+    schemas.unlink()  # the run holds what it needs
+    shown = ok(ftcli("generate", run, "--prompt", "Add 1 and 2.", "--max-new-tokens", 2, "--show-prompt"))
+    assert "Tools you may call:" in shown.stderr + shown.stdout
+    refused = ftcli("train", "--method", "lora", "--model", "builtin:tiny-llama", "--dataset", data, "--tools",
+                    tmp_path / "gone.json", "--output-dir", tmp_path / "x")
+    assert refused.returncode == 2 and "--tools" in refused.stderr and "gone.json" in refused.stderr
+
+
 def test_rows_with_tools_under_a_template_that_ignores_them_are_one_line(files) -> None:
     result = ftcli("prepare", "--model", "builtin:tiny-llama", "--dataset", files["tools"], "--output-dir",
                    files["folder"] / "no-tools")

@@ -125,6 +125,9 @@ def train_options(
         help=with_default("auto | alpaca | model (the model's chat template) | path to a Jinja file. auto: Alpaca "
                           "template for Alpaca data, the model's chat template for chat data.", "template"),
         rich_help_panel=DATA)] = None,
+    tools: Annotated[Optional[str], typer.Option(
+        metavar="FILE.json", help="Tool schemas (a JSON list) for every conversation without a tools column of its own; "
+        "recorded in the run and rendered by generate and chat too.", rich_help_panel=DATA)] = None,
     template_kwargs: Annotated[Optional[str], typer.Option(
         metavar="KEY=VALUE,...", help="Switches handed to the chat template on every rendering, in training and "
         "later in generate, chat, eval and export, e.g. enable_thinking=false.", rich_help_panel=DATA)] = None,

@@ -165,9 +165,8 @@ def _output_dir_as_text(param: inspect.Parameter) -> inspect.Parameter:
 
 # The train options prepare reads: what the data, its tokenizer, its shape and its cache key depend on.
 SHOWN = frozenset({"model", "revision", "trust_remote_code", "dataset", "dataset_split", "dataset_size",
-                   "dataset_revision", "format", "columns", "template", "template_kwargs", "train_reasoning", "train_on_inputs",
-                   "seq_length", "seed",
-                   "batch_size", "objective", "max_prompt_length", "eval_dataset", "eval_split", "output_dir",
+                   "dataset_revision", "format", "columns", "template", "template_kwargs", "tools", "train_reasoning",
+                   "train_on_inputs", "seq_length", "seed", "batch_size", "objective", "max_prompt_length", "eval_dataset", "eval_split", "output_dir",
                    "overwrite", "config"})
 # In prepare's help, the options that shape the data sit with the data.
 IN_DATA = {"objective": None, "seq_length": None, "seed": None,

@@ -38,8 +38,7 @@ def warmup(values: dict) -> None:
 # shapes), the shape options and the adapter. The optimizer, schedule, evaluation and output are never used.
 SHOWN = frozenset({"method", "model", "revision", "trust_remote_code", "dtype", "device", "attn_implementation",
                    "dataset", "dataset_split", "dataset_size", "dataset_revision", "format", "columns", "template",
-                   "template_kwargs", "train_on_inputs", "batch_size", "seq_length", "gradient_checkpointing", "seed",
-                   "group_by_length",
-                   "padding_free", "packing", "liger", "eval_split", "lora_rank", "lora_alpha", "lora_dropout",
+                   "template_kwargs", "tools", "train_on_inputs", "batch_size", "seq_length", "gradient_checkpointing",
+                   "seed", "group_by_length", "padding_free", "packing", "liger", "eval_split", "lora_rank", "lora_alpha", "lora_dropout",
                    "lora_target_modules", "use_dora", "use_rslora", "lora_init", "lora_bias", "config"})
 command = with_train_options(warmup, shown=SHOWN)

@@ -118,3 +118,20 @@ def parse_template_kwargs(text: str) -> dict[str, Any]:
         except ValueError:
             out[key.strip()] = value.strip()
     return out
+
+
+def read_tools(path: str) -> list[dict[str, Any]]:
+    """`--tools FILE.json`: a JSON list of tool schemas (or one schema); a ValueError says what is wrong with it."""
+    import json
+    from pathlib import Path
+
+    try:
+        value = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"{path} is not JSON ({exc})") from None
+    value = [value] if isinstance(value, dict) else value
+    if not isinstance(value, list) or not value or not all(isinstance(t, dict) for t in value):
+        raise ValueError(f"{path} must hold a JSON list of tool schemas")
+    return value

@@ -81,8 +81,10 @@ class TemplateSpec:
               tools: list[dict[str, Any]] | None = None) -> str:
         """The conversation as the chat template renders it (with `--template-kwargs` and the row's tools): the
         one call every command renders through, training and inference alike."""
+        kwargs = dict(self.kwargs)
+        default_tools = kwargs.pop("tools", None)  # --tools: for the conversations without their own
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
-                                             chat_template=self.chat_template, tools=tools, **dict(self.kwargs))
+                                             chat_template=self.chat_template, tools=tools or default_tools, **kwargs)
 
 
 def template_file(template: str) -> Path | None:
@@ -250,6 +252,10 @@ def _jinja_literal(value: Any) -> str:
         return "none"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {_jinja_literal(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_jinja_literal(v) for v in value) + "]"
     return json.dumps(value)
 
 
@@ -318,8 +324,8 @@ def _renderer(tokenizer: Any, template: TemplateSpec, tools: list[dict[str, Any]
         except Exception as exc:  # jinja2 TemplateError, raise_exception(...) in the template, ...
             raise RowError(f"the chat template fails on this conversation: {exc}") from None
 
-    if tools:
-        check_renders_tools(tokenizer, template, tools)
+    if tools or dict(template.kwargs).get("tools"):
+        check_renders_tools(tokenizer, template, tools or dict(template.kwargs)["tools"])
     return render
 
 
@@ -327,14 +333,15 @@ def check_renders_tools(tokenizer: Any, template: TemplateSpec, tools: list[dict
     """Refuse (RowError) a row with tools under a template that does not render them: trained without the schemas,
     the model would learn calls it was never shown."""
     probe = [{"role": "user", "content": "x"}]
+    bare = TemplateSpec(template.name, template.chat_template, tuple((k, v) for k, v in template.kwargs if k != "tools"))
     try:
-        with_tools = template.apply(tokenizer, probe, True, tools=tools)
-        without = template.apply(tokenizer, probe, True)
+        with_tools = bare.apply(tokenizer, probe, True, tools=tools)
+        without = bare.apply(tokenizer, probe, True)
     except Exception as exc:  # noqa: BLE001 - the template fails on tools: the same one line
         raise RowError(f"the chat template fails when given the row's tools: {exc}") from None
     if with_tools == without:
         raise RowError("the row has tools and the chat template does not render them (it ignores `tools`): pass "
-                       "--template FILE.jinja with a template that renders tools, or drop the tools column")
+                       "--template FILE.jinja with a template that renders tools, or drop the tools (column or --tools)")
 
 
 def _render_empty_prefix(render: Any) -> str:
