@@ -353,7 +353,7 @@ def load_model(
     load_model_config(ref, revision=revision, trust_remote_code=trust_remote_code)
     src = resolve_model_source(ref)
     if src.kind != "hub":  # a truncated or empty weight file: one line naming it, not a safetensors traceback
-        from ftcli.weights import check_weight_files
+        from ftcli.inspection.weights import check_weight_files
 
         check_weight_files(Path(src.path))
     dev = resolve_device(device)
@@ -393,7 +393,7 @@ def attach_adapter(base: Any, adapter_dir: Path) -> Any:
     """base + the saved adapter, unmerged and frozen; one clear line when they do not fit together."""
     from peft import PeftModel
 
-    from ftcli.weights import check_weight_files
+    from ftcli.inspection.weights import check_weight_files
 
     check_weight_files(Path(adapter_dir))
     try:

@@ -239,10 +239,10 @@ def protected_paths(src: ExportSource) -> list[Path]:
 
 def check_weight_files(src: ExportSource) -> None:
     """Refuse, before anything loads, a safetensors file of the source or of a local base that cannot be read
-    whole (ftcli.weights: the loading core's own check, here with export's hint)."""
+    whole (ftcli.inspection.weights: the loading core's own check, here with export's hint)."""
     from ftcli.export.merge import weight_files
     from ftcli.models import resolve_model_source
-    from ftcli.weights import check_weight_files as check_files
+    from ftcli.inspection.weights import check_weight_files as check_files
 
     files = sorted(src.path.glob("*.safetensors"))
     try:

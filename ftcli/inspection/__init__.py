@@ -5,5 +5,6 @@
     'model'
 
 detect.py (what a target is), views.py (one plain dict per kind), render.py (Rich tables),
-estimate.py (parameter counts on the meta device, the training-memory estimate).
+estimate.py (parameter counts on the meta device, the training-memory estimate), weights.py (safetensors
+headers and finite weights checked before a model or adapter loads: the loading core's check).
 """

@@ -115,7 +115,7 @@ def set_up(config: Any, command: str) -> RunSetup:
 def _refuse_nonfinite_start(model: Any, ref: str) -> None:
     """A start model that already holds NaN or inf fails at step 1 whatever the learning rate: say so at load."""
     from ftcli.errors import ModelError
-    from ftcli.weights import nonfinite_parameter
+    from ftcli.inspection.weights import nonfinite_parameter
 
     bad = nonfinite_parameter(model)
     if bad:

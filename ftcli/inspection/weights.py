@@ -1,6 +1,6 @@
 """Checks on weights before and after they load: whole safetensors files, finite values.
 
-    >>> from ftcli.weights import check_weight_files, safetensors_problem
+    >>> from ftcli.inspection.weights import check_weight_files, safetensors_problem
     >>> check_weight_files(Path("runs/lora-1"), "adapter")   # ModelError (exit 4) naming a damaged file
     >>> safetensors_problem(Path("model.safetensors"))        # None, or why the file is not whole
 
