@@ -87,6 +87,15 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP turned into an interrupt: the command ends (exit 130), where a Ctrl-C may end less (chat: an
+    answer, or the chat with exit 0 at its prompt)."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated(signal.Signals(signum).name)
+
+
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM (a scheduler, `kill`) and SIGHUP (the terminal closed) end the block like Ctrl-C (KeyboardInterrupt:
@@ -96,7 +105,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
         return
     wanted = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
-    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in wanted}
+    previous = {sig: signal.signal(sig, _terminated) for sig in wanted}
     try:
         yield
     finally:

@@ -222,7 +222,11 @@ def test_runs_without_eval_options_keep_their_cache_key_and_identity() -> None:
         "train_on_inputs", "seq_length", "dataset_size", "seed", "tokenizer"]
     assert run_identity(plain, "fp", 1) == {"method": "lora", "model": "builtin:tiny-llama", "data_fingerprint": "fp",
                                             "batch_size": 4, "gradient_accumulation_steps": 1, "seed": 42,
-                                            "processes": 1}
+                                            "processes": 1, "learning_rate": 1e-4, "seq_length": 2048,
+                                            "goal": "--num-epochs 1", "lora_rank": 8, "lora_alpha": 16.0,
+                                            "lora_dropout": 0.0, "lora_target_modules": [
+                                                "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                                                "v_proj"]}  # no eval key
     # An eval dataset leaves the training data's key alone; a held-out split is part of it.
     with_dev = build_run_config({"method": "lora", "model": "builtin:tiny-llama", "dataset": "d.jsonl",
                                  "eval_dataset": "dev.jsonl"})

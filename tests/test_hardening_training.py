@@ -179,8 +179,7 @@ def test_two_concurrent_trains_then_sigkill_then_stale_lock(cli, tmp_path: Path)
     assert as_json["run"]["status"] == "stopped"
 
     # The dead holder's lock does not block the next run, which resumes the checkpoint.
-    step = json.loads((sorted(out.glob("checkpoint-*"))[-1] / "ftcli_checkpoint.json").read_text())["step"]
-    result = cli(*train(data, out, "--save-steps", 1, "--max-steps", step + 1, "--resume"))
+    result = cli(*train(data, out, "--save-steps", 1, "--max-steps", 40, "--resume"))  # the same run, to its end
     assert result.exit_code == 0, result.output
     assert read_manifest(out)["status"] == "finished" and not lock_path(out).exists()
 
@@ -206,7 +205,7 @@ def test_damaged_checkpoint_is_refused_and_the_finished_record_kept(cli, finishe
     out = copy_run(finished, tmp_path, "checked")
     record = (out / "ftcli_run.json").read_bytes()
     flip_bytes(out / "checkpoint-2" / "adapter_model.safetensors")
-    result = cli(*train(finished["data"], out, "--save-steps", 2, "--max-steps", 4, "--resume"))
+    result = cli(*train(finished["data"], out, "--save-steps", 2, "--max-steps", 4, "--seq-length", 8192, "--resume"))
     assert result.exit_code == 2, result.output
     assert "damaged" in result.stderr and "adapter_model.safetensors" in result.stderr
     assert (out / "ftcli_run.json").read_bytes() == record
@@ -220,7 +219,7 @@ def test_damaged_checkpoint_is_refused_and_the_finished_record_kept(cli, finishe
     del marker["sha256"]
     marker_path.write_text(json.dumps(marker))
     flip_bytes(old / "checkpoint-2" / "adapter_model.safetensors")
-    result = cli(*train(finished["data"], old, "--save-steps", 2, "--max-steps", 4, "--resume"))
+    result = cli(*train(finished["data"], old, "--save-steps", 2, "--max-steps", 4, "--seq-length", 8192, "--resume"))
     assert result.exit_code != 0 and "resuming from" in result.output
     assert (old / "ftcli_run.json").read_bytes() == record
 
@@ -228,7 +227,7 @@ def test_damaged_checkpoint_is_refused_and_the_finished_record_kept(cli, finishe
 def test_resuming_a_complete_run_trains_nothing(cli, finished, tmp_path: Path) -> None:
     out = copy_run(finished, tmp_path)
     before = snapshot(out)
-    result = cli(*train(finished["data"], out, "--save-steps", 2, "--resume"))
+    result = cli(*train(finished["data"], out, "--save-steps", 2, "--seq-length", 8192, "--resume"))
     assert result.exit_code == 0, result.output
     assert "is complete" in result.output and "step 3" not in result.output
     assert snapshot(out) == before and not lock_path(out).exists()
@@ -238,7 +237,7 @@ def test_resuming_a_complete_run_trains_nothing(cli, finished, tmp_path: Path) -
     manifest["status"] = "interrupted"
     (out / "ftcli_run.json").write_text(json.dumps(manifest))
     before = snapshot(out)
-    result = cli(*train(finished["data"], out, "--save-steps", 2, "--resume"))
+    result = cli(*train(finished["data"], out, "--save-steps", 2, "--seq-length", 8192, "--resume"))
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())
     assert "stopped before its final save" in said and "step 3/2" not in said

@@ -177,7 +177,7 @@ def test_train_reports_each_source_and_fingerprints_the_weights(runs: dict[str, 
 def test_resuming_with_another_weight_is_refused(runs: dict[str, tuple[Path, str]], data: Path):
     run3 = runs["w3"][0]
     result = _invoke("train", "--method", "lora", *MODEL, "--dataset", f"{data / 'a.jsonl'}:2", "--dataset",
-                     data / "c.jsonl", "--max-steps", "3", "--output-dir", run3, "--resume", run3 / "checkpoint-1")
+                     data / "c.jsonl", "--max-steps", "2", "--output-dir", run3, "--resume", run3 / "checkpoint-1")
     assert result.exit_code == 2, result.output
     assert "differs from the checkpoint's: data_fingerprint" in result.output
     assert read_manifest(run3)["status"] == "finished"

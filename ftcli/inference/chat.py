@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator
 from ftcli.console import console, err_console
 from ftcli.data.pipeline import THINK_CLOSE, THINK_OPEN
 from ftcli.errors import ConfigError, DataError
+from ftcli.system import Terminated
 from ftcli.inference.generate import Decoding, check_output_file, complete, output_lock, print_piece
 from ftcli.inference.stream import WordWrap
 from ftcli.inference.target import TargetOptions, load_target
@@ -104,6 +105,8 @@ def _read_turns(interactive: bool) -> Iterator[str]:
     while True:
         try:
             line = console.input("[bold cyan]you>[/] ") if interactive else _stdin_line()
+        except Terminated:  # SIGTERM / SIGHUP: the command ends (exit 130), the transcript kept
+            raise
         except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt: the chat ends
             if interactive:
                 console.print()  # the shell's prompt on a line of its own, not after `you>`
@@ -162,7 +165,9 @@ def _handle(text: str, conversation: Conversation, target: Any, decoding: Decodi
     wrap = WordWrap(ReasoningPrinter(), console.width) if interactive else None
     try:
         done = complete(target, ids, decoding, on_text=wrap)
-    except KeyboardInterrupt:  # Ctrl-C stops this answer only; Ctrl-C at the prompt ends the chat
+    except KeyboardInterrupt as exc:  # Ctrl-C stops this answer only; Ctrl-C at the prompt ends the chat
+        if isinstance(exc, Terminated) or getattr(exc, "terminated", False):
+            raise  # SIGTERM / SIGHUP ends the command (exit 130), the transcript kept
         conversation.turns.pop()
         console.print()
         err_console.print("[dim](answer stopped: it and its question are left out of the conversation; Ctrl-C "

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from ftcli.errors import ConfigError, OutputError
+from ftcli.system import Terminated
 
 
 @dataclass
@@ -146,9 +147,10 @@ class AnswerInterrupted(KeyboardInterrupt):
     was stopped and its worker joined before this was raised, so a caller may catch it and go on (chat: stop only
     that answer) or let it end the command (exit 130). `text` is what had been streamed."""
 
-    def __init__(self, text: str = ""):
+    def __init__(self, text: str = "", terminated: bool = False):
         super().__init__()
         self.text = text
+        self.terminated = terminated  # SIGTERM/SIGHUP (ftcli.system.Terminated), not a Ctrl-C: the command ends
 
 
 def _fit_context(model: Any, prompt_tokens: int, wanted: int) -> int:
@@ -202,28 +204,29 @@ def _generate_streaming(model: Any, kwargs: dict[str, Any], streamer: Any, on_te
         for piece in streamer:
             on_text(piece)
             shown.append(piece)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         stop.set()
-        _join(worker, stop)
-        raise AnswerInterrupted("".join(shown)) from None
-    if _join(worker, stop):
-        raise AnswerInterrupted("".join(shown))
+        terminated = _join(worker, stop) == "terminated" or isinstance(exc, Terminated)
+        raise AnswerInterrupted("".join(shown), terminated) from None
+    joined = _join(worker, stop)
+    if joined:
+        raise AnswerInterrupted("".join(shown), joined == "terminated")
     if "error" in result:
         raise result["error"]
     return result["out"]
 
 
-def _join(worker: Any, stop: Any) -> bool:
+def _join(worker: Any, stop: Any) -> str:
     """Wait for the worker (it stops within a token once asked); a Ctrl-C meanwhile asks it to stop but does not
-    cut the wait. True when one came."""
-    interrupted = False
+    cut the wait. "" when none came, "interrupted" for a Ctrl-C, "terminated" for SIGTERM/SIGHUP."""
+    came = ""
     while worker.is_alive():
         try:
             worker.join()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             stop.set()
-            interrupted = True
-    return interrupted
+            came = "terminated" if isinstance(exc, Terminated) or came == "terminated" else "interrupted"
+    return came
 
 
 def finite_logits_check() -> Any:
