@@ -16,7 +16,7 @@ import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
-from typing import Iterator
+from typing import Any, Iterator
 
 LIBRARIES = ("ftcli", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "tokenizers")
 
