@@ -9,6 +9,7 @@ columns. `inspect` is run at 80 columns on the tiny model and on a finished run.
 from __future__ import annotations
 
 import io
+import os
 import re
 from types import SimpleNamespace
 
@@ -21,13 +22,14 @@ WIDTHS = [80, 120]
 
 
 def _help(cli, monkeypatch: pytest.MonkeyPatch, width: int, *argv: str) -> str:
+    from rich.console import Console
+
     monkeypatch.setenv("COLUMNS", str(width))
-    # Typer's own width setting, read first by the help console: in a long in-process test session Rich's reading of
-    # COLUMNS alone was seen to stay at 80.
-    if argv:  # a command's help (ftcli's own layout; the top-level list is Typer's, which reads COLUMNS)
-        monkeypatch.setenv("TERMINAL_WIDTH", str(width))
-    else:
-        monkeypatch.delenv("TERMINAL_WIDTH", raising=False)
+    monkeypatch.delenv("TERMINAL_WIDTH", raising=False)
+    # Rich reads COLUMNS from the os.environ object it captured at import; `datasets.map(num_proc>1)` rebinds
+    # os.environ to a copy, after which an in-process test's setenv would no longer reach Rich (a real command
+    # starts afresh).
+    monkeypatch.setattr(Console, "_environ", os.environ)
     result = cli(*argv, "--help")
     assert result.exit_code == 0, result.output
     return result.stdout
