@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from ftcli.data.pipeline import DataReport, explain_example
+from ftcli.data.shapes import SHAPES, shape_module
 
 
 def load_training_dataset(config: Any, tokenizer: Any) -> tuple[Any, DataReport]:
@@ -32,33 +33,22 @@ def load_datasets(config: Any, tokenizer: Any) -> tuple[Any, DataReport, Any]:
     """(training data, its report, the eval set or None): `--eval-split` rows held out of the training
     data, or `--eval-dataset` prepared the same way (see ftcli.data.split)."""
     from ftcli.data.mixture import prepare_data
-    from ftcli.objectives import OBJECTIVES
 
-    if OBJECTIVES[getattr(config, "objective", "sft")].pairs:  # preference pairs (ftcli.data.preference)
-        from ftcli.data.preference_prepare import hold_out_pairs as hold_out, prepare_eval_pairs as prepare_eval_dataset
-    else:
-        from ftcli.data.split import hold_out, prepare_eval_dataset
+    shape = shape_module(config)
     prepared = prepare_data(config, tokenizer)
     dataset, report = prepared.dataset, prepared.report
     if getattr(config, "eval_split", None) is not None:
-        dataset, eval_set = hold_out(config, dataset, report)
+        dataset, eval_set = shape.hold_out(config, dataset, report)
         return dataset, report, eval_set
     if getattr(config, "eval_dataset", None) is not None:
-        return dataset, report, prepare_eval_dataset(config, tokenizer)
+        return dataset, report, shape.prepare_eval(config, tokenizer)
     return dataset, report, None
 
 
 def prepare_eval_set(config: Any, tokenizer: Any) -> Any:
-    """`--eval-dataset` prepared (and cached) as the objective's training data is: examples, or preference pairs."""
-    from ftcli.objectives import OBJECTIVES
-
-    if OBJECTIVES[getattr(config, "objective", "sft")].pairs:
-        from ftcli.data.preference_prepare import prepare_eval_pairs
-
-        return prepare_eval_pairs(config, tokenizer)
-    from ftcli.data.split import prepare_eval_dataset
-
-    return prepare_eval_dataset(config, tokenizer)
+    """`--eval-dataset` prepared (and cached) as the objective's training data is: examples, pairs, ..."""
+    return shape_module(config).prepare_eval(config, tokenizer)
 
 
-__all__ = ["DataReport", "explain_example", "load_datasets", "load_training_dataset", "prepare_eval_set"]
+__all__ = ["DataReport", "SHAPES", "explain_example", "load_datasets", "load_training_dataset", "prepare_eval_set",
+           "shape_module"]

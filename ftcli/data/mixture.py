@@ -62,15 +62,13 @@ from ftcli.system import utc_now
 
 def prepare_data(config: Any, tokenizer: Any, *, output: str | Path | None = None, overwrite: bool = False,
                  num_proc: int | None = None, use_cache: bool = True) -> Prepared:
-    """`prepare_dataset` for one source, `prepare_mixture` for several; preference pairs for an objective that
-    trains on them (ftcli.data.preference)."""
-    from ftcli.objectives import OBJECTIVES
+    """`prepare_dataset` for one source, `prepare_mixture` for several; another shape's own module for an objective
+    that trains on other rows (ftcli.data.SHAPES: preference pairs, ...)."""
+    from ftcli.data.shapes import shape_module, shape_of
 
-    if OBJECTIVES[getattr(config, "objective", "sft")].pairs:
-        from ftcli.data.preference_prepare import prepare_pairs
-
-        return prepare_pairs(config, tokenizer, output=output, overwrite=overwrite, num_proc=num_proc,
-                             use_cache=use_cache)
+    if shape_of(config) != "examples":
+        return shape_module(config).prepare(config, tokenizer, output=output, overwrite=overwrite, num_proc=num_proc,
+                                            use_cache=use_cache)
     for spec in [config.dataset] if isinstance(config.dataset, str) else config.dataset:
         _check_not_a_weight(spec)
     if mixture_specs(config.dataset) is None:

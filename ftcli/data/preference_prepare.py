@@ -298,3 +298,9 @@ def pairs_table(manifest: dict[str, Any]) -> Any:
                                f"{s['cut_differently']:,} pairs cut differently")
     table.add_row("EOS trained once", f"{s['eos_trained_once']:,} of {s['rows_kept']:,} pairs (both answers)")
     return table
+
+
+# The shape module's names (ftcli.data.SHAPES).
+prepare = prepare_pairs
+hold_out = hold_out_pairs
+prepare_eval = prepare_eval_pairs

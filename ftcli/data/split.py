@@ -112,3 +112,7 @@ def prepare_eval_dataset(config: Any, tokenizer: Any, flag: str = "--eval-datase
     report = prepared.report
     return EvalSet(prepared.dataset, f"--eval-dataset {config.eval_dataset}", report.rows_used, report.tokens,
                    report.loss_tokens, report.fingerprint, report)
+
+
+# The "examples" shape's eval set (ftcli.data.SHAPES; its training data is prepared by ftcli.data.mixture).
+prepare_eval = prepare_eval_dataset

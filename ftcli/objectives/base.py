@@ -2,8 +2,8 @@
 
     >>> from ftcli.objectives import OBJECTIVES
     >>> objective = OBJECTIVES["dpo"]
-    >>> objective.pairs, objective.options
-    (True, ('dpo_beta', 'dpo_loss', 'max_prompt_length', 'precompute_ref'))
+    >>> objective.data, objective.options
+    ('pairs', ('dpo_beta', 'dpo_loss', 'max_prompt_length', 'precompute_ref'))
 
 The objective is a second axis next to the method (ftcli/methods/): the method decides how the
 model is loaded and adapted (full, LoRA, QLoRA, FSDP), the objective what it is trained to do
@@ -35,8 +35,9 @@ def example_ids(row: dict[str, Any]) -> list[int]:
 class Objective:
     """One training objective.
 
-    - `pairs`: trains on preference pairs (a prompt with a chosen and a rejected answer), prepared by
-      ftcli/data/preference.py, instead of single examples.
+    - `data`: the shape of the rows it trains on, a name in ftcli.data.SHAPES: "examples" (SFT's tokenized
+      examples with their loss mask), "pairs" (a prompt with a chosen and a rejected answer, ftcli/data/preference.py).
+      `pairs` is `data == "pairs"`.
     - `options`: the RunConfig fields only this objective uses; set with another objective, they are refused.
     - `trainer_class` / `config_class`: the innermost trainer (TRL's, imported when called) and its arguments
       class; ftcli's batching, recipe and guard wrap it (ftcli/training/trainer.py).
@@ -56,7 +57,7 @@ class Objective:
 
     name: str
     summary: str
-    pairs: bool
+    data: str
     options: tuple[str, ...]
     trainer_class: Callable[[], type]
     config_class: Callable[[], type]
@@ -70,3 +71,7 @@ class Objective:
     rows_per_example: int = 1
     compiles: bool = True
     notes: Callable[[Any], list[str]] = lambda config: []  # noqa: E731
+
+    @property
+    def pairs(self) -> bool:
+        return self.data == "pairs"

@@ -32,7 +32,7 @@ def training_args(config: Any, device: str) -> dict[str, Any]:
 OBJECTIVE = Objective(
     name="sft",
     summary="supervised fine-tuning on the responses",
-    pairs=False,
+    data="examples",
     options=(),
     trainer_class=trainer_class,
     config_class=config_class,

@@ -80,7 +80,8 @@ def build_trainer(config: Any, plan: Any, tokenizer: Any, dataset: Any, out: Pat
         guard.display = display
         # The guard comes after the display: on resume it puts back the metrics the display has just reset.
         callbacks.append(guard)
-    collator = objective.data_collator(config, tokenizer) if objective.pairs else batching.data_collator(config, tokenizer)
+    collator = (batching.data_collator(config, tokenizer) if objective.data == "examples"
+                else objective.data_collator(config, tokenizer))
     trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                             data_collator=collator, callbacks=callbacks,
                             **objective.trainer_kwargs(config, plan, evaluator))
