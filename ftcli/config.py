@@ -29,8 +29,8 @@ from ftcli.data.specs import check_dataset, parse_columns, parse_template_kwargs
 from ftcli.errors import ConfigError
 from ftcli.files import read_yaml_document
 from ftcli.methods import METHODS
-from ftcli.objectives import OBJECTIVES
-from ftcli.objectives.dpo import DPO_LOSSES
+from ftcli.objectives import OBJECTIVE_OPTIONS, OBJECTIVES
+from ftcli.objectives.options import ObjectiveOptions
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
@@ -43,8 +43,8 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {name: dict(m.defaults) for name, m
 SEED_MAX = 2**32 - 1  # the one --seed range, 0..SEED_MAX (numpy's, seeded by set_seed): train, YAML, generate, chat
 
 
-class RunConfig(BaseModel):
-    """The resolved configuration of one `ftcli train` run."""
+class RunConfig(ObjectiveOptions):
+    """The resolved configuration of one `ftcli train` run (the objectives' own options: ObjectiveOptions)."""
 
     # allow_inf_nan=False: the backstop of `_strict_numbers` (inf and nan are never a valid setting).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
@@ -134,12 +134,6 @@ class RunConfig(BaseModel):
     master_addr: str = "127.0.0.1"
     master_port: int = Field(default=29500, ge=1, le=65535)
     rdzv_endpoint: str | None = None
-
-    # Preference tuning (--objective dpo; see ftcli/objectives/dpo.py): TRL's DPO beta and loss, the prompt's share.
-    dpo_beta: float = Field(default=0.1, gt=0)
-    dpo_loss: Literal[DPO_LOSSES] = "sigmoid"  # type: ignore[valid-type]
-    max_prompt_length: int | None = Field(default=None, ge=1)  # None: half of --seq-length
-    precompute_ref: bool = False  # full: reference log-probs computed once before training (cached)
 
     logging_steps: int = Field(default=1, ge=1)
     # Experiment trackers, through transformers' integrations (see README "Experiment trackers").
@@ -388,13 +382,14 @@ class RunConfig(BaseModel):
     def _check_objective(self) -> RunConfig:
         """An objective's own options only with that objective; then the objective's own checks."""
         objective = OBJECTIVES[self.objective]
-        foreign = [f"--{name.replace('_', '-')}" for o in OBJECTIVES.values() if o is not objective
-                   for name in o.options if getattr(self, name) != type(self).model_fields[name].default]
+        foreign = [name for name in dict.fromkeys(OBJECTIVE_OPTIONS) if name not in objective.options
+                   and getattr(self, name) != type(self).model_fields[name].default]
         if foreign:
-            owners = "/".join(o.name for o in OBJECTIVES.values() if o.options)
+            owners = "/".join(o.name for o in OBJECTIVES.values() if set(foreign) & set(o.options))
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in foreign)
             verb = "applies" if len(foreign) == 1 else "apply"
-            raise ValueError(f"{', '.join(foreign)} {verb} to --objective {owners}, and this run's objective is "
-                             f"{self.objective}: drop them, or pass --objective {owners}")
+            raise ValueError(f"{flags} {verb} to --objective {owners}, and this run's objective is "
+                             f"{self.objective}: drop them, or pass --objective {owners.split('/')[0]}")
         objective.check(self)
         return self
 

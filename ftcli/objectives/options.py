@@ -1,0 +1,29 @@
+"""The options that belong to one training objective: RunConfig's fields (ftcli/config.py) for each objective,
+one section per objective, next to the objectives that read them.
+
+    >>> from ftcli.config import build_run_config
+    >>> build_run_config({"objective": "dpo", "dpo_beta": 0.2}).dpo_beta
+    0.2
+
+Each objective names its fields in `Objective.options` (ftcli/objectives/base.py); set with another objective,
+they are refused (RunConfig._check_objective). An option several objectives read (`max_prompt_length`) is named by
+each of them. Importing this module must not import torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from ftcli.objectives.dpo import DPO_LOSSES
+
+
+class ObjectiveOptions(BaseModel):
+    """The objectives' own fields of RunConfig (its validation and settings apply to them too)."""
+
+    # Preference tuning (--objective dpo; see ftcli/objectives/dpo.py): TRL's DPO beta and loss, the prompt's share.
+    dpo_beta: float = Field(default=0.1, gt=0)
+    dpo_loss: Literal[DPO_LOSSES] = "sigmoid"  # type: ignore[valid-type]
+    max_prompt_length: int | None = Field(default=None, ge=1)  # None: half of --seq-length
+    precompute_ref: bool = False  # full: reference log-probs computed once before training (cached)
