@@ -30,7 +30,7 @@ OUTPUT = "Output"
 DIST = "Processes and machines"
 EVAL = "Evaluation"
 RECIPE = "Optimizer and schedule"
-PREFERENCE = "Preference tuning (--objective dpo)"
+PREFERENCE = "Preference tuning (--objective dpo, kto, orpo, simpo)"
 
 
 # ---- defaults in help texts -------------------------------------------------------------------------
