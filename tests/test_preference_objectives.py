@@ -257,7 +257,7 @@ def test_memory_estimate_counts_no_reference_for_orpo_and_simpo(runner) -> None:
         reports[objective] = {m["method"]: m for m in json.loads(result.stdout)["memory"]["methods"]}
     for objective in ("orpo", "simpo"):
         full = reports[objective]["full"]
-        assert full["reference"] is None and full["reference_bytes"] == 0
+        assert full["reference"] == "none" and full["reference_bytes"] == 0
         assert any("no reference model" in note for note in full["notes"]), full["notes"]
         assert full["total_bytes"] < reports["dpo"]["full"]["total_bytes"]
     assert reports["kto"]["full"]["reference"] == "frozen copy"
@@ -268,7 +268,7 @@ def test_memory_estimate_counts_no_reference_for_orpo_and_simpo(runner) -> None:
 
 
 @pytest.mark.slow
-def test_kto_raises_desirable_over_undesirable_on_held_out_rows(kto_run, sft_run, sample, tokenizer,
+def test_kto_raises_desirable_over_undesirable_on_held_out_rows(kto_run, sft_run, sample, tokenizer, runner,
                                                                tiny_model_dir: Path) -> None:
     from peft import PeftModel
 
@@ -291,7 +291,17 @@ def test_kto_raises_desirable_over_undesirable_on_held_out_rows(kto_run, sft_run
     assert gap > 0, shifts
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(k in records[-1] for k in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins"))
-    assert manifest["eval"]["final_metrics"]["eval_rewards/margins"] > 0
+    final = manifest["eval"]["final_metrics"]
+    assert final["eval_rewards/margins"] > 0
+    # `ftcli eval RUN` scores the run's own held-out rows with KTO's trainer: the run's final eval numbers again.
+    result = runner("eval", out, "--json")
+    ok(result)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["objective"] == "kto" and report["reference"] == "adapter disabled" and report["pairs"] == 12
+    assert report["loss"] == pytest.approx(manifest["eval"]["final_loss"], rel=1e-4, abs=1e-6)
+    for name in ("rewards/margins", "rewards/chosen", "rewards/rejected", "kl"):
+        assert report[name] == pytest.approx(final[f"eval_{name}"], rel=1e-4, abs=1e-6), name
+    assert report["rewards/accuracies"] is None  # KTO's rows are not pairs
 
 
 @pytest.mark.slow
