@@ -232,6 +232,9 @@ CHAT_ROWS = [{"messages": [{"role": "user", "content": q}, {"role": "assistant",
                           ("Name an animal.", "A cat."), ("Spell cat.", "C-A-T.")]]
 PREF_ROWS = [{"prompt": f"What is {a} + {b}?\n", "chosen": str(a + b), "rejected": f"{a}{b}"}
              for a in range(2, 10) for b in range(1, 6)]  # 40 pairs: --eval-split 0.05 holds out 2
+# KTO's labeled rows: 8 desirable, 4 undesirable (a short run: a KTO step is four forward passes)
+FEEDBACK_ROWS = [{"prompt": f"What is {a} + {b}?\n", "completion": str(a + b) if b != 3 else f"{a}{b}", "label": b != 3}
+                 for a in range(2, 6) for b in range(1, 4)]
 QUESTIONS = [{"messages": [{"role": "user", "content": q}]} for q in ("Name a color.", "Say hello.")]
 TINY = "builtin:tiny-llama"
 SAMPLE = "builtin:alpaca-sample"
@@ -368,6 +371,16 @@ RUN: dict[str, Run] = {
                                    creates=("runs/dpo-1/adapter_model.safetensors",)),
     "ftcli export runs/dpo-1 --output models/dpo-1": Run(creates=tuple(f"models/dpo-1/{f}" for f in EXPORTED)),
     "ftcli inspect prefs.jsonl": Run(setup=lambda w: w.write_jsonl("prefs.jsonl", PREF_ROWS)),
+    # KTO on labeled rows, ORPO from the base model, SimPO continuing the SFT run (docs/preference-tuning.md)
+    "ftcli train --objective kto --method lora --model runs/sft-1 --dataset feedback.jsonl --output-dir runs/kto-1":
+        Run(setup=lambda w: w.write_jsonl("feedback.jsonl", FEEDBACK_ROWS), output_has=("KTO weights",),
+            creates=("runs/kto-1/adapter_model.safetensors",)),
+    "ftcli train --objective orpo --method lora --model meta-llama/Llama-3.2-1B-Instruct --dataset prefs.jsonl "
+    "--output-dir runs/orpo-1": Run(replace=(("meta-llama/Llama-3.2-1B-Instruct", TINY),),
+                                    setup=lambda w: w.write_jsonl("prefs.jsonl", PREF_ROWS),
+                                    creates=("runs/orpo-1/adapter_model.safetensors",)),
+    "ftcli train --objective simpo --method lora --model runs/sft-1 --dataset prefs.jsonl --output-dir runs/simpo-1":
+        Run(setup=lambda w: w.write_jsonl("prefs.jsonl", PREF_ROWS), creates=("runs/simpo-1/adapter_model.safetensors",)),
     # Evaluation (a new example in runs/a: the checkpoint example's runs/a would be refused, exit 5)
     "ftcli train --method lora --model builtin:tiny-llama --dataset builtin:alpaca-sample --eval-split 0.1 "
     "--eval-steps 20 --early-stopping-patience 3 --load-best --save-steps 20 --output-dir runs/a": Run(
@@ -449,6 +462,8 @@ NOT_RUN: dict[str, str] = {
     "ftcli train --method fsdp": PROSE,
     "ftcli train --objective dpo": PROSE,
     "ftcli prepare --objective dpo": PROSE,
+    "ftcli prepare --objective kto": PROSE,
+    "ftcli inspect MODEL --objective orpo": PLACEHOLDER,
     "ftcli prepare --output-dir": PROSE,
     "ftcli --debug train ...": ELIDED,
     "ftcli generate ... > answers.txt": ELIDED,

@@ -39,8 +39,9 @@ def inspect(
     lora_rank: Annotated[int, typer.Option(help="LoRA rank r for the adapter methods.", rich_help_panel=ESTIMATE,
                                            min=1)] = 8,
     objective: Annotated[Optional[str], typer.Option(
-        help=with_default("sft | dpo. Models: the estimate counts dpo's reference model and its two sequences per "
-                          "example; dataset files: read as preference pairs.",
+        help=with_default("sft | dpo | kto | orpo | simpo. Models: the estimate counts the objective's reference "
+                          "model (dpo, kto; none for orpo, simpo) and its two sequences per example; dataset files: "
+                          "read as preference pairs.",
                           default="sft; a dataset file with chosen/rejected columns is read as pairs"))] = None,
     precompute_ref: Annotated[bool, typer.Option(
         "--precompute-ref", help=with_default("dpo estimate: the full method's reference log-probs precomputed "

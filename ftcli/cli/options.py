@@ -30,7 +30,7 @@ OUTPUT = "Output"
 DIST = "Processes and machines"
 EVAL = "Evaluation"
 RECIPE = "Optimizer and schedule"
-PREFERENCE = "Preference tuning (--objective dpo)"
+PREFERENCE = "Preference tuning (--objective dpo, kto, orpo, simpo)"
 
 
 # ---- defaults in help texts -------------------------------------------------------------------------
@@ -249,6 +249,27 @@ def train_options(
         "--precompute-ref", help=with_default("full: compute the reference log-probs once before training (cached "
                                               "with the data) instead of keeping a frozen copy of the model.",
                                               "precompute_ref"), rich_help_panel=PREFERENCE)] = None,
+    kto_beta: Annotated[Optional[float], typer.Option(
+        help=with_default("KTO's beta: how far the policy may move from the reference.", "kto_beta"),
+        rich_help_panel=PREFERENCE)] = None,
+    kto_desirable_weight: Annotated[Optional[float], typer.Option(
+        help=with_default("KTO: the weight of the desirable rows' loss.", default="balanced for the counts"),
+        rich_help_panel=PREFERENCE)] = None,
+    kto_undesirable_weight: Annotated[Optional[float], typer.Option(
+        help=with_default("KTO: the weight of the undesirable rows' loss.", default="balanced for the counts"),
+        rich_help_panel=PREFERENCE)] = None,
+    orpo_beta: Annotated[Optional[float], typer.Option(
+        help=with_default("ORPO's lambda: the weight of the odds-ratio term next to the SFT loss.", "orpo_beta"),
+        rich_help_panel=PREFERENCE)] = None,
+    simpo_beta: Annotated[Optional[float], typer.Option(
+        help=with_default("SimPO's beta: the scale of the length-normalised reward.", "simpo_beta"),
+        rich_help_panel=PREFERENCE)] = None,
+    simpo_gamma: Annotated[Optional[float], typer.Option(
+        help=with_default("SimPO's gamma: the reward margin the chosen answer must win by.", "simpo_gamma"),
+        rich_help_panel=PREFERENCE)] = None,
+    cpo_alpha: Annotated[Optional[float], typer.Option(
+        help=with_default("SimPO: the weight of an SFT loss on the chosen answer (CPO-SimPO; 0: pure SimPO).",
+                          "cpo_alpha"), rich_help_panel=PREFERENCE)] = None,
     lora_rank: Annotated[Optional[int], typer.Option(help=with_default("LoRA rank r.", "lora_rank"),
                                                      rich_help_panel=LORA)] = None,
     lora_alpha: Annotated[Optional[float], typer.Option(help=with_default("LoRA alpha.", "lora_alpha"),

@@ -71,7 +71,7 @@ def print_prepared(prepared: Any, config: Any) -> None:
     from ftcli.console import console
 
     m = prepared.manifest
-    if m.get("kind") == "preference":
+    if m.get("kind") in ("preference", "labeled"):  # DPO's pairs, KTO's labeled rows: their own tables
         _print_pairs(prepared)
         return
     s = m["stats"]
@@ -124,11 +124,13 @@ def _padding_at(prepared: Any, recorded: dict[str, Any], batch_size: int) -> dic
 
 def _print_pairs(prepared: Any) -> None:
     from ftcli.console import console
+    from ftcli.data.labeled import labeled_table
     from ftcli.data.preference_prepare import pairs_table
 
     where = "already prepared[/] (cache hit):" if prepared.reused else "prepared[/]"
     console.print(f"[bold]{where} {prepared.folder}")
-    console.print(pairs_table(prepared.manifest))
+    table = labeled_table if prepared.manifest.get("kind") == "labeled" else pairs_table
+    console.print(table(prepared.manifest))
     for note in prepared.report.notes:
         console.print(f"[yellow]note:[/] {note}")
 

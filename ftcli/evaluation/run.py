@@ -77,7 +77,7 @@ PAIRS_OBJECTIVE = "dpo"  # how `ftcli eval` scores preference data given to a ta
 def scores_pairs(objective: str) -> bool:
     from ftcli.objectives import OBJECTIVES
 
-    return OBJECTIVES[objective].pairs
+    return OBJECTIVES[objective].data != "examples"  # pairs, labeled rows: the objective's trainer scores them
 
 
 def is_preference_data(opts: EvalOptions, base: dict[str, Any]) -> bool:
@@ -106,7 +106,9 @@ def load_eval_set(config: Any, tokenizer: Any) -> Any:
         # The data to score is `--dataset` here, whatever the run called it.
         prepare = None
         if scores_pairs(config.objective):
-            from ftcli.data.preference_prepare import prepare_pairs as prepare
+            from ftcli.data.shapes import shape_module
+
+            prepare = shape_module(config).prepare
         return prepare_eval_dataset(config, tokenizer, flag="--dataset", prepare=prepare)
     # A run's held-out split: its training data prepared again (a cache hit), the same rows held out.
     return load_datasets(config, tokenizer)[2]
@@ -153,10 +155,12 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
         "adapter": str(target.adapter) if target.adapter else None, "base_4bit": target.loads_4bit,
         "data": eval_set.source, "seq_length": config.seq_length, "batch_size": batch_size, "device": device,
     }
-    if scores_pairs(config.objective):  # preference pairs: DPO's loss and rewards against the policy's start
+    if scores_pairs(config.objective):  # preference data: the objective's loss and rewards (ftcli.evaluation.pairs)
         from ftcli.evaluation.pairs import evaluate_pairs, reference_of
+        from ftcli.objectives import OBJECTIVES
 
-        reference_of(target)  # refused before any weight loads
+        if OBJECTIVES[config.objective].reference is not None:
+            reference_of(target)  # refused before any weight loads
         if opts.compare_base:
             raise ConfigError("--compare-base: on preference pairs the base is the reference every reward is "
                               "measured against", hint="drop --compare-base")
@@ -205,8 +209,11 @@ def print_pair_report(report: dict[str, Any]) -> None:
                   fmt(report["rewards/margins"]), fmt(report["rewards/chosen"]), fmt(report["rewards/rejected"]),
                   f"{report['pairs']:,}")
     console.print(table)
-    console.print(f"data: {report['data']}; DPO loss {report['dpo_loss']}, beta {report['beta']:g}, reference "
-                  f"{report['reference']}; seq length {report['seq_length']}, batch {report['batch_size']}",
+    if report.get("kl") is not None:
+        console.print(f"KL estimate (policy vs reference, mismatched completions): {report['kl']:.4f}")
+    options = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in report["options"].items() if v is not None)
+    console.print(f"data: {report['data']}; --objective {report['objective']} ({options}), reference "
+                  f"{report['reference'] or 'none'}; seq length {report['seq_length']}, batch {report['batch_size']}",
                   soft_wrap=True)
 
 

@@ -145,9 +145,9 @@ def _training_rows(src: ExportSource, record: dict[str, Any]) -> list[str]:
                  f"{resolved.get('device', '?')} ({resolved.get('processes', 1)} process(es)) |"]
         if len(resolved.get("chain") or []) > 2:  # base -> earlier runs -> this run (ftcli.chain)
             rows.append(f"| training chain | {' -> '.join(_chain_step(step) for step in resolved['chain'])} |")
-        if resolved.get("reference") is not None:  # an objective with a reference model (DPO)
-            rows.append(f"| objective | {config.get('objective')} (beta {config.get('dpo_beta')}, loss "
-                        f"{config.get('dpo_loss')}, reference: {resolved.get('reference')}) |")
+        row = _objective_row(config, resolved)
+        if row:
+            rows.append(row)
         if run.get("command"):
             rows.append(f"| command | `{' '.join(map(str, run['command']))}` |")
         rows.append(f"| trained with | ftcli {versions.get('ftcli')}, transformers {versions.get('transformers')}, "
@@ -162,6 +162,19 @@ def _training_rows(src: ExportSource, record: dict[str, Any]) -> list[str]:
         if lora.get("variant", "plain LoRA") != "plain LoRA":
             rows.append(f"| LoRA variant | {lora['variant']} |")
     return rows
+
+
+def _objective_row(config: dict[str, Any], resolved: dict[str, Any]) -> str:
+    """`| objective | dpo (dpo_beta 0.1, dpo_loss sigmoid; reference: adapter disabled) |` for an objective with
+    options of its own (the preference objectives), else ""."""
+    from ftcli.objectives import OBJECTIVES
+
+    objective = OBJECTIVES.get(str(config.get("objective")))
+    if objective is None or not objective.options:
+        return ""
+    options = ", ".join(f"{name} {config.get(name)}" for name in objective.options if config.get(name) is not None)
+    reference = resolved.get("reference") or "none"
+    return f"| objective | {objective.name} ({options}; reference: {reference}) |"
 
 
 def _chain_step(step: dict[str, Any]) -> str:

@@ -277,6 +277,10 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
             reference_bytes = total * width
         notes.append(f"{objective}: {goal.rows_per_example} sequences per example; reference model: {reference}"
                      + (" (the weights once more, no gradients or optimizer state)" if reference_bytes else ""))
+    elif goal.rows_per_example > 1:  # a preference objective without a reference (ORPO, SimPO): shown as none
+        reference = "none"
+        notes.append(f"{objective}: {goal.rows_per_example} sequences per example; no reference model (none is "
+                     "counted)")
     notes.append(how_it_scales(facts))
     if facts.shards and nproc > 1:
         weights, grads, optimizer = weights // nproc, grads // nproc, optimizer // nproc

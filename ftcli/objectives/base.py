@@ -36,7 +36,8 @@ class Objective:
     """One training objective.
 
     - `data`: the shape of the rows it trains on, a name in ftcli.data.SHAPES: "examples" (SFT's tokenized
-      examples with their loss mask), "pairs" (a prompt with a chosen and a rejected answer, ftcli/data/preference.py).
+      examples with their loss mask), "pairs" (a prompt with a chosen and a rejected answer, ftcli/data/preference.py),
+      "labeled" (a prompt with one answer and a desirable/undesirable label, ftcli/data/labeled.py).
       `pairs` is `data == "pairs"`.
     - `options`: the RunConfig fields only this objective uses; set with another objective, they are refused.
     - `trainer_class` / `config_class`: the innermost trainer (TRL's, imported when called) and its arguments
@@ -47,7 +48,8 @@ class Objective:
     - `data_collator(config, tokenizer)`: the collator, or None for ftcli's batching's choice.
     - `check(config)`: raises ValueError for option combinations that make no sense with this objective.
     - `evaluate(trainer)`: held-out metrics with `eval_loss` (None: ftcli's token-weighted SFT eval loss).
-    - `reference(method, config)`: how the run's reference model is held (None: the objective has none).
+    - `reference(method, config)`: how the run's reference model is held (None: the objective has none, as ORPO's
+      and SimPO's; the memory estimate then counts none).
     - `probe_ids(row)`: the tokens of a prepared row the run's probe logits are taken on.
     - `compiles`: `--compile` and `ftcli warmup` apply (ftcli's compile warmup drives this objective's trainer).
     - `notes(config)`: lines the run prints about options this objective handles its own way.

@@ -27,3 +27,15 @@ class ObjectiveOptions(BaseModel):
     dpo_loss: Literal[DPO_LOSSES] = "sigmoid"  # type: ignore[valid-type]
     max_prompt_length: int | None = Field(default=None, ge=1)  # None: half of --seq-length
     precompute_ref: bool = False  # full: reference log-probs computed once before training (cached)
+
+    # KTO (--objective kto; ftcli/objectives/kto.py): TRL's beta, and the weights of the desirable and undesirable
+    # rows' losses (None: balanced from the data's counts, as the KTO paper advises).
+    kto_beta: float = Field(default=0.1, gt=0)
+    kto_desirable_weight: float | None = Field(default=None, gt=0)
+    kto_undesirable_weight: float | None = Field(default=None, gt=0)
+    # ORPO (--objective orpo; ftcli/objectives/orpo.py): the paper's lambda, the odds-ratio term's weight.
+    orpo_beta: float = Field(default=0.1, gt=0)
+    # SimPO (--objective simpo; ftcli/objectives/simpo.py): the paper's beta and target margin gamma; CPO's SFT term.
+    simpo_beta: float = Field(default=2.0, gt=0)
+    simpo_gamma: float = Field(default=1.0, ge=0)
+    cpo_alpha: float = Field(default=0.0, ge=0)

@@ -66,7 +66,9 @@ RECIPE_IDENTITY_FIELDS = ("optim", "lr_scheduler", "warmup_ratio", "warmup_steps
                           "weight_decay", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_epsilon",
                           "neftune_noise_alpha")
 # ... and the objective and its options (ftcli/objectives/), the same way: an SFT checkpoint keeps its identity.
-OBJECTIVE_IDENTITY_FIELDS = ("objective", "dpo_beta", "dpo_loss", "max_prompt_length", "precompute_ref")
+OBJECTIVE_IDENTITY_FIELDS = ("objective", "dpo_beta", "dpo_loss", "max_prompt_length", "precompute_ref",
+                             "kto_beta", "kto_desirable_weight", "kto_undesirable_weight", "orpo_beta", "simpo_beta",
+                             "simpo_gamma", "cpo_alpha")
 DEFAULTED_IDENTITY_FIELDS = (*RECIPE_IDENTITY_FIELDS, *OBJECTIVE_IDENTITY_FIELDS)
 # ... and, compared where the checkpoint recorded them (ftcli 0.x checkpoints before issue 26 did not): the learning
 # rate (a resumed run keeps the checkpoint's schedule), the sequence length (how examples are cut), the goal (how long

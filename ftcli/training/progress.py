@@ -101,8 +101,11 @@ def preference_fields(logs: dict[str, float]) -> dict[str, str]:
     """The live line's pieces of a preference objective's rewards (none without them)."""
     if "rewards/margins" not in logs:
         return {}
+    # KTO reports no accuracy (its rows are not pairs): its KL estimate takes the place.
+    acc = (f"acc {logs['rewards/accuracies']:.0%}" if "rewards/accuracies" in logs
+           else f"kl {logs.get('kl', float('nan')):.3f}")
     return {"margin": f"margin {logs['rewards/margins']:.3f}",
-            "acc": f"acc {logs.get('rewards/accuracies', float('nan')):.0%}",
+            "acc": acc,
             "rewards": f"chosen {logs.get('rewards/chosen', float('nan')):.3f} "
                        f"rejected {logs.get('rewards/rejected', float('nan')):.3f}"}
 
@@ -111,7 +114,8 @@ def preference_text(logs: dict[str, float]) -> str:
     """`margin 0.031 acc 75% (chosen 0.012 rejected -0.019)` from a preference objective's rewards, else ""."""
     if "rewards/margins" not in logs:
         return ""
-    return (f"margin {logs['rewards/margins']:.3f} acc {logs.get('rewards/accuracies', float('nan')):.0%} "
+    fields = preference_fields(logs)
+    return (f"margin {logs['rewards/margins']:.3f} {fields['acc']} "
             f"(chosen {logs.get('rewards/chosen', float('nan')):.3f} rejected "
             f"{logs.get('rewards/rejected', float('nan')):.3f})")
 
