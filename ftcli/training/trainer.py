@@ -138,7 +138,7 @@ def lean_loss_class(base: type) -> type:
             if "_ftcli_plain" not in self.__dict__:
                 device = getattr(self.args, "device", None)
                 self._ftcli_plain = (getattr(device, "type", "cpu") not in FUSED_HEAD_DEVICES
-                                     and getattr(self.args, "loss_type", "nll") == "nll"
+                                     and getattr(self.args, "loss_type", None) == "nll"
                                      and self.compute_loss_func is None and self.label_smoother is None
                                      and not getattr(self, "aux_loss_enabled", False))
             return self._ftcli_plain
