@@ -113,7 +113,7 @@ def _folder_head(path: Path) -> str:
     if not (path / "config.json").is_file():
         return CAUSAL_HEAD
     try:
-        return head_of_config(SimpleNamespace(**read_json_object(path / "config.json")))
+        return head_of_config(SimpleNamespace(**_read(path / "config.json")))
     except Exception:  # noqa: BLE001 - unreadable: loading says why
         return CAUSAL_HEAD
 
@@ -193,7 +193,7 @@ def _adapter_in_saved_dtype(model: Any, folder: Path) -> None:
     if not path.is_file():
         return
     with safe_open(str(path), framework="pt") as fh:
-        keys = list(fh.keys())
+        keys = [k for k in fh.keys() if "lora_" in k]  # a reward model's score head is saved in its own dtype
         dtypes = {fh.get_slice(k).get_dtype() for k in keys}
     if len(dtypes) != 1:
         return

@@ -121,8 +121,8 @@ def load_reward_scorer(ref: str, *, device: str = "auto", dtype: str = "auto",
     if info.exported:
         from ftcli.files import read_json_object
 
-        recorded = dict(((read_json_object(Path(ref).expanduser() / EXPORT_RECORD).get("run") or {})
-                         .get("config")) or {})
+        record = read_json_object(Path(ref).expanduser() / EXPORT_RECORD, hint="export the reward model again")
+        recorded = dict((record.get("run") or {}).get("config") or {})
     dev = resolve_device(device)
     config = build_run_config({**{k: recorded[k] for k in ("method", "attn_implementation", "seq_length")
                                   if recorded.get(k) is not None},

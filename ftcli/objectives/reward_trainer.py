@@ -37,9 +37,27 @@ class PairSequenceCollator(DataCollatorForPreference):  # type: ignore[misc]
 
 
 class FtcliRewardTrainer(RewardTrainer):  # type: ignore[misc]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        keep_score_head_in_compute_dtype(self.model)
+
     def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
         return dataset
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
             self._signature_columns = list(PAIR_COLUMNS)
+
+
+def keep_score_head_in_compute_dtype(model: Any) -> int:
+    """QLoRA: TRL casts every trainable weight of a 4-bit model to bfloat16 (the QLoRA paper's adapters), the new
+    score head too, which then meets hidden states in the compute dtype (a dtype error on float32). The head goes back
+    to the dtype of the model's embeddings; the LoRA weights stay in bfloat16. Returns how many weights moved."""
+    embeddings = model.get_input_embeddings()
+    dtype = embeddings.weight.dtype
+    moved = 0
+    for name, param in model.named_parameters():
+        if param.requires_grad and "modules_to_save" in name and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            moved += 1
+    return moved
