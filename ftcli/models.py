@@ -431,8 +431,17 @@ def attach_adapter(base: Any, adapter_dir: Path) -> Any:
     from ftcli.inspection.weights import check_weight_files
 
     check_weight_files(Path(adapter_dir))
+    options: dict[str, Any] = {}
+    if type(base).__name__.endswith(CLASSIFIER_SUFFIX):
+        from peft import PeftConfig
+
+        # An SFT adapter under a reward model (`--model SFT_RUN`): the decoder's LoRA, without the LM task's hooks.
+        adapter_config = PeftConfig.from_pretrained(str(adapter_dir))
+        if adapter_config.task_type == "CAUSAL_LM":
+            adapter_config.task_type = None
+            options["config"] = adapter_config
     try:
-        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False, **options)
     except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"the adapter in {adapter_dir} does not fit its base model: {first[:300]}",

@@ -74,12 +74,12 @@ def pair_renames(columns: dict[str, str] | None, available: list[str], source: s
     return column_renames(columns, available, PAIR_FIELDS, "preference data", source, ("role", "content"))
 
 
-def check_pair_columns(columns: list[str], source: str) -> None:
+def check_pair_columns(columns: list[str], source: str, objective: str = "dpo") -> None:
     """Refuse data without a chosen/rejected pair, in one line naming the file and the columns found."""
     missing = [f for f in ("chosen", "rejected") if f not in columns]
     if missing:
         found = ", ".join(f"'{c}'" for c in columns) or "none"
-        raise DataError(f"dataset {source} has no chosen/rejected pair for --objective dpo: no column "
+        raise DataError(f"dataset {source} has no chosen/rejected pair for --objective {objective}: no column "
                         f"{' or '.join(repr(m) for m in missing)} (columns found: {found})",
                         hint="preference data needs 'chosen' and 'rejected' (and optionally 'prompt'); map your "
                              "names with --columns chosen=COLUMN,rejected=COLUMN[,prompt=COLUMN]")
