@@ -227,6 +227,7 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
     from types import SimpleNamespace
 
     from ftcli.methods import METHODS
+    from ftcli.models import CAUSAL_HEAD
     from ftcli.objectives import OBJECTIVES
 
     if method not in METHODS:
@@ -236,8 +237,14 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
     if dtype not in DTYPE_BYTES:
         raise ConfigError(f"--dtype {dtype} has no known size", hint=f"use one of: {', '.join(DTYPE_BYTES)}")
     width = DTYPE_BYTES[dtype]
+    goal = OBJECTIVES[objective]
     total = info.parameters
     notes: list[str] = []
+    # A reward model (ftcli/objectives/reward.py): the LM head gives way to one score per sequence, which trains
+    # in full under LoRA too, and there are no vocabulary-wide logits.
+    classifier = goal.head != CAUSAL_HEAD
+    if classifier:
+        total += info.hidden_size - (0 if info.tied_embeddings else info.vocab_size * info.hidden_size)
     targets = lora_targets or list(facts.defaults["lora_target_modules"])
     master = master_weight_bytes(dtype, facts.trains_adapter, facts.loads_4bit)
     if not facts.trains_adapter:
@@ -253,13 +260,14 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
         # prepare_model_for_kbit_training, whatever --dtype is.
         weights = int(linear * NF4_BYTES_PER_PARAM) + (total - linear) * 4 + trainable * master
         notes.append("linear layers in 4-bit NF4 with double quantisation; the other weights in float32")
+    if classifier and facts.trains_adapter:
+        trainable += info.hidden_size
     if master != width:
         notes.append(f"trainable weights in {'float32' if master == 4 else 'bfloat16'}")
     # Gradients and AdamW's two moments are in the trainable weights' dtype; the foreach step adds about one
     # more temporary of that size while it runs.
     grads = trainable * master
     optimizer = 3 * trainable * master
-    goal = OBJECTIVES[objective]
     rows = batch_size * goal.rows_per_example
     tokens = rows * seq_length
     # QLoRA's residual stream is float32 (its embeddings are upcast, and bitsandbytes' 4-bit layers return their
@@ -267,7 +275,11 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
     act_width = 4 if facts.loads_4bit else width
     activations = int(activation_elements_per_token(info, gradient_checkpointing) * tokens * act_width)
     # TRL's fused LM head: one float32 logits tile forward and one backward, never the full logits.
-    activations += 2 * min(tokens, LOGIT_TILE_TOKENS) * min(info.vocab_size, LOGIT_TILE_VOCAB) * 4
+    if classifier:
+        notes.append(f"{objective}: {goal.rows_per_example} sequences per example (the chosen and the rejected "
+                     "answer), one score each: no LM-head logits")
+    else:
+        activations += 2 * min(tokens, LOGIT_TILE_TOKENS) * min(info.vocab_size, LOGIT_TILE_VOCAB) * 4
     # The attention mask SDPA gets with padding: one byte per (query, key) pair of each row.
     activations += rows * seq_length * seq_length
     reference, reference_bytes = None, 0
