@@ -238,13 +238,9 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
         raise ConfigError(f"--dtype {dtype} has no known size", hint=f"use one of: {', '.join(DTYPE_BYTES)}")
     width = DTYPE_BYTES[dtype]
     goal = OBJECTIVES[objective]
-    total = info.parameters
     notes: list[str] = []
-    # A reward model (ftcli/objectives/reward.py): the LM head gives way to one score per sequence, which trains
-    # in full under LoRA too, and there are no vocabulary-wide logits.
     classifier = goal.head != CAUSAL_HEAD
-    if classifier:
-        total += info.hidden_size - (0 if info.tied_embeddings else info.vocab_size * info.hidden_size)
+    total = classifier_parameters(info) if classifier else info.parameters
     targets = lora_targets or list(facts.defaults["lora_target_modules"])
     master = master_weight_bytes(dtype, facts.trains_adapter, facts.loads_4bit)
     if not facts.trains_adapter:
@@ -260,8 +256,7 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
         # prepare_model_for_kbit_training, whatever --dtype is.
         weights = int(linear * NF4_BYTES_PER_PARAM) + (total - linear) * 4 + trainable * master
         notes.append("linear layers in 4-bit NF4 with double quantisation; the other weights in float32")
-    if classifier and facts.trains_adapter:
-        trainable += info.hidden_size
+    trainable += info.hidden_size if classifier and facts.trains_adapter else 0
     if master != width:
         notes.append(f"trainable weights in {'float32' if master == 4 else 'bfloat16'}")
     # Gradients and AdamW's two moments are in the trainable weights' dtype; the foreach step adds about one
@@ -275,14 +270,13 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
     act_width = 4 if facts.loads_4bit else width
     activations = int(activation_elements_per_token(info, gradient_checkpointing) * tokens * act_width)
     # TRL's fused LM head: one float32 logits tile forward and one backward, never the full logits.
-    if classifier:
-        notes.append(f"{objective}: {goal.rows_per_example} sequences per example (the chosen and the rejected "
-                     "answer), one score each: no LM-head logits")
-    else:
-        activations += 2 * min(tokens, LOGIT_TILE_TOKENS) * min(info.vocab_size, LOGIT_TILE_VOCAB) * 4
+    logits = 2 * min(tokens, LOGIT_TILE_TOKENS) * min(info.vocab_size, LOGIT_TILE_VOCAB) * 4
+    activations += 0 if classifier else logits
     # The attention mask SDPA gets with padding: one byte per (query, key) pair of each row.
     activations += rows * seq_length * seq_length
     reference, reference_bytes = None, 0
+    notes += [f"{objective}: {goal.rows_per_example} sequences per example, one score each (no LM-head logits)"
+              ] if classifier else []
     if goal.reference is not None:
         reference = goal.reference(facts, SimpleNamespace(full_parameters=False, precompute_ref=precompute_ref))
         if not facts.trains_adapter and not precompute_ref:
@@ -304,6 +298,12 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
                           activations_bytes=int(activations), reference_bytes=int(reference_bytes),
                           reference=reference, objective=objective,
                           total_bytes=int(weights + grads + optimizer + activations + reference_bytes), notes=notes)
+
+
+def classifier_parameters(info: ModelInfo) -> int:
+    """A reward model's weights (ftcli/objectives/reward.py): the LM head gives way to one score per sequence (which
+    trains in full under LoRA too)."""
+    return info.parameters + info.hidden_size - (0 if info.tied_embeddings else info.vocab_size * info.hidden_size)
 
 
 def how_it_scales(facts: Any) -> str:
