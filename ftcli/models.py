@@ -124,7 +124,9 @@ def check_causal_lm(ref: str, config: Any, trust_remote_code: bool = False) -> N
     causal_classes = {name for value in CAUSAL.values() for name in ([value] if isinstance(value, str) else value)}
     causal = model_type in CAUSAL and not getattr(config, "is_encoder_decoder", False)
     if causal and architectures:
-        causal = any(a in causal_classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+        # A decoder with a score head (a reward model, `--objective reward`) is still a causal LM underneath.
+        causal = any(a in causal_classes or a.endswith(("ForCausalLM", "LMHeadModel", CLASSIFIER_SUFFIX))
+                     for a in architectures)
     if not causal:
         what = ", ".join(architectures) or f"model type {model_type}"
         raise ModelError(f"{ref} is not a causal language model ({what}), so ftcli cannot train it",
@@ -132,6 +134,24 @@ def check_causal_lm(ref: str, config: Any, trust_remote_code: bool = False) -> N
 
 
 _hub_checked: set[tuple[str, str | None]] = set()
+
+# The heads a model loads with (Objective.head): the language-model head, or one score per sequence.
+CAUSAL_HEAD = "causal"
+CLASSIFICATION_HEAD = "classification"
+CLASSIFIER_SUFFIX = "ForSequenceClassification"
+
+
+def head_of_config(config: Any) -> str:
+    """The head a saved model folder's config says it has (an exported reward model: a sequence classifier)."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    return CLASSIFICATION_HEAD if any(a.endswith(CLASSIFIER_SUFFIX) for a in architectures) else CAUSAL_HEAD
+
+
+def classifier_pad_token_id(tokenizer: Any) -> int:
+    """A sequence classifier's `pad_token_id` (saved in its config): the tokenizer's, after the pad policy. The score
+    is read at each sequence's last token that is not this id; with pad = EOS, at the token before the closing EOS."""
+    apply_pad_policy(tokenizer)
+    return int(tokenizer.pad_token_id)
 
 
 def check_hub_reachable(src: ModelSource, revision: str | None) -> None:
@@ -346,9 +366,15 @@ def load_model(
     trust_remote_code: bool = False,
     quantization_config: Any = None,
     device_map: Any = "device",
+    head: str = CAUSAL_HEAD,
+    pad_token_id: int | None = None,
 ) -> Any:
-    """Load a causal LM from safetensors, on one device (`device_map="device"`) or as the caller maps it."""
-    from transformers import AutoModelForCausalLM
+    """Load a causal LM from safetensors, on one device (`device_map="device"`) or as the caller maps it.
+
+    `head="classification"`: the same decoder with one score per sequence instead of the LM head (a reward model,
+    AutoModelForSequenceClassification, num_labels=1; a new head starts random, seeded by the caller), its config
+    given `pad_token_id` (see `classifier_pad_token_id`)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     load_model_config(ref, revision=revision, trust_remote_code=trust_remote_code)
     src = resolve_model_source(ref)
@@ -367,12 +393,21 @@ def load_model(
     }
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
+    auto_class = AutoModelForCausalLM
+    if head == CLASSIFICATION_HEAD:
+        auto_class = AutoModelForSequenceClassification
+        kwargs["num_labels"] = 1
+        if pad_token_id is not None:
+            kwargs["pad_token_id"] = pad_token_id
+        if quantization_config is not None:
+            # The score head trains in full (LoRA's modules_to_save): it stays a float layer, not 4-bit.
+            quantization_config.llm_int8_skip_modules = ["score"]
     if device_map == "device":
         kwargs["device_map"] = {"": dev}
     elif device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        return AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+        return auto_class.from_pretrained(src.path, **kwargs)
     except OSError as exc:
         if src.kind == "hub":
             raise _hub_error(ref, exc) from None
@@ -396,8 +431,17 @@ def attach_adapter(base: Any, adapter_dir: Path) -> Any:
     from ftcli.inspection.weights import check_weight_files
 
     check_weight_files(Path(adapter_dir))
+    options: dict[str, Any] = {}
+    if type(base).__name__.endswith(CLASSIFIER_SUFFIX):
+        from peft import PeftConfig
+
+        # An SFT adapter under a reward model (`--model SFT_RUN`): the decoder's LoRA, without the LM task's hooks.
+        adapter_config = PeftConfig.from_pretrained(str(adapter_dir))
+        if adapter_config.task_type == "CAUSAL_LM":
+            adapter_config.task_type = None
+            options["config"] = adapter_config
     try:
-        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False, **options)
     except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"the adapter in {adapter_dir} does not fit its base model: {first[:300]}",

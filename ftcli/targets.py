@@ -49,6 +49,14 @@ class TargetInfo:
     exported: bool = False  # an `ftcli export` folder (its record names the base and the run's data)
     template_kwargs: dict[str, Any] | None = None  # the run's --template-kwargs, rendered with again
     eval_record: dict[str, Any] = field(default_factory=dict)  # a run's eval section (its eval set's fingerprint)
+    head: str = "causal"  # "classification": a reward model (one score per sequence), ftcli.models' heads
+
+    @property
+    def scores(self) -> bool:
+        """A reward model: it scores sequences and generates nothing."""
+        from ftcli.models import CLASSIFICATION_HEAD
+
+        return self.head == CLASSIFICATION_HEAD
 
     def revision_of(self, ref: str) -> str | None:
         return None if Path(ref).expanduser().is_dir() else self.revision
@@ -81,7 +89,8 @@ def _find(ref: str, base_override: str | None) -> TargetInfo:
         if not base:
             raise ModelError(f"the adapter in {path} does not record its base model (base_model_name_or_path)",
                              hint="pass the run folder it came from, an exported model, or --base")
-        return TargetInfo(ref, "adapter", str(base), adapter=path, base=str(base), tokenizer=str(base))
+        head = "classification" if config.get("task_type") == "SEQ_CLS" else "causal"
+        return TargetInfo(ref, "adapter", str(base), adapter=path, base=str(base), tokenizer=str(base), head=head)
     if path.exists() and not (path / "config.json").is_file():
         raise ModelError(f"{ref} is not a model, adapter, run or exported folder (no config.json, "
                          f"{ADAPTER_CONFIG} or {MANIFEST} in it)", hint=HINT)
@@ -91,8 +100,22 @@ def _find(ref: str, base_override: str | None) -> TargetInfo:
         run = record.get("run") or {}
         return TargetInfo(ref, "model", ref, base=record.get("base_model"), tokenizer=ref, data=run.get("data") or {},
                           trained_dtype=record.get("dtype"), exported=True,
-                          template_kwargs=(run.get("config") or {}).get("template_kwargs"))
-    return TargetInfo(ref, "model", ref, tokenizer=ref)
+                          template_kwargs=(run.get("config") or {}).get("template_kwargs"), head=_folder_head(path))
+    return TargetInfo(ref, "model", ref, tokenizer=ref, head=_folder_head(path))
+
+
+def _folder_head(path: Path) -> str:
+    """A local model folder's head, from its config.json (an exported reward model is a sequence classifier)."""
+    from types import SimpleNamespace
+
+    from ftcli.models import CAUSAL_HEAD, head_of_config
+
+    if not (path / "config.json").is_file():
+        return CAUSAL_HEAD
+    try:
+        return head_of_config(SimpleNamespace(**_read(path / "config.json")))
+    except Exception:  # noqa: BLE001 - unreadable: loading says why
+        return CAUSAL_HEAD
 
 
 def _run_target(ref: str, path: Path) -> TargetInfo:
@@ -115,19 +138,32 @@ def _run_target(ref: str, path: Path) -> TargetInfo:
     common = dict(base=config["model"], run_config=config, tokenizer=tokenizer, revision=config.get("revision"),
                   trust_remote_code=bool(config.get("trust_remote_code")), data=manifest.get("data") or {},
                   trained_dtype=(manifest.get("resolved") or {}).get("dtype"),
-                  template_kwargs=config.get("template_kwargs"), eval_record=manifest.get("eval") or {})
+                  template_kwargs=config.get("template_kwargs"), eval_record=manifest.get("eval") or {},
+                  head=run_head(config))
     if saves == "adapter":
         return TargetInfo(ref, "run", config["model"], adapter=path, loads_4bit=method.loads_4bit, **common)
     return TargetInfo(ref, "run", str(path), **common)
 
 
-def load_target_model(target: TargetInfo, config: Any, device: str, base_only: bool = False) -> Any:
-    """The model to score: the target (with its adapter), or with `base_only` the base before fine-tuning."""
+def run_head(config: dict[str, Any]) -> str:
+    """The head a run's objective trained (a recorded objective this version does not know: the LM head)."""
+    from ftcli.objectives import OBJECTIVES
+
+    objective = OBJECTIVES.get(str(config.get("objective", "sft")))
+    return objective.head if objective is not None else "causal"
+
+
+def load_target_model(target: TargetInfo, config: Any, device: str, base_only: bool = False,
+                      pad_token_id: int | None = None) -> Any:
+    """The model to score: the target (with its adapter), or with `base_only` the base before fine-tuning. A reward
+    model loads as the classifier it is, given `pad_token_id` (ftcli.models.classifier_pad_token_id)."""
     from ftcli.chain import load_start_model, resolve_start
     from ftcli.methods import METHODS
 
     ref = (target.base or target.model) if base_only else target.model
     options = METHODS[config.method].load_options(config, device) if target.loads_4bit else {}
+    if target.scores:
+        options.update(head=target.head, pad_token_id=pad_token_id)
     # A run that continued an earlier fine-tune starts from it: the base with the earlier adapters merged in.
     model = load_start_model(resolve_start(ref), dtype=config.dtype, device=device,
                              attn_implementation=config.attn_implementation, revision=target.revision_of(ref),
@@ -157,7 +193,7 @@ def _adapter_in_saved_dtype(model: Any, folder: Path) -> None:
     if not path.is_file():
         return
     with safe_open(str(path), framework="pt") as fh:
-        keys = list(fh.keys())
+        keys = [k for k in fh.keys() if "lora_" in k]  # a reward model's score head is saved in its own dtype
         dtypes = {fh.get_slice(k).get_dtype() for k in keys}
     if len(dtypes) != 1:
         return

@@ -381,6 +381,12 @@ RUN: dict[str, Run] = {
                                     creates=("runs/orpo-1/adapter_model.safetensors",)),
     "ftcli train --objective simpo --method lora --model runs/sft-1 --dataset prefs.jsonl --output-dir runs/simpo-1":
         Run(setup=lambda w: w.write_jsonl("prefs.jsonl", PREF_ROWS), creates=("runs/simpo-1/adapter_model.safetensors",)),
+    # Reward models: on the same pairs, continuing the SFT run
+    "ftcli train --objective reward --method lora --model runs/sft-1 --dataset prefs.jsonl --eval-split 0.05 "
+    "--output-dir runs/rm-1": Run(setup=lambda w: w.write_jsonl("prefs.jsonl", PREF_ROWS),
+                                  creates=("runs/rm-1/adapter_model.safetensors",)),
+    "ftcli eval runs/rm-1": Run(output_has=("pairwise accuracy",)),
+    "ftcli export runs/rm-1 --output models/rm-1": Run(creates=tuple(f"models/rm-1/{f}" for f in EXPORTED)),
     # Evaluation (a new example in runs/a: the checkpoint example's runs/a would be refused, exit 5)
     "ftcli train --method lora --model builtin:tiny-llama --dataset builtin:alpaca-sample --eval-split 0.1 "
     "--eval-steps 20 --early-stopping-patience 3 --load-best --save-steps 20 --output-dir runs/a": Run(
@@ -461,6 +467,7 @@ NOT_RUN: dict[str, str] = {
     "ftcli train --method lora": PROSE,
     "ftcli train --method fsdp": PROSE,
     "ftcli train --objective dpo": PROSE,
+    "ftcli train --objective reward": PROSE,
     "ftcli prepare --objective dpo": PROSE,
     "ftcli prepare --objective kto": PROSE,
     "ftcli inspect MODEL --objective orpo": PLACEHOLDER,

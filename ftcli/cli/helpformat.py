@@ -142,7 +142,8 @@ def print_command_help(command: Any, ctx: Any) -> None:
             console.print(Padding(Text.from_markup(rest, style="dim"), (1, 1, 0, 1)))
     console.print()
     panels: dict[str, list[Any]] = {}
-    for param in command.get_params(ctx):
+    params, owners = objective_params(command.get_params(ctx), ctx)
+    for param in params:
         if getattr(param, "hidden", False):
             continue
         default = ARGUMENTS_PANEL if param.param_type_name == "argument" else OPTIONS_PANEL
@@ -154,3 +155,30 @@ def print_command_help(command: Any, ctx: Any) -> None:
     for title in order:
         if panels.get(title):
             console.print(_panel(title, panels[title], ctx, width))
+    if owners:
+        console.print(_objectives_panel(owners, ctx))
+
+
+def objective_params(params: list[Any], ctx: Any) -> tuple[list[Any], dict[str, list[str]]]:
+    """The options an objective owns are described under `--objective NAME --help` only (each objective has a
+    handful; all of them together would double train's help): (the parameters to describe, {objective: its
+    flags} to list in one panel, empty when `--objective` was given before `--help`)."""
+    from ftcli.objectives import OBJECTIVE_OPTIONS, OBJECTIVES
+
+    chosen = (ctx.params or {}).get("objective")
+    owned = {p.name: p for p in params if p.name in OBJECTIVE_OPTIONS}
+    if chosen in OBJECTIVES:
+        return [p for p in params if p.name not in owned or p.name in OBJECTIVES[chosen].options], {}
+    owners = {name: [owned[o].opts[0] for o in objective.options if o in owned]
+              for name, objective in OBJECTIVES.items()}
+    return [p for p in params if p.name not in owned], {k: v for k, v in owners.items() if v}
+
+
+def _objectives_panel(owners: dict[str, list[str]], ctx: Any) -> Panel:
+    table = Table.grid(padding=(0, 2), expand=True)
+    table.add_column(no_wrap=True)
+    table.add_column(ratio=1)
+    for name, flags in owners.items():
+        table.add_row(Text(name, style="bold"), Text(" ".join(flags), style="help.option"))
+    hint = Text(f"{ctx.command_path} --objective NAME --help describes them.", style="dim")
+    return Panel(Group(table, hint), title="Options of each objective", title_align="left", border_style="dim")

@@ -42,7 +42,8 @@ def inspect(
         help=with_default("sft | dpo | kto | orpo | simpo. Models: the estimate counts the objective's reference "
                           "model (dpo, kto; none for orpo, simpo) and its two sequences per example; dataset files: "
                           "read as preference pairs.",
-                          default="sft; a dataset file with chosen/rejected columns is read as pairs"))] = None,
+                          default="sft; a dataset file with chosen/rejected columns is read as pairs"),
+        is_eager=True)] = None,  # read before --help, which then describes that objective's options
     precompute_ref: Annotated[bool, typer.Option(
         "--precompute-ref", help=with_default("dpo estimate: the full method's reference log-probs precomputed "
                                               "(no frozen copy).", default="off"), rich_help_panel=ESTIMATE)] = False,

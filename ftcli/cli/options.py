@@ -84,7 +84,9 @@ def objective_help() -> str:
 
 def train_options(
     method: Annotated[Optional[str], typer.Option(help=method_help(), rich_help_panel=TRAIN)] = None,
-    objective: Annotated[Optional[str], typer.Option(help=objective_help(), rich_help_panel=TRAIN)] = None,
+    # Eager: read before --help, which then describes that objective's own options (ftcli/cli/helpformat.py).
+    objective: Annotated[Optional[str], typer.Option(help=objective_help(), rich_help_panel=TRAIN,
+                                                     is_eager=True)] = None,
     model: Annotated[Optional[str], typer.Option(
         help=with_default("Hub id, local folder, builtin:tiny-llama, or a finished run folder / adapter folder to "
                           "continue from (e.g. an SFT run for DPO).", "model"), rich_help_panel=MODEL)] = None,

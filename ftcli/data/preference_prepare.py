@@ -119,7 +119,7 @@ def _build_pairs(config: Any, tokenizer: Any, loaded: Any, fields: dict[str, Any
         raise DataError(f"dataset {config.dataset} is empty (0 rows)", hint="check the file(s)")
     renames = pair_renames(config.columns, ds.column_names, config.dataset)
     ds = ds.rename_columns(renames) if renames else ds
-    check_pair_columns(ds.column_names, config.dataset, config.objective)
+    check_pair_columns(ds.column_names, config.dataset, getattr(config, "objective", "dpo"))
     ds = ds.select_columns([c for c in PAIR_FIELDS if c in ds.column_names])
     first = _first_pair(ds, _message_keys(config))
     fmt = "chat" if first is not None and first.chat else "prompt-completion"

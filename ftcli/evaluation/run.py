@@ -63,6 +63,9 @@ def eval_config(target: TargetInfo, opts: EvalOptions) -> Any:
         base = {"model": target.base or target.model, "eval_dataset": opts.dataset}
     if opts.batch_size is not None:
         base["eval_batch_size"] = opts.batch_size
+    if target.scores and target.kind != "run":
+        # A reward model's export or adapter: its pairs are scored as the reward objective prepares them.
+        base["objective"] = scoring_objective(target.head)
     if opts.dataset is not None and not scores_pairs(base.get("objective", "sft")) and is_preference_data(opts, base):
         # Pairs are scored as DPO scores them (ftcli.evaluation.pairs); what only training reads is left as DPO has it.
         base.update(objective=PAIRS_OBJECTIVE, train_on_inputs=False, format="auto", lora_dropout=0.0, packing=False,
@@ -72,6 +75,13 @@ def eval_config(target: TargetInfo, opts: EvalOptions) -> Any:
 
 
 PAIRS_OBJECTIVE = "dpo"  # how `ftcli eval` scores preference data given to a target trained otherwise
+
+
+def scoring_objective(head: str) -> str:
+    """The objective whose model has `head` (a score head: the reward objective), for a target without a run."""
+    from ftcli.objectives import OBJECTIVES
+
+    return next(o.name for o in OBJECTIVES.values() if o.head == head)
 
 
 def scores_pairs(objective: str) -> bool:
@@ -155,6 +165,13 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
         "adapter": str(target.adapter) if target.adapter else None, "base_4bit": target.loads_4bit,
         "data": eval_set.source, "seq_length": config.seq_length, "batch_size": batch_size, "device": device,
     }
+    if target.scores:  # a reward model: pairwise accuracy and margin of its scores
+        from ftcli.evaluation.reward_model import evaluate_reward_pairs
+
+        if opts.compare_base:
+            raise ConfigError("--compare-base: a reward model's base has no trained score head to compare with",
+                              hint="drop --compare-base")
+        return {**report, "scores": True, **evaluate_reward_pairs(target, config, eval_set, tokenizer, device)}
     if scores_pairs(config.objective):  # preference data: the objective's loss and rewards (ftcli.evaluation.pairs)
         from ftcli.evaluation.pairs import evaluate_pairs, reference_of
         from ftcli.objectives import OBJECTIVES
@@ -179,6 +196,8 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
 def print_report(report: dict[str, Any]) -> None:
     from rich.table import Table
 
+    if report.get("scores"):
+        return print_reward_report(report)
     if report.get("objective") is not None:
         return print_pair_report(report)
     table = Table(title="evaluation", show_header=True)
@@ -215,6 +234,20 @@ def print_pair_report(report: dict[str, Any]) -> None:
     console.print(f"data: {report['data']}; --objective {report['objective']} ({options}), reference "
                   f"{report['reference'] or 'none'}; seq length {report['seq_length']}, batch {report['batch_size']}",
                   soft_wrap=True)
+
+
+def print_reward_report(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title="evaluation (reward model on preference pairs)", show_header=True)
+    for column in ("model", "accuracy", "mean margin", "loss", "chosen score", "rejected score", "pairs"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    table.add_row(report["target"], f"{report['accuracy']:.4f}", f"{report['margin']:.4f}", f"{report['loss']:.4f}",
+                  f"{report['chosen_score']:.4f}", f"{report['rejected_score']:.4f}", f"{report['pairs']:,}")
+    console.print(table)
+    console.print(f"pairwise accuracy {report['accuracy']:.2%} (share of pairs with score(chosen) > "
+                  f"score(rejected)), mean margin {report['margin']:.4f}; data: {report['data']}; seq length "
+                  f"{report['seq_length']}, batch {report['batch_size']}", soft_wrap=True)
 
 
 def non_finite(report: dict[str, Any]) -> list[str]:

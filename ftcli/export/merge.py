@@ -150,8 +150,22 @@ def merge_into_dequantized(model: Any, dtype: Any) -> Any:
                 bias += module.lora_B[adapter].bias.data.float()
         inner.set_submodule(name, _plain_linear(weight.to(dtype), None if bias is None else bias.to(dtype)))
         del weight, bias
+    unwrap_trained_modules(inner)
     dequantize_remaining(inner, dtype)
     return inner
+
+
+def unwrap_trained_modules(inner: Any) -> int:
+    """Put each module peft trained in full (a reward model's score head: modules_to_save) in place of its wrapper,
+    as peft's own merge_and_unload does; returns how many."""
+    from peft.tuners.lora import LoraLayer
+
+    wrappers = [(name, module) for name, module in inner.named_modules()
+                if hasattr(module, "unload_and_optionally_merge_module") and not isinstance(module, LoraLayer)]
+    for name, module in wrappers:
+        inner.set_submodule(name, module.unload_and_optionally_merge_module(merge=True, safe_merge=False,
+                                                                            adapter_names=None))
+    return len(wrappers)
 
 
 def return_freed_memory_promptly() -> bool:

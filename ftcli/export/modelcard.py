@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ftcli import __version__
 from ftcli.errors import ModelError
+from ftcli.models import CAUSAL_HEAD
 
 if TYPE_CHECKING:
     from ftcli.export.source import ExportOptions, ExportSource
@@ -68,7 +69,9 @@ def write_model_card(path: Path, src: ExportSource, record: dict[str, Any], titl
     except ModelError:
         hub_base = False
     tags = ["ftcli", src.method if src.method != "adapter" else "lora"] + (["merged"] if src.kind == "adapter" else [])
-    front = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
+    scores = src.head != CAUSAL_HEAD  # a reward model: one score per sequence
+    front = ["---", "library_name: transformers",
+             f"pipeline_tag: {'text-classification' if scores else 'text-generation'}"]
     if hub_base:
         front += [f"base_model: {base}", "base_model_relation: finetune"]
     front += ["tags:", *[f"- {t}" for t in tags], "---", ""]
@@ -96,9 +99,13 @@ def write_model_card(path: Path, src: ExportSource, record: dict[str, Any], titl
         lines += _gguf_lines(record["gguf"])
         path.write_text("\n".join(lines), encoding="utf-8")
         return
-    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")",
+    auto = "AutoModelForSequenceClassification" if scores else "AutoModelForCausalLM"
+    lines += ["## Use", "", "```python", f"from transformers import {auto}, AutoTokenizer", "",
+              f"model = {auto}.from_pretrained(\"path/to/this/folder\")",
               "tokenizer = AutoTokenizer.from_pretrained(\"path/to/this/folder\")", "```", ""]
+    if scores:
+        lines += ["A reward model: `model(input_ids).logits[:, 0]` is the score of each sequence (the prompt and an "
+                  "answer, rendered as in training, ending with the EOS token), read at its last non-pad token.", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
 
 

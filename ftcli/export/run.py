@@ -44,6 +44,7 @@ from ftcli.export.staging import (
     EXPORT_RECORD, check_export_output, recover_interrupted, staging_folder,
 )
 from ftcli.files import check_writable, exclusive, followed, output_path
+from ftcli.models import CAUSAL_HEAD
 from ftcli.system import format_bytes, sigterm_as_interrupt
 from ftcli.training.runfolder import PROBE
 
@@ -70,6 +71,7 @@ class ExportResult:
 
 def export_model(opts: ExportOptions) -> ExportResult:
     """Check, then write the export holding its output folder's lock (one export at a time per folder)."""
+    _refuse_gguf_classifier(opts)
     _check_options(opts)
     target = followed(output_path(opts.output, "--output"))  # a symlinked export: the folder it points to
     src = find_source(opts)
@@ -78,6 +80,23 @@ def export_model(opts: ExportOptions) -> ExportResult:
     with exclusive(target, "--output"):
         recover_interrupted(target, announce=console.print)
         return _export(opts, src, check_export_output(target, opts.overwrite, protected=protected_paths(src)))
+
+
+def _refuse_gguf_classifier(opts: ExportOptions) -> None:
+    """`--format gguf` of a reward model, refused before the converter is fetched (a source that cannot be read is
+    reported by the steps that follow, as for any export)."""
+    from ftcli.errors import FtcliError
+
+    if opts.format != "gguf":
+        return
+    try:
+        src = find_source(opts)
+    except FtcliError:
+        return
+    if src.head != CAUSAL_HEAD:
+        raise ConfigError(f"--format gguf: {src.path} is a reward model (a score head, not a language-model head), "
+                          "which llama.cpp cannot run as a chat model", hint="export it without --format gguf: the "
+                          "folder loads with AutoModelForSequenceClassification")
 
 
 def _export(opts: ExportOptions, src: ExportSource, out: Path) -> ExportResult:
@@ -150,11 +169,13 @@ def build_model(src: ExportSource, merge_into: str, dtype_name: str, device: str
 
     from ftcli.export import merge
     from ftcli.methods import qlora  # its 4-bit loading and CPU-kernel rule, as in training
-    from ftcli.models import attach_adapter, load_model
+    from ftcli.models import attach_adapter, classifier_pad_token_id, load_model
 
     dtype = getattr(torch, dtype_name)
     probe = src.path / PROBE
-    load = dict(device=device, revision=src.revision, trust_remote_code=src.trust_remote_code)
+    load: dict[str, Any] = dict(device=device, revision=src.revision, trust_remote_code=src.trust_remote_code)
+    if src.head != CAUSAL_HEAD:  # a reward model: its classifier, scores compared where logits are
+        load.update(head=src.head, pad_token_id=classifier_pad_token_id(tokenizer))
     if src.kind == "model":
         model = load_model(_narrowed(str(src.path), dtype_name, scratch), dtype=dtype_name, **load)
         ref, inputs = _probe_reference(probe) if verify else (None, [])

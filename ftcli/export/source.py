@@ -63,6 +63,17 @@ class ExportSource:
     earlier_adapters: tuple[str, ...] = ()
 
     @property
+    def head(self) -> str:
+        """"classification" for a reward model (its run's objective, a SEQ_CLS adapter or a classifier's config)."""
+        from ftcli.targets import _folder_head, run_head
+
+        if self.manifest is not None:
+            return run_head(self.manifest.get("config") or {})
+        if self.adapter_config is not None:
+            return "classification" if self.adapter_config.get("task_type") == "SEQ_CLS" else "causal"
+        return _folder_head(self.path)
+
+    @property
     def trained_4bit(self) -> bool:
         """The run's method trained the adapter against a 4-bit base (what its manifest says; False if unknown)."""
         from ftcli.methods import METHODS

@@ -73,6 +73,10 @@ def load_target(ref: str, options: TargetOptions) -> Target:
     from ftcli.targets import find_target, load_target_model
 
     info = find_target(ref, base=options.base)
+    if info.scores:
+        raise ConfigError(f"{ref} is a reward model (a score head): it scores answers and generates no text",
+                          hint=f"score preference pairs with `ftcli eval {ref} --dataset PAIRS.jsonl`, or score "
+                               "completions in Python with ftcli.evaluation.reward_model.load_reward_scorer")
     device = resolve_device(options.device)
     recorded = info.run_config
     dtype = options.dtype if options.dtype != "auto" else (info.trained_dtype or "auto")

@@ -227,6 +227,7 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
     from types import SimpleNamespace
 
     from ftcli.methods import METHODS
+    from ftcli.models import CAUSAL_HEAD
     from ftcli.objectives import OBJECTIVES
 
     if method not in METHODS:
@@ -236,8 +237,10 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
     if dtype not in DTYPE_BYTES:
         raise ConfigError(f"--dtype {dtype} has no known size", hint=f"use one of: {', '.join(DTYPE_BYTES)}")
     width = DTYPE_BYTES[dtype]
-    total = info.parameters
+    goal = OBJECTIVES[objective]
     notes: list[str] = []
+    classifier = goal.head != CAUSAL_HEAD
+    total = classifier_parameters(info) if classifier else info.parameters
     targets = lora_targets or list(facts.defaults["lora_target_modules"])
     master = master_weight_bytes(dtype, facts.trains_adapter, facts.loads_4bit)
     if not facts.trains_adapter:
@@ -253,13 +256,13 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
         # prepare_model_for_kbit_training, whatever --dtype is.
         weights = int(linear * NF4_BYTES_PER_PARAM) + (total - linear) * 4 + trainable * master
         notes.append("linear layers in 4-bit NF4 with double quantisation; the other weights in float32")
+    trainable += info.hidden_size if classifier and facts.trains_adapter else 0
     if master != width:
         notes.append(f"trainable weights in {'float32' if master == 4 else 'bfloat16'}")
     # Gradients and AdamW's two moments are in the trainable weights' dtype; the foreach step adds about one
     # more temporary of that size while it runs.
     grads = trainable * master
     optimizer = 3 * trainable * master
-    goal = OBJECTIVES[objective]
     rows = batch_size * goal.rows_per_example
     tokens = rows * seq_length
     # QLoRA's residual stream is float32 (its embeddings are upcast, and bitsandbytes' 4-bit layers return their
@@ -267,20 +270,14 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
     act_width = 4 if facts.loads_4bit else width
     activations = int(activation_elements_per_token(info, gradient_checkpointing) * tokens * act_width)
     # TRL's fused LM head: one float32 logits tile forward and one backward, never the full logits.
-    activations += 2 * min(tokens, LOGIT_TILE_TOKENS) * min(info.vocab_size, LOGIT_TILE_VOCAB) * 4
+    logits = 2 * min(tokens, LOGIT_TILE_TOKENS) * min(info.vocab_size, LOGIT_TILE_VOCAB) * 4
+    activations += 0 if classifier else logits
     # The attention mask SDPA gets with padding: one byte per (query, key) pair of each row.
     activations += rows * seq_length * seq_length
-    reference, reference_bytes = None, 0
-    if goal.reference is not None:
-        reference = goal.reference(facts, SimpleNamespace(full_parameters=False, precompute_ref=precompute_ref))
-        if not facts.trains_adapter and not precompute_ref:
-            reference_bytes = total * width
-        notes.append(f"{objective}: {goal.rows_per_example} sequences per example; reference model: {reference}"
-                     + (" (the weights once more, no gradients or optimizer state)" if reference_bytes else ""))
-    elif goal.rows_per_example > 1:  # a preference objective without a reference (ORPO, SimPO): shown as none
-        reference = "none"
-        notes.append(f"{objective}: {goal.rows_per_example} sequences per example; no reference model (none is "
-                     "counted)")
+    notes += [f"{objective}: {goal.rows_per_example} sequences per example, one score each (no LM-head logits)"
+              ] if classifier else []
+    reference, reference_bytes = objective_reference(goal, facts, SimpleNamespace(
+        full_parameters=False, precompute_ref=precompute_ref), total * width, notes)
     notes.append(how_it_scales(facts))
     if facts.shards and nproc > 1:
         weights, grads, optimizer = weights // nproc, grads // nproc, optimizer // nproc
@@ -296,6 +293,28 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
                           activations_bytes=int(activations), reference_bytes=int(reference_bytes),
                           reference=reference, objective=objective,
                           total_bytes=int(weights + grads + optimizer + activations + reference_bytes), notes=notes)
+
+
+def objective_reference(goal: Any, facts: Any, config: Any, copy_bytes: int,
+                        notes: list[str]) -> tuple[str | None, int]:
+    """(how `goal` holds its reference model, the bytes of a frozen copy or 0), its note appended to `notes`."""
+    if goal.reference is None:
+        if goal.rows_per_example > 1:  # a preference objective without a reference (ORPO, SimPO): shown as none
+            notes.append(f"{goal.name}: {goal.rows_per_example} sequences per example; no reference model (none is "
+                         "counted)")
+            return "none", 0
+        return None, 0
+    reference = goal.reference(facts, config)
+    held = copy_bytes if not facts.trains_adapter and not config.precompute_ref else 0
+    notes.append(f"{goal.name}: {goal.rows_per_example} sequences per example; reference model: {reference}"
+                 + (" (the weights once more, no gradients or optimizer state)" if held else ""))
+    return reference, held
+
+
+def classifier_parameters(info: ModelInfo) -> int:
+    """A reward model's weights (ftcli/objectives/reward.py): the LM head gives way to one score per sequence (which
+    trains in full under LoRA too)."""
+    return info.parameters + info.hidden_size - (0 if info.tied_embeddings else info.vocab_size * info.hidden_size)
 
 
 def how_it_scales(facts: Any) -> str:

@@ -61,6 +61,8 @@ def _render_model(report: dict[str, Any]) -> None:
         ("vocabulary", f"{m['vocab_size']:,}"), ("context length", m["context_length"]),
         ("dtype (config)", m["dtype"]), ("tied embeddings", m["tied_embeddings"]),
         ("chat template", "yes" if m["chat_template"] else "no"),
+        *([("head", "a score head: a reward model (one score per sequence; `ftcli eval` with preference pairs, "
+                    "not generate/chat)")] if m.get("reward_model") else []),
     ]))
     console.print(_memory_table(report["memory"]))
     console.print("AdamW, weights in the given dtype; qlora: NF4 base. The verdict keeps 10% + 1 GiB for the CUDA "
@@ -137,6 +139,17 @@ def _adapter_table(a: dict[str, Any]) -> Any:
     ])
 
 
+def objective_text(name: str | None) -> str:
+    """`reward (a reward model: a score head, one score per sequence)`, or the objective's name."""
+    from ftcli.models import CAUSAL_HEAD
+    from ftcli.objectives import OBJECTIVES
+
+    objective = OBJECTIVES.get(name or "sft")
+    if objective is None or objective.head == CAUSAL_HEAD:
+        return name or "sft"
+    return f"{objective.name} (a reward model: a score head, one score per sequence)"
+
+
 def _render_run(report: dict[str, Any]) -> None:
     from ftcli.console import console
     from ftcli.system import format_bytes
@@ -149,7 +162,8 @@ def _render_run(report: dict[str, Any]) -> None:
         status = f"[{colour}]{run['status']}[/]" + (f": {run['error']}" if run.get("error") else "")
     rows: list[tuple[str, Any]] = [("status", status)]
     cfg = report.get("config") or {}
-    rows += [("method", cfg.get("method")), ("model", cfg.get("model")), ("dataset", cfg.get("dataset")),
+    rows += [("method", cfg.get("method")), ("objective", objective_text(cfg.get("objective"))),
+             ("model", cfg.get("model")), ("dataset", cfg.get("dataset")),
              ("started / ended", f"{run['started_at']} / {run['ended_at'] or '-'}"),
              ("device, dtype", f"{run['device']}, {run['dtype']}"),
              ("parameters", f"{run['trainable_parameters']:,} trainable of {run['total_parameters']:,}"

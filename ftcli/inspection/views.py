@@ -46,12 +46,27 @@ class InspectOptions:
 # ---- models ---------------------------------------------------------------------------------------
 
 
+def model_objective(architecture: str) -> str:
+    """The objective a model's estimate is for by default: the one that trains its head (a score head: the reward
+    objective's; the LM head: SFT, the first objective)."""
+    from types import SimpleNamespace
+
+    from ftcli.models import head_of_config
+    from ftcli.objectives import OBJECTIVES
+
+    head = head_of_config(SimpleNamespace(architectures=[architecture]))
+    return next(name for name, o in OBJECTIVES.items() if o.head == head)
+
+
 def inspect_model(target: str, options: InspectOptions) -> dict[str, Any]:
     from ftcli.config import METHOD_DEFAULTS
     from ftcli.methods import METHODS
+    from ftcli.models import CAUSAL_HEAD
+    from ftcli.objectives import OBJECTIVES
     from ftcli.inspection.estimate import describe_model, estimate_memory, fits, parse_size
 
     info = describe_model(target)
+    objective = options.objective or model_objective(info.architecture)
     gpu = parse_size(options.gpu_memory) if options.gpu_memory else None
     estimates = []
     for method in METHODS:
@@ -62,15 +77,16 @@ def inspect_model(target: str, options: InspectOptions) -> dict[str, Any]:
         est = estimate_memory(info, method, batch_size=batch, seq_length=options.seq_length,
                               gradient_checkpointing=checkpointing, nproc=options.nproc, dtype=options.dtype,
                               lora_rank=options.lora_rank, lora_targets=list(defaults["lora_target_modules"]),
-                              objective=options.objective or "sft", precompute_ref=options.precompute_ref)
+                              objective=objective, precompute_ref=options.precompute_ref)
         if gpu is not None:
             est.fits = fits(est.total_bytes, gpu)
         estimates.append({**est.to_dict(), "batch_size": batch, "gradient_checkpointing": checkpointing})
     model = info.to_dict()
     model.pop("linear_layers")
+    model["reward_model"] = OBJECTIVES[objective].head != CAUSAL_HEAD
     return {
         "model": model,
-        "memory": {"objective": options.objective or "sft", "seq_length": options.seq_length,
+        "memory": {"objective": objective, "seq_length": options.seq_length,
                    "dtype": options.dtype, "nproc": options.nproc,
                    "gpu_memory_bytes": gpu, "methods": estimates},
     }

@@ -21,7 +21,16 @@ def linear_module_names(model: Any) -> list[str]:
     import torch
 
     names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
-    return sorted(names - {"lm_head"})
+    return sorted(names - {"lm_head", "score"})
+
+
+def task_type(model: Any) -> str:
+    """peft's task: a causal LM, or a sequence classifier (the model setup loaded with the head the objective asks
+    for, Objective.head: a reward model), whose new score head peft then trains in full and saves with the adapter
+    (modules_to_save)."""
+    from ftcli.models import CLASSIFIER_SUFFIX
+
+    return "SEQ_CLS" if type(model).__name__.endswith(CLASSIFIER_SUFFIX) else "CAUSAL_LM"
 
 
 def plan(config: Any, model: Any) -> Any:
@@ -42,7 +51,7 @@ def plan(config: Any, model: Any) -> Any:
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=target_modules,
-        task_type="CAUSAL_LM",
+        task_type=task_type(model),
         **variants.lora_config_args(config),
     )
     if config.gradient_checkpointing:

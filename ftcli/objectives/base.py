@@ -53,6 +53,9 @@ class Objective:
     - `probe_ids(row)`: the tokens of a prepared row the run's probe logits are taken on.
     - `compiles`: `--compile` and `ftcli warmup` apply (ftcli's compile warmup drives this objective's trainer).
     - `notes(config)`: lines the run prints about options this objective handles its own way.
+    - `head`: the model's output the objective trains: "causal" (the LM head: next-token logits) or
+      "classification" (one score per sequence, a reward model; loaded by ftcli.models.load_model, and a LoRA
+      plan trains the score head in full).
     - `rows_per_example`: sequences one example puts through the model per step (DPO: the chosen and the
       rejected answer, each after the prompt), for the memory estimate.
     """
@@ -72,6 +75,7 @@ class Objective:
     probe_ids: Callable[[dict[str, Any]], list[int]] = example_ids
     rows_per_example: int = 1
     compiles: bool = True
+    head: str = "causal"
     notes: Callable[[Any], list[str]] = lambda config: []  # noqa: E731
 
     @property

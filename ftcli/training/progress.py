@@ -100,7 +100,9 @@ class _Line:
 def preference_fields(logs: dict[str, float]) -> dict[str, str]:
     """The live line's pieces of a preference objective's rewards (none without them)."""
     if "rewards/margins" not in logs:
-        return {}
+        if not reward_model_text(logs):
+            return {}
+        return {"margin": f"margin {logs['margin']:.3f}", "acc": f"acc {logs['accuracy']:.0%}"}
     # KTO reports no accuracy (its rows are not pairs): its KL estimate takes the place.
     acc = (f"acc {logs['rewards/accuracies']:.0%}" if "rewards/accuracies" in logs
            else f"kl {logs.get('kl', float('nan')):.3f}")
@@ -113,11 +115,18 @@ def preference_fields(logs: dict[str, float]) -> dict[str, str]:
 def preference_text(logs: dict[str, float]) -> str:
     """`margin 0.031 acc 75% (chosen 0.012 rejected -0.019)` from a preference objective's rewards, else ""."""
     if "rewards/margins" not in logs:
-        return ""
+        return reward_model_text(logs)
     fields = preference_fields(logs)
     return (f"margin {logs['rewards/margins']:.3f} {fields['acc']} "
             f"(chosen {logs.get('rewards/chosen', float('nan')):.3f} rejected "
             f"{logs.get('rewards/rejected', float('nan')):.3f})")
+
+
+def reward_model_text(logs: dict[str, float]) -> str:
+    """`margin 1.250 acc 75%` from a reward model's scores (TRL's RewardTrainer logs `margin` and `accuracy`)."""
+    if "margin" not in logs or "accuracy" not in logs:
+        return ""
+    return f"margin {logs['margin']:.3f} acc {logs['accuracy']:.0%}"
 
 
 class LineProgress(Progress):

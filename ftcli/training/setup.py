@@ -103,6 +103,7 @@ def set_up(config: Any, command: str) -> RunSetup:
     # A finished run or adapter as --model: its base with the earlier adapters merged in (ftcli.chain).
     model = load_start_model(start, dtype=config.dtype, device=device, attn_implementation=config.attn_implementation,
                              revision=config.revision, trust_remote_code=config.trust_remote_code,
+                             **head_options(OBJECTIVES[config.objective], tokenizer),
                              **method.load_options(config, device))
     _refuse_nonfinite_start(model, config.model)
     plan = method.plan(config, model)
@@ -110,6 +111,15 @@ def set_up(config: Any, command: str) -> RunSetup:
                   f"({config.method}, {str(torch_dtype).removeprefix('torch.')}, {device})")
     return RunSetup(device, torch_dtype, tokenizer, pad_policy, dataset, report, method, plan, eval_set,
                     OBJECTIVES[config.objective])
+
+
+def head_options(objective: Any, tokenizer: Any) -> dict[str, Any]:
+    """What loading needs of the objective's head: a classifier (a reward model) gets one score and the pad id."""
+    from ftcli.models import CAUSAL_HEAD, classifier_pad_token_id
+
+    if objective.head == CAUSAL_HEAD:
+        return {}
+    return {"head": objective.head, "pad_token_id": classifier_pad_token_id(tokenizer)}
 
 
 def _refuse_nonfinite_start(model: Any, ref: str) -> None:
