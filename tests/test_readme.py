@@ -468,6 +468,7 @@ NOT_RUN: dict[str, str] = {
     "ftcli train --method fsdp": PROSE,
     "ftcli train --objective dpo": PROSE,
     "ftcli train --objective reward": PROSE,
+    "ftcli train --objective NAME --help": PLACEHOLDER,
     "ftcli prepare --objective dpo": PROSE,
     "ftcli prepare --objective kto": PROSE,
     "ftcli inspect MODEL --objective orpo": PLACEHOLDER,
