@@ -17,6 +17,7 @@ from typing import Any
 SHAPES: dict[str, str] = {
     "examples": "ftcli.data.split",
     "pairs": "ftcli.data.preference_prepare",
+    "prompts": "ftcli.data.prompts",
 }
 
 

@@ -11,12 +11,13 @@ line here. Importing this package must not import torch.
 
 from __future__ import annotations
 
-from ftcli.objectives import dpo, sft
+from ftcli.objectives import dpo, grpo, sft
 from ftcli.objectives.base import Objective
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     sft.OBJECTIVE,
     dpo.OBJECTIVE,
+    grpo.OBJECTIVE,
 )}
 
 # Every objective's own options (a field no objective names is shared by all).

@@ -51,6 +51,9 @@ class Objective:
     - `probe_ids(row)`: the tokens of a prepared row the run's probe logits are taken on.
     - `compiles`: `--compile` and `ftcli warmup` apply (ftcli's compile warmup drives this objective's trainer).
     - `notes(config)`: lines the run prints about options this objective handles its own way.
+    - `defaults(config)`: its own defaults of shared options ({field: value}), applied where not given.
+    - `preflight(config)`: checks before anything loads (GRPO: the reward functions tried on the data's first rows);
+      raises an FtcliError.
     - `rows_per_example`: sequences one example puts through the model per step (DPO: the chosen and the
       rejected answer, each after the prompt), for the memory estimate.
     """
@@ -71,6 +74,8 @@ class Objective:
     rows_per_example: int = 1
     compiles: bool = True
     notes: Callable[[Any], list[str]] = lambda config: []  # noqa: E731
+    defaults: Callable[[Any], dict[str, Any]] = lambda config: {}  # noqa: E731
+    preflight: Callable[[Any], None] = no_check
 
     @property
     def pairs(self) -> bool:

@@ -51,6 +51,16 @@ class NonFiniteError(Exception):
         self.what = what
 
 
+class FaultStop(Exception):
+    """Raised inside the training loop when a step's inputs are unusable (a reward function failed): the step is
+    not applied, and the state before it is saved as a checkpoint (`checkpoint`, None when no step had finished)."""
+
+    def __init__(self, step: int, message: str, checkpoint: Path | None):
+        super().__init__(message)
+        self.step = step
+        self.message = message
+        self.checkpoint = checkpoint
+
 
 # ---- signals ----
 
@@ -254,9 +264,14 @@ class RunGuardCallbacks:
         self.trainer.ftcli_losses = []
         loss_ok = torch.stack([torch.isfinite(x).all() for x in losses]).all() if losses else torch.tensor(True)
         grads_ok = _local_grads_finite(kwargs["model"])
-        bad_loss, bad_grad, stop = agree([float(not bool(loss_ok)), float(not bool(grads_ok)),
-                                           float(self.stop.requested)])
+        failures = getattr(self.trainer, "ftcli_failures", None)  # GRPO's reward faults (ftcli.rewards.probe)
+        fault = failures.message if failures is not None else None
+        bad_loss, bad_grad, stop, faulty = agree([float(not bool(loss_ok)), float(not bool(grads_ok)),
+                                                  float(self.stop.requested), float(fault is not None)])
         step = state.global_step + 1
+        if faulty:
+            raise FaultStop(step, fault or "a reward function failed in another process (its log says which)",
+                            self._save_before_fault(args, state, control))
         if bad_loss:
             raise NonFiniteError(step, "loss")
         if bad_grad:
@@ -264,6 +279,18 @@ class RunGuardCallbacks:
         if stop and not self.stopping:
             self.stopping = True
             self.stopped_at = step
+
+    def _save_before_fault(self, args: Any, state: Any, control: Any) -> Path | None:
+        """The state before the faulty step (weights and optimizer untouched by it) as a complete checkpoint."""
+        if state.global_step == 0:
+            return None
+        folder = self.out / f"{PREFIX}{state.global_step}"
+        if self.last_saved_step != state.global_step:
+            if state.is_world_process_zero:
+                unmark(folder)
+            self.trainer._save_checkpoint(self.trainer.model, trial=None)
+            self.on_save(args, state, control)
+        return folder
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.on_first_step is not None:
