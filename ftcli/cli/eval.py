@@ -95,7 +95,10 @@ def evaluate(
                               hint="pass --dataset once (merge the files into one, or a folder of them), or run eval "
                                    "once per dataset")
         if reward:
-            return rewards(dataset)
+            return score_rewards(target, dataset, dict(reward=reward, reward_weights=reward_weights, samples=samples,
+                                                       max_new_tokens=max_new_tokens, temperature=temperature,
+                                                       seed=seed, columns=columns, dataset_split=dataset_split,
+                                                       dtype=dtype, device=device, json_output=json_output))
         options = EvalOptions(target=target, dataset=dataset[0] if dataset else None, dataset_split=dataset_split,
                               format=format,
                               template=template, columns=parse_columns(columns) if columns else None,
@@ -118,41 +121,6 @@ def evaluate(
                             hint="the model's weights or outputs hold NaN or infinity (check the model, e.g. with "
                                  "--dtype float32); the JSON report has null for them")
 
-    def rewards(data: list[str] | None) -> None:
-        import sys
-
-        from ftcli.console import console
-        from ftcli.errors import ConfigError
-        from ftcli.evaluation.rewards import RewardEvalOptions, print_reward_report, run_reward_eval
-
-        if not data or len(data) > 1:
-            raise ConfigError("--reward scores completions sampled from --dataset's prompts: pass --dataset once",
-                              hint="e.g. --dataset held-out-prompts.jsonl")
-        if temperature is not None and temperature <= 0:
-            raise ConfigError(f"--temperature {temperature:g}: sampling needs a temperature above 0",
-                              hint="e.g. --temperature 1")
-        from ftcli.objectives.options import parse_weights
-
-        try:
-            weights = parse_weights(reward_weights) if reward_weights else None
-        except ValueError as exc:
-            raise ConfigError(str(exc), hint="one number per --reward, in their order") from None
-        options = RewardEvalOptions(target=target, dataset=data[0], rewards=list(reward), weights=weights,
-                                    samples=samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                                    seed=seed, columns=parse_columns(columns) if columns else None,
-                                    dataset_split=dataset_split, dtype=dtype, device=device)
-        console.quiet = json_output
-        try:
-            report = run_reward_eval(options)
-        finally:
-            console.quiet = False
-        if json_output:
-            from ftcli.evaluation.run import json_report
-
-            sys.stdout.write(json_report(report) + "\n")
-        else:
-            print_reward_report(report)
-
     def run(options: Any) -> dict:
         from ftcli.evaluation.run import run_eval
         from ftcli.models import without_bitsandbytes
@@ -165,6 +133,44 @@ def evaluate(
 
     with sigterm_as_interrupt():  # SIGTERM / SIGHUP end it like Ctrl-C: one line, exit 130, what was done kept
         run_guarded(go)
+
+
+def score_rewards(target: str, data: list[str] | None, v: dict[str, Any]) -> None:
+    """`--reward`: sampled completions of the prompts scored, TARGET beside its base (ftcli/evaluation/rewards.py)."""
+    import sys
+
+    from ftcli.console import console
+    from ftcli.errors import ConfigError
+    from ftcli.evaluation.rewards import RewardEvalOptions, print_reward_report, run_reward_eval
+
+    if not data or len(data) > 1:
+        raise ConfigError("--reward scores completions sampled from --dataset's prompts: pass --dataset once",
+                          hint="e.g. --dataset held-out-prompts.jsonl")
+    temperature = v["temperature"]
+    if temperature is not None and temperature <= 0:
+        raise ConfigError(f"--temperature {temperature:g}: sampling needs a temperature above 0",
+                          hint="e.g. --temperature 1")
+    from ftcli.objectives.options import parse_weights
+
+    try:
+        weights = parse_weights(v["reward_weights"]) if v["reward_weights"] else None
+    except ValueError as exc:
+        raise ConfigError(str(exc), hint="one number per --reward, in their order") from None
+    options = RewardEvalOptions(target=target, dataset=data[0], rewards=list(v["reward"]), weights=weights,
+                                samples=v["samples"], max_new_tokens=v["max_new_tokens"], temperature=v["temperature"],
+                                seed=v["seed"], columns=parse_columns(v["columns"]) if v["columns"] else None,
+                                dataset_split=v["dataset_split"], dtype=v["dtype"], device=v["device"])
+    console.quiet = v["json_output"]
+    try:
+        report = run_reward_eval(options)
+    finally:
+        console.quiet = False
+    if v["json_output"]:
+        from ftcli.evaluation.run import json_report
+
+        sys.stdout.write(json_report(report) + "\n")
+    else:
+        print_reward_report(report)
 
 
 command = evaluate
