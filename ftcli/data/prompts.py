@@ -218,8 +218,8 @@ def prompts_report(manifest: dict[str, Any], folder: Path, reused: bool) -> Data
         tokens=s["tokens"], max_length=s["length"]["max"], format=manifest["format"], template=manifest["template"],
         prepared=str(folder), reused=reused, stats=s)
     if s["dropped"]["too_long"]:
-        report.notes.append(f"{s['dropped']['too_long']:,} prompts dropped: longer than {manifest['options']['prompt_room']}"
-                            " tokens (--seq-length minus --max-completion-length)")
+        report.notes.append(f"{s['dropped']['too_long']:,} prompts dropped: longer than "
+                            f"{manifest['options']['prompt_room']} tokens (--seq-length minus --max-completion-length)")
     return report
 
 

@@ -114,8 +114,8 @@ class GroupWatch(TrainerCallback):  # type: ignore[misc]
         self.flat = (self.flat + [float(share)])[-FLAT_WINDOW:]
         if not self.warned and len(self.flat) == FLAT_WINDOW and min(self.flat) >= FLAT_SHARE:
             self.warned = True
-            console.print(f"[yellow]warning:[/] {FLAT_ADVICE.format(n=FLAT_WINDOW, share=sum(self.flat) / FLAT_WINDOW)}",
-                          soft_wrap=True)
+            advice = FLAT_ADVICE.format(n=FLAT_WINDOW, share=sum(self.flat) / FLAT_WINDOW)
+            console.print(f"[yellow]warning:[/] {advice}", soft_wrap=True)
 
 
 def _number(value: Any) -> float | None:

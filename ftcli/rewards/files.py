@@ -23,7 +23,7 @@ FORM = "pass FILE.py:function (e.g. --reward rewards.py:correct) or builtin:NAME
 def split_spec(spec: str) -> tuple[Path, str]:
     path, sep, function = spec.rpartition(":")
     if not sep or not path or not function:
-        raise ConfigError(f"--reward {spec}: no function named", hint=FORM)
+        raise ConfigError(f"--reward {spec} names no function", hint=FORM)
     return Path(path).expanduser(), function
 
 
@@ -36,20 +36,20 @@ def load(spec: str) -> tuple[str, Callable[..., list[Any]]]:
     name = short_name(path, function)
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
-        raise ConfigError(f"--reward {spec}: the file {path} {what}", hint="check the path (relative to the "
+        raise ConfigError(f"--reward {spec} failed: the file {path} {what}", hint="check the path (relative to the "
                           "current folder)")
     if path.suffix != ".py":
-        raise ConfigError(f"--reward {spec}: {path} is not a .py file", hint=FORM)
+        raise ConfigError(f"--reward {spec} failed: {path} is not a .py file", hint=FORM)
     module = _import(path, spec)
     fn = getattr(module, function, None)
     if fn is None:
         found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
                        and getattr(v, "__module__", None) == module.__name__)
-        raise ConfigError(f"--reward {spec}: {path.name} has no function {function} (functions found: "
+        raise ConfigError(f"--reward {spec} failed: {path.name} has no function {function} (functions found: "
                           f"{', '.join(found) or 'none'})", hint="check the name after the colon")
     if not callable(fn):
-        raise ConfigError(f"--reward {spec}: {function} in {path.name} is a {type(fn).__name__}, not a function",
-                          hint="name a function def'd in the file")
+        raise ConfigError(f"--reward {spec} failed: {function} in {path.name} is a {type(fn).__name__}, not a "
+                          "function", hint="name a function def'd in the file")
     return name, fn
 
 
@@ -59,17 +59,17 @@ def _import(path: Path, spec: str) -> Any:
         return sys.modules[module_name]
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
     if loader_spec is None or loader_spec.loader is None:
-        raise ConfigError(f"--reward {spec}: {path} cannot be imported", hint=FORM)
+        raise ConfigError(f"--reward {spec} failed: {path} cannot be imported", hint=FORM)
     module = importlib.util.module_from_spec(loader_spec)
     # The file's own folder first, so that it can import its neighbours (as `python FILE.py` could).
     sys.path.insert(0, str(path.resolve().parent))
     try:
         loader_spec.loader.exec_module(module)
     except SyntaxError as exc:
-        raise ConfigError(f"--reward {spec}: syntax error in {path.name} line {exc.lineno}: {exc.msg}",
+        raise ConfigError(f"--reward {spec} failed: syntax error in {path.name} line {exc.lineno}: {exc.msg}",
                           hint="fix the file (python -m py_compile shows the same)") from None
     except Exception as exc:  # noqa: BLE001 - any error of the user's module code is reported the same way
-        raise ConfigError(f"--reward {spec}: importing {path.name} raised {type(exc).__name__}: {exc}",
+        raise ConfigError(f"--reward {spec} failed: importing {path.name} raised {type(exc).__name__}: {exc}",
                           hint="fix the file's top-level code (imports, constants)") from None
     finally:
         sys.path.remove(str(path.resolve().parent))
