@@ -177,6 +177,9 @@ def _render_run(report: dict[str, Any]) -> None:
     else:
         console.print("training loss: no TensorBoard events or metrics.jsonl in this run")
     _render_eval(report, console)
+    from ftcli.inspection.prompts import render_completions
+
+    render_completions(report.get("completions") or [])
 
 
 def _render_eval(report: dict[str, Any], console: Any) -> None:
@@ -229,6 +232,11 @@ def _render_data(report: dict[str, Any]) -> None:
 
     if "pairs" in report:
         _render_pairs(report)
+        return
+    if "prompts" in report:
+        from ftcli.inspection.prompts import render_prompts
+
+        render_prompts(report, _kv_table)
         return
     d = report["data"]
     length = d.get("length") or {}

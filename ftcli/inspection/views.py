@@ -164,6 +164,9 @@ def inspect_run(target: str, options: InspectOptions) -> dict[str, Any]:
     }
     if (folder / "adapter_config.json").is_file():
         view["adapter"] = adapter_summary(folder)
+    from ftcli.inspection.prompts import latest_completions
+
+    view["completions"] = latest_completions(folder)  # GRPO's sampled completions (none for other objectives)
     return view
 
 
@@ -298,6 +301,10 @@ def inspect_prepared(target: str, options: InspectOptions) -> dict[str, Any]:
         tokenizer = None
     if manifest.get("kind") == "preference":
         return _pair_view(folder, manifest, tokenizer, tokenizer_ref, options)
+    if manifest.get("kind") == "prompts":
+        from ftcli.inspection.prompts import prompt_view
+
+        return prompt_view(folder, manifest, tokenizer, tokenizer_ref, options)
     return _data_view(folder, manifest, tokenizer, tokenizer_ref, options)
 
 
@@ -317,6 +324,12 @@ def inspect_dataset(target: str, options: InspectOptions) -> dict[str, Any]:
         flags["objective"] = next(name for name, o in OBJECTIVES.items() if o.pairs)
     config = build_run_config({k: v for k, v in flags.items() if v is not None or k == "dataset_size"})
     tokenizer = load_tokenizer(config.model)
+    if OBJECTIVES[config.objective].data == "prompts":
+        from ftcli.data.prompts import prepare_prompts
+        from ftcli.inspection.prompts import prompt_view
+
+        prepared = prepare_prompts(config, tokenizer)
+        return prompt_view(prepared.folder, prepared.manifest, tokenizer, config.model, options, prepared.dataset)
     if OBJECTIVES[config.objective].pairs:
         from ftcli.data.preference_prepare import prepare_pairs
 
