@@ -74,6 +74,7 @@ class MemoryEstimate:
     reference_bytes: int = 0  # a preference objective's frozen reference copy (0: none, or no objective needs one)
     reference: str | None = None  # how the objective holds its reference model (ftcli.objectives)
     objective: str = "sft"
+    generation_bytes: int = 0  # an objective that samples completions: their KV cache while generating
     fits: bool | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -217,17 +218,22 @@ def master_weight_bytes(dtype: str, trains_adapter: bool, loads_4bit: bool) -> i
 def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length: int,
                     gradient_checkpointing: bool = False, nproc: int = 1, dtype: str | None = None,
                     lora_rank: int = 8, lora_targets: list[str] | None = None, objective: str = "sft",
-                    precompute_ref: bool = False) -> MemoryEstimate:
+                    precompute_ref: bool = False, num_generations: int = 8, kl_beta: float = 0.0) -> MemoryEstimate:
     """Peak training memory per process for `method` and `objective`, from the model's shapes alone.
 
     A preference objective (DPO) puts `rows_per_example` sequences through the model per example (the chosen and
     the rejected answer after the prompt): activations for twice the batch. Its reference model is the same
     weights with the adapter disabled for LoRA methods (nothing more), a frozen copy of the weights in the
-    training dtype for full fine-tuning (sharded like the policy under fsdp), or nothing with --precompute-ref."""
+    training dtype for full fine-tuning (sharded like the policy under fsdp), or nothing with --precompute-ref.
+
+    An objective that samples completions (GRPO) puts `batch_size` completions (`num_generations` per prompt), each
+    after its prompt, through the model, and first generates them all at once: their KV cache at full length is
+    counted too. Its reference model (with `kl_beta` > 0) is held as DPO's is."""
     from types import SimpleNamespace
 
     from ftcli.methods import METHODS
     from ftcli.objectives import OBJECTIVES
+    from ftcli.objectives.base import FROZEN_COPY
 
     if method not in METHODS:
         raise ConfigError(f"unknown method {method}", hint=f"use one of: {', '.join(METHODS)}")
@@ -270,12 +276,19 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
     activations += 2 * min(tokens, LOGIT_TILE_TOKENS) * min(info.vocab_size, LOGIT_TILE_VOCAB) * 4
     # The attention mask SDPA gets with padding: one byte per (query, key) pair of each row.
     activations += rows * seq_length * seq_length
-    reference, reference_bytes = None, 0
+    reference, reference_bytes, cache = None, 0, 0
+    if goal.samples:
+        # The generation's KV cache: keys and values of every layer for every completion at full length.
+        cache = rows * seq_length * info.layers * 2 * info.kv_heads * info.head_dim * width
+        notes.append(f"{objective}: {rows} completions per step ({num_generations} per prompt), each after its prompt "
+                     f"within --seq-length; generating them holds a KV cache of {cache / 2**20:,.1f} MiB")
     if goal.reference is not None:
-        reference = goal.reference(facts, SimpleNamespace(full_parameters=False, precompute_ref=precompute_ref))
-        if not facts.trains_adapter and not precompute_ref:
+        reference = goal.reference(facts, SimpleNamespace(full_parameters=False, precompute_ref=precompute_ref,
+                                                          grpo_beta=kl_beta))
+        if not facts.trains_adapter and not precompute_ref and reference == FROZEN_COPY:
             reference_bytes = total * width
-        notes.append(f"{objective}: {goal.rows_per_example} sequences per example; reference model: {reference}"
+        lead = "" if goal.samples else f"{goal.rows_per_example} sequences per example; "
+        notes.append(f"{objective}: {lead}reference model: {reference}"
                      + (" (the weights once more, no gradients or optimizer state)" if reference_bytes else ""))
     notes.append(how_it_scales(facts))
     if facts.shards and nproc > 1:
@@ -290,8 +303,9 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
     return MemoryEstimate(method=method, trainable_parameters=trainable, weights_bytes=int(weights),
                           gradients_bytes=int(grads), optimizer_bytes=int(optimizer),
                           activations_bytes=int(activations), reference_bytes=int(reference_bytes),
-                          reference=reference, objective=objective,
-                          total_bytes=int(weights + grads + optimizer + activations + reference_bytes), notes=notes)
+                          reference=reference, objective=objective, generation_bytes=int(cache),
+                          total_bytes=int(weights + grads + optimizer + activations + reference_bytes + cache),
+                          notes=notes)
 
 
 def how_it_scales(facts: Any) -> str:

@@ -63,6 +63,9 @@ def _render_model(report: dict[str, Any]) -> None:
         ("chat template", "yes" if m["chat_template"] else "no"),
     ]))
     console.print(_memory_table(report["memory"]))
+    sampling = [n for n in (report["memory"]["methods"] or [{}])[0].get("notes", []) if "completions per step" in n]
+    for note in sampling:  # what the sampling objective's rows and cache are (the same for every method)
+        console.print(note)
     console.print("AdamW, weights in the given dtype; qlora: NF4 base. The verdict keeps 10% + 1 GiB for the CUDA "
                   "context and allocator slack. `ftcli warmup` measures the real peak.")
 
@@ -91,6 +94,8 @@ def _memory_table(mem: dict[str, Any]) -> Any:
     for label, key in (("weights", "weights_bytes"), ("gradients", "gradients_bytes"),
                        ("optimizer (AdamW)", "optimizer_bytes"), ("activations", "activations_bytes")):
         row(label, [format_bytes(e[key]) for e in methods])
+    if any(e.get("generation_bytes") for e in methods):  # GRPO: the sampled completions' KV cache
+        row("generation KV cache", [format_bytes(e["generation_bytes"]) for e in methods])
     if any(e.get("reference") for e in methods):
         row("reference model", [format_bytes(e["reference_bytes"]) for e in methods])
         row("  (kept as)", [str(e.get("reference") or "-") for e in methods])

@@ -41,6 +41,8 @@ class InspectOptions:
     # The training objective (ftcli.objectives): the estimate counts its reference and rows; pairs for datasets.
     objective: str | None = None  # None: sft for models; dataset files with chosen/rejected columns read as pairs
     precompute_ref: bool = False
+    num_generations: int = 8  # grpo: completions per prompt (the default batch size: one group)
+    grpo_beta: float = 0.0  # grpo: a KL term holds a reference model
 
 
 # ---- models ---------------------------------------------------------------------------------------
@@ -50,6 +52,7 @@ def inspect_model(target: str, options: InspectOptions) -> dict[str, Any]:
     from ftcli.config import METHOD_DEFAULTS
     from ftcli.methods import METHODS
     from ftcli.inspection.estimate import describe_model, estimate_memory, fits, parse_size
+    from ftcli.objectives import OBJECTIVES
 
     info = describe_model(target)
     gpu = parse_size(options.gpu_memory) if options.gpu_memory else None
@@ -58,11 +61,13 @@ def inspect_model(target: str, options: InspectOptions) -> dict[str, Any]:
         defaults = METHOD_DEFAULTS[method]
         checkpointing = (options.gradient_checkpointing if options.gradient_checkpointing is not None
                          else bool(defaults["gradient_checkpointing"]))
-        batch = options.batch_size or int(defaults["batch_size"])
+        samples = OBJECTIVES[options.objective or "sft"].samples
+        batch = options.batch_size or (options.num_generations if samples else int(defaults["batch_size"]))
         est = estimate_memory(info, method, batch_size=batch, seq_length=options.seq_length,
                               gradient_checkpointing=checkpointing, nproc=options.nproc, dtype=options.dtype,
                               lora_rank=options.lora_rank, lora_targets=list(defaults["lora_target_modules"]),
-                              objective=options.objective or "sft", precompute_ref=options.precompute_ref)
+                              objective=options.objective or "sft", precompute_ref=options.precompute_ref,
+                              num_generations=options.num_generations, kl_beta=options.grpo_beta)
         if gpu is not None:
             est.fits = fits(est.total_bytes, gpu)
         estimates.append({**est.to_dict(), "batch_size": batch, "gradient_checkpointing": checkpointing})

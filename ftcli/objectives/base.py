@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 
+FROZEN_COPY = "frozen copy"  # `reference(...)` of an objective holding a second copy of the weights (the estimate counts it)
+
+
 def no_arguments(*args: Any) -> dict[str, Any]:
     return {}
 
@@ -52,6 +55,7 @@ class Objective:
     - `compiles`: `--compile` and `ftcli warmup` apply (ftcli's compile warmup drives this objective's trainer).
     - `notes(config)`: lines the run prints about options this objective handles its own way.
     - `defaults(config)`: its own defaults of shared options ({field: value}), applied where not given.
+    - `samples`: it samples completions from the model at every step (GRPO): the estimate counts their KV cache.
     - `preflight(config)`: checks before anything loads (GRPO: the reward functions tried on the data's first rows);
       raises an FtcliError.
     - `rows_per_example`: sequences one example puts through the model per step (DPO: the chosen and the
@@ -76,6 +80,7 @@ class Objective:
     notes: Callable[[Any], list[str]] = lambda config: []  # noqa: E731
     defaults: Callable[[Any], dict[str, Any]] = lambda config: {}  # noqa: E731
     preflight: Callable[[Any], None] = no_check
+    samples: bool = False
 
     @property
     def pairs(self) -> bool:

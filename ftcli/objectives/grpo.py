@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftcli.objectives.base import Objective
+from ftcli.objectives.base import FROZEN_COPY, Objective
 
 # TRL 1.16's GRPOConfig.loss_type choices (trl/trainer/grpo_trainer.py, GRPOTrainer._compute_loss).
 GRPO_LOSSES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
@@ -39,7 +39,6 @@ ADAPTER_LEARNING_RATE = 1e-5
 
 NO_REFERENCE = "none (--grpo-beta 0)"
 ADAPTER_DISABLED = "adapter disabled"
-FROZEN_COPY = "frozen copy"
 
 FSDP_REFUSAL = ("--method {method} is not supported with --objective grpo: every step generates from the model, "
                 "token by token, and a sharded model gathers every layer's weights for each token (TRL's FSDP "
@@ -60,7 +59,7 @@ def config_class() -> type:
 
 
 def reference(method: Any, config: Any) -> str:
-    if not config.grpo_beta:
+    if not getattr(config, "grpo_beta", 0.0):
         return NO_REFERENCE
     return ADAPTER_DISABLED if method.trains_adapter else FROZEN_COPY
 
@@ -230,4 +229,5 @@ OBJECTIVE = Objective(
     notes=notes,
     defaults=defaults,
     preflight=preflight,
+    samples=True,
 )
