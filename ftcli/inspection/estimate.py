@@ -233,7 +233,6 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
 
     from ftcli.methods import METHODS
     from ftcli.objectives import OBJECTIVES
-    from ftcli.objectives.base import FROZEN_COPY
 
     if method not in METHODS:
         raise ConfigError(f"unknown method {method}", hint=f"use one of: {', '.join(METHODS)}")
@@ -276,20 +275,12 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
     activations += 2 * min(tokens, LOGIT_TILE_TOKENS) * min(info.vocab_size, LOGIT_TILE_VOCAB) * 4
     # The attention mask SDPA gets with padding: one byte per (query, key) pair of each row.
     activations += rows * seq_length * seq_length
-    reference, reference_bytes, cache = None, 0, 0
-    if goal.samples:
-        # The generation's KV cache: keys and values of every layer for every completion at full length.
-        cache = rows * seq_length * info.layers * 2 * info.kv_heads * info.head_dim * width
+    cache = generation_cache(info, rows, seq_length, width) if goal.samples else 0
+    if cache:
         notes.append(f"{objective}: {rows} completions per step ({num_generations} per prompt), each after its prompt "
                      f"within --seq-length; generating them holds a KV cache of {cache / 2**20:,.1f} MiB")
-    if goal.reference is not None:
-        reference = goal.reference(facts, SimpleNamespace(full_parameters=False, precompute_ref=precompute_ref,
-                                                          grpo_beta=kl_beta))
-        if not facts.trains_adapter and not precompute_ref and reference == FROZEN_COPY:
-            reference_bytes = total * width
-        lead = "" if goal.samples else f"{goal.rows_per_example} sequences per example; "
-        notes.append(f"{objective}: {lead}reference model: {reference}"
-                     + (" (the weights once more, no gradients or optimizer state)" if reference_bytes else ""))
+    reference, reference_bytes = objective_reference(goal, facts, SimpleNamespace(
+        full_parameters=False, precompute_ref=precompute_ref, grpo_beta=kl_beta), total * width, notes)
     notes.append(how_it_scales(facts))
     if facts.shards and nproc > 1:
         weights, grads, optimizer = weights // nproc, grads // nproc, optimizer // nproc
@@ -306,6 +297,26 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
                           reference=reference, objective=objective, generation_bytes=int(cache),
                           total_bytes=int(weights + grads + optimizer + activations + reference_bytes + cache),
                           notes=notes)
+
+
+def objective_reference(goal: Any, facts: Any, config: Any, copy_bytes: int,
+                        notes: list[str]) -> tuple[str | None, int]:
+    """(how `goal` holds its reference model, the bytes of a frozen copy or 0), its note appended to `notes`."""
+    from ftcli.objectives.base import FROZEN_COPY
+
+    if goal.reference is None:
+        return None, 0
+    reference = goal.reference(facts, config)
+    held = copy_bytes if not facts.trains_adapter and not config.precompute_ref and reference == FROZEN_COPY else 0
+    lead = "" if goal.samples else f"{goal.rows_per_example} sequences per example; "
+    notes.append(f"{goal.name}: {lead}reference model: {reference}"
+                 + (" (the weights once more, no gradients or optimizer state)" if held else ""))
+    return reference, held
+
+
+def generation_cache(info: ModelInfo, rows: int, seq_length: int, width: int) -> int:
+    """The KV cache of generating `rows` completions at once: keys and values of every layer at full length."""
+    return rows * seq_length * info.layers * 2 * info.kv_heads * info.head_dim * width
 
 
 def how_it_scales(facts: Any) -> str:
