@@ -39,12 +39,6 @@ def short(prompts, completions, **kwargs):
 
 def not_finite(prompts, completions, answer, **kwargs):
     return [float("nan") if a else 0.0 for a in answer]
-
-
-def later(prompts, completions, trainer_state=None, **kwargs):
-    if trainer_state is not None and trainer_state.global_step >= 2:
-        raise RuntimeError("the grader is down")
-    return [float(len(c) % 3) for c in completions]
 '''
 
 
@@ -99,7 +93,7 @@ def reward_module(path: Path):
     ("boom", "rewards.py:boom raised ZeroDivisionError on the probe"),
     ("short", "rewards.py:short returned 1 values for"),
     ("not_finite", "rewards.py:not_finite returned nan for completion 0 (not finite)"),
-    ("missing", "rewards.py has no function missing (functions found: boom, later, not_finite, share_e, short)"),
+    ("missing", "rewards.py has no function missing (functions found: boom, not_finite, share_e, short)"),
 ])
 def test_a_bad_reward_function_is_one_line_before_the_model_loads(runner, files, tmp_path, function, expected):
     out = tmp_path / "run"
@@ -217,21 +211,48 @@ def test_eval_reports_the_tuned_and_base_mean_reward_and_inspect_shows_completio
     assert "latest completions" in inspect.output and "rewards.py:share_e" in inspect.output
 
 
+FLAKY = """
+def score(prompts, completions, trainer_state=None, **kwargs):
+    if trainer_state is not None and trainer_state.global_step >= 2:
+        raise RuntimeError("the grader is down")
+    return [float(len(c) % 3) + c.count("e") for c in completions]
+"""
+FIXED = """
+def score(prompts, completions, **kwargs):
+    return [float(len(c) % 3) + c.count("e") for c in completions]
+"""
+
+
 @pytest.mark.slow
-def test_a_reward_that_fails_mid_run_stops_with_a_checkpoint(runner, files, tmp_path):
+def test_a_reward_that_fails_mid_run_stops_with_a_checkpoint_and_resumes_exactly(runner, files, tmp_path):
+    """QLoRA: the fault at step 3 leaves checkpoint-2 (the state before that step, its random state included); the
+    function fixed, --resume trains to the same adapter as a run that never failed; the result exports."""
+    from safetensors.torch import load_file
+
+    reward, same = tmp_path / "grader.py", tmp_path / "same.py"
+    reward.write_text(FLAKY, encoding="utf-8")
+    same.write_text(FIXED, encoding="utf-8")
+    args = ["train", "--objective", "grpo", "--method", "qlora", *TINY, "--dataset", files["train"], "--max-steps",
+            "3", "--seq-length", "32", "--max-completion-length", "4", "--learning-rate", "1e-3"]
     out = tmp_path / "run"
-    result = runner("train", "--objective", "grpo", "--method", "qlora", *TINY, "--dataset", files["train"],
-                    "--reward", f"{files['rewards']}:later", "--max-steps", "5", "--seq-length", "32",
-                    "--max-completion-length", "4", "--output-dir", out)
+    result = runner(*args, "--reward", f"{reward}:score", "--output-dir", out)
     assert result.exit_code == 1, result.output
     last = result.output.strip().splitlines()[-1]
-    assert last.startswith("error: training stopped: --reward rewards.py:later raised RuntimeError at step 3: the "
+    assert last.startswith("error: training stopped: --reward grader.py:score raised RuntimeError at step 3: the "
                            "grader is down; checkpoint saved to"), last
     assert "--resume" in last
     manifest = read_manifest(out)
     assert manifest["status"] == "failed" and manifest["failed_at_step"] == 3
     marker = json.loads((out / "checkpoint-2" / "ftcli_checkpoint.json").read_text())
     assert marker["step"] == 2 and (out / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    reward.write_text(FIXED, encoding="utf-8")
+    ok(runner(*args, "--reward", f"{reward}:score", "--output-dir", out, "--resume"))
+    ok(runner(*args, "--reward", f"{same}:score", "--output-dir", tmp_path / "never-failed"))
+    resumed = load_file(str(out / "adapter_model.safetensors"))
+    straight = load_file(str(tmp_path / "never-failed" / "adapter_model.safetensors"))
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in resumed)
+    ok(runner("export", out, "--output", tmp_path / "exported"))
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow

@@ -54,7 +54,10 @@ def load(spec: str) -> tuple[str, Callable[..., list[Any]]]:
 
 
 def _import(path: Path, spec: str) -> Any:
-    module_name = f"ftcli_reward_{abs(hash(str(path.resolve())))}"
+    # Imported once per version of the file (a run loads its rewards twice: the check, then the trainer); an
+    # edited file is imported afresh, as a new process would.
+    stat = path.stat()
+    module_name = f"ftcli_reward_{abs(hash((str(path.resolve()), stat.st_mtime_ns, stat.st_size)))}"
     if module_name in sys.modules:
         return sys.modules[module_name]
     loader_spec = importlib.util.spec_from_file_location(module_name, path)

@@ -209,6 +209,31 @@ def _local_grads_finite(model: Any) -> Any:
     return torch.stack([x.float() for x in largest]).isfinite().all()
 
 
+def _rng_states() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+    import torch
+
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class RunGuardCallbacks:
     """Once per optimizer step, before the optimizer applies it: are the loss and gradients finite, and
     has any rank been asked to stop? One all-reduce makes every rank take the same decision."""
@@ -280,14 +305,21 @@ class RunGuardCallbacks:
             self.stopping = True
             self.stopped_at = step
 
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if getattr(self.trainer, "ftcli_failures", None) is not None:  # a step that may be undone (see below)
+            self.step_rng = _rng_states()
+
     def _save_before_fault(self, args: Any, state: Any, control: Any) -> Path | None:
-        """The state before the faulty step (weights and optimizer untouched by it) as a complete checkpoint."""
+        """The state before the faulty step (weights and optimizer untouched by it) as a complete checkpoint,
+        with the random state the step began with: a resume then samples that step as the run would have."""
         if state.global_step == 0:
             return None
         folder = self.out / f"{PREFIX}{state.global_step}"
         if self.last_saved_step != state.global_step:
             if state.is_world_process_zero:
                 unmark(folder)
+            if getattr(self, "step_rng", None) is not None:
+                _set_rng_states(self.step_rng)
             self.trainer._save_checkpoint(self.trainer.model, trial=None)
             self.on_save(args, state, control)
         return folder
