@@ -21,7 +21,7 @@ from ftcli.methods import METHODS
 from ftcli.methods.base import LLAMA_PROJECTIONS, PER_METHOD_OPTIONS
 from ftcli.objectives import OBJECTIVES
 from ftcli.objectives.dpo import DPO_LOSSES
-from ftcli.objectives.grpo import GRPO_LOSSES, VLLM_MODES
+from ftcli.objectives.grpo import ADAPTER_LEARNING_RATE, FULL_LEARNING_RATE, GRPO_LOSSES, VLLM_MODES
 
 DATA = "Data"
 MODEL = "Model"
@@ -259,7 +259,8 @@ def train_options(
         metavar="W[,W]", help=with_default("One weight per --reward, in their order.", default="1 each"),
         rich_help_panel=RL)] = None,
     num_generations: Annotated[Optional[int], typer.Option(
-        help=with_default("Completions sampled per prompt (one group).", "num_generations"),
+        help=with_default("Completions sampled per prompt (one group). GRPO's own defaults: --batch-size this, "
+                          f"--learning-rate {FULL_LEARNING_RATE:g} full, {ADAPTER_LEARNING_RATE:g} lora/qlora.", "num_generations"),
         rich_help_panel=RL)] = None,
     max_completion_length: Annotated[Optional[int], typer.Option(
         help=with_default("Most new tokens per completion.", "max_completion_length"), rich_help_panel=RL)] = None,
