@@ -71,6 +71,11 @@ def with_default(text: str, key: str | None = None, default: str | None = None) 
     return f"{text} {escape(f'[default: {note}]')}"
 
 
+def rate(value: float) -> str:
+    """1e-06 -> `1e-6`."""
+    return f"{value:.0e}".replace("e-0", "e-")
+
+
 def method_help() -> str:
     listing = "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
     return with_default(f"{' | '.join(METHODS)}. {listing}.", "method")
@@ -260,7 +265,8 @@ def train_options(
         rich_help_panel=RL)] = None,
     num_generations: Annotated[Optional[int], typer.Option(
         help=with_default("Completions sampled per prompt (one group). GRPO's own defaults: --batch-size this, "
-                          f"--learning-rate {FULL_LEARNING_RATE:g} full, {ADAPTER_LEARNING_RATE:g} lora/qlora.", "num_generations"),
+                          f"--learning-rate {rate(FULL_LEARNING_RATE)} full, {rate(ADAPTER_LEARNING_RATE)} lora/qlora.",
+                          "num_generations"),
         rich_help_panel=RL)] = None,
     max_completion_length: Annotated[Optional[int], typer.Option(
         help=with_default("Most new tokens per completion.", "max_completion_length"), rich_help_panel=RL)] = None,
