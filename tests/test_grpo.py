@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -226,7 +227,8 @@ def score(prompts, completions, **kwargs):
 @pytest.mark.slow
 def test_a_reward_that_fails_mid_run_stops_with_a_checkpoint_and_resumes_exactly(runner, files, tmp_path):
     """QLoRA: the fault at step 3 leaves checkpoint-2 (the state before that step, its random state included); the
-    function fixed, --resume trains to the same adapter as a run that never failed; the result exports."""
+    function fixed, --resume trains to the same adapter as a run that never failed, as does a resume from that run's
+    own checkpoint-2; the result exports."""
     from safetensors.torch import load_file
 
     reward, same = tmp_path / "grader.py", tmp_path / "same.py"
@@ -247,10 +249,18 @@ def test_a_reward_that_fails_mid_run_stops_with_a_checkpoint_and_resumes_exactly
     assert marker["step"] == 2 and (out / "checkpoint-2" / "adapter_model.safetensors").is_file()
     reward.write_text(FIXED, encoding="utf-8")
     ok(runner(*args, "--reward", f"{reward}:score", "--output-dir", out, "--resume"))
-    ok(runner(*args, "--reward", f"{same}:score", "--output-dir", tmp_path / "never-failed"))
-    resumed = load_file(str(out / "adapter_model.safetensors"))
-    straight = load_file(str(tmp_path / "never-failed" / "adapter_model.safetensors"))
-    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in resumed)
+    straight_dir = tmp_path / "never-failed"
+    ok(runner(*args, "--reward", f"{same}:score", "--output-dir", straight_dir, "--save-steps", "2"))
+    straight = load_file(str(straight_dir / "adapter_model.safetensors"))
+    # An ordinary checkpoint resumes exactly too: the never-failed run's checkpoint-2, as a killed run leaves it.
+    killed = tmp_path / "killed"
+    shutil.copytree(straight_dir / "checkpoint-2", killed / "checkpoint-2")
+    (killed / "ftcli_run.json").write_text(json.dumps({**read_manifest(straight_dir), "status": "running"}))
+    ok(runner(*args, "--reward", f"{same}:score", "--output-dir", killed, "--save-steps", "2", "--resume"))
+    for folder in (out, killed):
+        assert read_manifest(folder)["resumed_from"]["step"] == 2  # resumed, not started again
+        resumed = load_file(str(folder / "adapter_model.safetensors"))
+        assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in resumed)
     ok(runner("export", out, "--output", tmp_path / "exported"))
     assert (tmp_path / "exported" / "model.safetensors").is_file()
 
