@@ -210,6 +210,7 @@ def test_eval_reports_the_tuned_and_base_mean_reward_and_inspect_shows_completio
     inspect = runner("inspect", learned)
     ok(inspect)
     assert "latest completions" in inspect.output and "rewards.py:share_e" in inspect.output
+    assert "mean reward (metrics.jsonl, 24 points)" in inspect.output  # GRPO's curve (its loss says little)
 
 
 FLAKY = """

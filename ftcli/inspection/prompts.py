@@ -20,7 +20,7 @@ LATEST = 4  # completions `inspect RUN` shows
 def latest_completions(folder: Path, count: int = LATEST) -> list[dict[str, Any]]:
     """The last `count` completions a run wrote to completions.jsonl (none: an empty list); a damaged line is
     skipped (a run killed mid-write leaves one)."""
-    from ftcli.objectives.grpo_trainer import COMPLETIONS
+    from ftcli.rewards import COMPLETIONS
 
     path = folder / COMPLETIONS
     if not path.is_file():
@@ -87,6 +87,23 @@ def render_prompts(report: dict[str, Any], table: Any) -> None:
         console.print(escape(example["rendered"]), style="dim")
         if example["columns"]:
             console.print("columns the rewards get: " + escape(json.dumps(example["columns"], ensure_ascii=False)))
+
+
+def reward_curve(folder: Path) -> dict[str, Any]:
+    """The mean reward at each logged step (metrics.jsonl), empty for a run that scored no completions."""
+    from ftcli.training.runfolder import METRICS
+
+    steps, values = [], []
+    path = folder / METRICS
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("reward"), (int, float)):
+            steps.append(record.get("step") if isinstance(record.get("step"), int) else len(steps) + 1)
+            values.append(float(record["reward"]))
+    return {"steps": steps, "reward": values}
 
 
 def render_completions(records: list[dict[str, Any]]) -> None:

@@ -182,6 +182,10 @@ def _render_run(report: dict[str, Any]) -> None:
     else:
         console.print("training loss: no TensorBoard events or metrics.jsonl in this run")
     _render_eval(report, console)
+    rewards = report.get("reward_curve") or {}
+    if rewards.get("reward"):  # GRPO's progress: its loss stays near 0 and says little
+        console.print(f"[bold]mean reward[/] (metrics.jsonl, {len(rewards['reward'])} points)")
+        console.print(loss_chart(rewards["steps"], rewards["reward"]))
     from ftcli.inspection.prompts import render_completions
 
     render_completions(report.get("completions") or [])

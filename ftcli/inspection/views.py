@@ -169,9 +169,10 @@ def inspect_run(target: str, options: InspectOptions) -> dict[str, Any]:
     }
     if (folder / "adapter_config.json").is_file():
         view["adapter"] = adapter_summary(folder)
-    from ftcli.inspection.prompts import latest_completions
+    from ftcli.inspection.prompts import latest_completions, reward_curve
 
     view["completions"] = latest_completions(folder)  # GRPO's sampled completions (none for other objectives)
+    view["reward_curve"] = reward_curve(folder)  # GRPO's mean reward per step (empty for other objectives)
     return view
 
 

@@ -27,8 +27,8 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from ftcli.console import console
+from ftcli.rewards import COMPLETIONS
 
-COMPLETIONS = "completions.jsonl"
 SAMPLE = 8  # completions written per sample (one group at the default --num-generations)
 FLAT_WINDOW = 5  # logging steps looked at for the all-equal-rewards warning
 FLAT_SHARE = 0.75  # a step counts as flat when at least this share of its groups had all-equal rewards

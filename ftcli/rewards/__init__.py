@@ -19,6 +19,10 @@ from typing import Any, Callable, NamedTuple
 from ftcli.errors import ConfigError
 
 
+# The run folder's sample of scored completions (written by objectives/grpo_trainer.py, read by `inspect RUN`).
+COMPLETIONS = "completions.jsonl"
+
+
 class Reward(NamedTuple):
     name: str  # as the user wrote it, shortened: `rewards.py:correct`, `builtin:exact-match`
     fn: Callable[..., list[Any]]
@@ -60,4 +64,4 @@ def load_rewards(specs: list[str], weights: list[float] | None = None) -> list[R
     return rewards
 
 
-__all__ = ["KINDS", "Reward", "load_reward", "load_rewards", "register_kind"]
+__all__ = ["COMPLETIONS", "KINDS", "Reward", "load_reward", "load_rewards", "register_kind"]
