@@ -214,7 +214,7 @@ def generation_rows(config: Any) -> int:
 
 OBJECTIVE = Objective(
     name="grpo",
-    summary="online RL: sampled completions scored by reward functions (GRPO, DAPO, Dr. GRPO)",
+    summary="online RL from reward functions (GRPO, DAPO, Dr. GRPO)",
     data="prompts",
     options=("reward", "reward_weights", "num_generations", "max_completion_length", "temperature", "grpo_beta",
              "grpo_loss", "vllm", "completions_every"),
