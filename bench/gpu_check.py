@@ -3,6 +3,7 @@
     $ bash bench/gpu_check.sh                  # the same, through its wrapper (prints the environment first)
     $ python bench/gpu_check.py --only env,qlora,export
     $ python bench/gpu_check.py --skip-1b      # the checks only, without the Llama-3.2-1B-shaped throughput runs
+    $ python bench/gpu_check.py --only grpo    # GRPO lora/full with --vllm colocate (skipped without vllm)
 
 Needs one CUDA GPU and ftcli installed with its dependencies (torch with CUDA, transformers, trl, peft,
 accelerate, datasets, bitsandbytes); flash-attn and liger-kernel are used when installed and reported
@@ -274,6 +275,50 @@ def check_estimate(args: argparse.Namespace, work: Path) -> None:
              f"estimate {estimate / 2**30:.2f} GiB vs measured peak {measured / 2**30:.2f} GiB (x{ratio:.2f})", started)
 
 
+GRPO_REWARD = """def share_e(prompts, completions, **kwargs):
+    return [c.count("e") / max(1, len(c)) for c in completions]
+"""
+
+
+def check_grpo(args: argparse.Namespace, work: Path) -> None:
+    """GRPO, lora and full, generating with vLLM beside the training process (--vllm colocate: TRL syncs the
+    weights into vLLM every step): the run finishes, every step logs a reward, completions.jsonl is written.
+    Skipped when vllm is not installed; --cpu-smoke runs the same without --vllm (transformers generation)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None and not SMOKE["on"]:
+        for method in ("lora", "full"):
+            line(f"grpo-{method}-vllm-colocate", "skip", "vllm is not installed: pip install vllm to check this path",
+                 time.time())
+        return
+    model = small_model(work)
+    prompts = work / "grpo-prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Write some letters, round {i}:", "answer": "eeee"}) + "\n"
+                               for i in range(64)), encoding="utf-8")
+    reward = work / "grpo_reward.py"
+    reward.write_text(GRPO_REWARD, encoding="utf-8")
+    for method in ("lora", "full"):
+        started = time.time()
+        name = f"grpo-{method}" + ("" if SMOKE["on"] else "-vllm-colocate")
+        out = work / name
+        generation = [] if SMOKE["on"] else ["--vllm", "colocate"]
+        proc = ftcli("train", "--objective", "grpo", "--method", method, "--model", model, "--dataset", prompts,
+                     "--reward", f"{reward}:share_e", "--max-steps", args.steps, "--max-completion-length", "64",
+                     "--dtype", "bfloat16", "--output-dir", out, "--overwrite", *generation, check=False)
+        if proc.returncode != 0:
+            line(name, "FAIL", (proc.stderr.strip().splitlines() or ["?"])[-1][:200], started)
+            continue
+        rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines() if r.strip()]
+        rewards = [r["reward"] for r in rows if "reward" in r]
+        sampled = (out / "completions.jsonl").is_file() and (out / "completions.jsonl").stat().st_size > 0
+        m = manifest(out)
+        ok = m.get("status") == "finished" and len(rewards) == int(args.steps) and sampled
+        line(name, "ok" if ok else "FAIL", f"{'vLLM colocate' if generation else 'transformers'} generation; "
+             f"{len(rewards)} steps logged a reward ({rewards[0] if rewards else float('nan'):.3f} -> "
+             f"{rewards[-1] if rewards else float('nan'):.3f}); completions.jsonl written: {sampled}; "
+             f"{m.get('metrics', {}).get('train_runtime', float('nan')):.0f} s of training", started)
+
+
 def throughput(args: argparse.Namespace, work: Path) -> None:
     """All four methods on a Llama-3.2-1B-shaped random model in bf16, packed rows of 2048 tokens."""
     started = time.time()
@@ -317,7 +362,7 @@ def small_model(work: Path) -> Path:
 CHECKS: dict[str, Callable[[argparse.Namespace, Path], None]] = {
     "env": check_env, "devices": check_devices, "qlora": check_qlora_and_export, "precision": check_float16_and_tf32,
     "fsdp": check_fsdp_resume, "padding": check_padding_free,
-    "compile": check_compile, "estimate": check_estimate, "throughput": throughput,
+    "compile": check_compile, "estimate": check_estimate, "grpo": check_grpo, "throughput": throughput,
 }
 
 

@@ -390,6 +390,9 @@ class RunConfig(ObjectiveOptions):
             verb = "applies" if len(foreign) == 1 else "apply"
             raise ValueError(f"{flags} {verb} to --objective {owners}, and this run's objective is "
                              f"{self.objective}: drop them, or pass --objective {owners.split('/')[0]}")
+        for key, value in objective.defaults(self).items():
+            if key not in self.model_fields_set:
+                object.__setattr__(self, key, value)  # as the method defaults are filled: no re-validation
         objective.check(self)
         return self
 

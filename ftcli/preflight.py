@@ -78,6 +78,10 @@ def check_run(config: Any, command: str) -> None:
         check_local_data(config.eval_dataset, "--eval-dataset")
     if os.environ.get("LOCAL_RANK") is not None:
         return  # a launched rank: its launcher has said it already
+    if command == "train":
+        from ftcli.objectives import OBJECTIVES
+
+        OBJECTIVES[config.objective].preflight(config)  # e.g. GRPO's rewards, tried on the data's first rows
     if "model" not in config.model_fields_set and config.model in HUB_FACTS:
         _announce_model(config, command)
     if "dataset" not in config.model_fields_set and config.dataset in HUB_FACTS:

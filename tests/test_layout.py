@@ -228,7 +228,8 @@ def test_every_default_note_in_a_help_text_reaches_the_screen(cli, monkeypatch: 
         for param in group.commands[name].params:
             if getattr(param, "hidden", False):
                 continue  # accepted, not listed (prepare's and warmup's train options they do not read)
-            owner = next((o for o, objective in OBJECTIVES.items() if param.name in objective.options), None)
+            owner = next((o for o, objective in OBJECTIVES.items() if param.name in objective.options
+                          and any(p.name == "objective" for p in group.commands[name].params)), None)
             # An objective's own options are described by `--objective NAME --help` (listed by name otherwise).
             shown = flat(cli(name, "--objective", owner, "--help").stdout) if owner else text
             for note in re.findall(r"\\?\[default: [^\]]*\]", getattr(param, "help", None) or ""):

@@ -49,7 +49,7 @@ from conftest import SMALL_ALPACA_ROWS
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 # The order the docs' commands run in (each can rely on what an earlier one made): the README's old section order.
-DOCS_ORDER = ("training.md", "preference-tuning.md", "evaluation.md", "performance.md", "data.md", "conversations.md",
+DOCS_ORDER = ("training.md", "preference-tuning.md", "grpo.md", "evaluation.md", "performance.md", "data.md", "conversations.md",
               "inspect.md", "export.md", "inference.md", "reliability.md", "architecture.md", "development.md")
 DOCS = [README, *(ROOT / "docs" / name for name in DOCS_ORDER)]
 
@@ -312,6 +312,56 @@ def check_jq_run_metrics(w: Workdir, proc: subprocess.CompletedProcess) -> None:
     assert json.loads(proc.stdout)["run"]["metrics"], "`| jq .run.metrics` would print null"
 
 
+# Online RL (README's GRPO section, docs/grpo.md): prompts with reference answers, and the reward files exactly as
+# the documents show them (each taken from its ```python block).
+MATHS = [{"prompt": f"What is {a} + {b}? Reply with the number only.", "answer": str(a + b)}
+         for a, b in [(7, 5), (3, 9), (12, 4), (6, 6), (8, 13), (2, 17), (15, 3), (9, 9)]]
+MATHS_HELD = [{"prompt": f"What is {a} + {b}? Reply with the number only.", "answer": str(a + b)}
+              for a, b in [(4, 11), (14, 5)]]
+
+
+def python_block(doc: Path, first_line: str) -> str:
+    """The ```python block of `doc` whose first line is `first_line`."""
+    for block in re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), re.DOTALL):
+        if block.startswith(first_line):
+            return block
+    raise AssertionError(f"{doc.name} has no python block starting {first_line!r}")
+
+
+def grpo_files(w: Workdir) -> None:
+    w.write_jsonl("maths.jsonl", MATHS)
+    w.write_jsonl("maths-held.jsonl", MATHS_HELD)
+    (w.path / "rewards.py").write_text(python_block(README, "# rewards.py"), encoding="utf-8")
+
+
+def letters_files(w: Workdir) -> None:
+    w.write_jsonl("letters.jsonl", [{"prompt": f"Write some letters, round {i}:"} for i in range(24)])
+    w.write_jsonl("letters-held.jsonl", [{"prompt": f"Write some letters, round {100 + i}:"} for i in range(6)])
+    (w.path / "letters.py").write_text(python_block(ROOT / "docs" / "grpo.md", "# letters.py"), encoding="utf-8")
+
+
+def sft_then_grpo(w: Workdir) -> None:
+    """runs/sft-1 (docs/preference-tuning.md's SFT run, made here when that document's commands did not run first)."""
+    grpo_files(w)
+    if not (w.path / "runs/sft-1").exists():
+        w.write_jsonl("sft.jsonl", CHAT_ROWS * 2)
+        w.ftcli("train", "--method", "lora", "--model", TINY, "--dataset", "sft.jsonl", "--output-dir", "runs/sft-1")
+
+
+def check_letters_learned(w: Workdir, proc: subprocess.CompletedProcess) -> None:
+    rewards = [r["reward"] for r in jsonl_rows(w, "runs/letters/metrics.jsonl")]
+    assert len(rewards) == 24 and rewards[-1] > rewards[0] + 0.1, f"the reward did not rise: {rewards}"
+
+
+def check_tuned_above_base(w: Workdir, proc: subprocess.CompletedProcess) -> None:
+    base, tuned = map(float, re.search(r"mean reward: base (\S+) -> (\S+)", proc.stdout).groups())
+    assert tuned > base + 0.1, f"held-out reward base {base} -> tuned {tuned}"
+
+
+def check_nothing_created(w: Workdir, proc: subprocess.CompletedProcess) -> None:
+    assert not (w.path / "runs/typo").exists(), "a refused run left runs/typo behind"
+
+
 @dataclass(frozen=True)
 class Run:
     """How a README command is run. Unset fields: as written, in the shared folder, exit code 0."""
@@ -448,6 +498,30 @@ RUN: dict[str, Run] = {
     "--learning-rate 1e-4 --dataset tatsu-lab/alpaca --dataset-size 500 --output-dir runs/70b-qlora":
         Run(replace=(("meta-llama/Llama-3.1-70B-Instruct", TINY), *HUB_DATA_TO_BUILTIN),
             creates=("runs/70b-qlora/adapter_model.safetensors",)),
+    # Online RL: the README's GRPO section (Qwen -> the built-in model), then docs/grpo.md
+    f"ftcli train --objective grpo --method lora --model {QWEN} --dataset maths.jsonl --reward rewards.py:correct "
+    "--reward builtin:length-penalty=200 --output-dir runs/grpo": Run(
+        replace=((QWEN, TINY),), setup=grpo_files,
+        creates=("runs/grpo/adapter_model.safetensors", "runs/grpo/completions.jsonl")),
+    "ftcli eval runs/grpo --reward rewards.py:correct --dataset maths-held.jsonl": Run(
+        setup=grpo_files, output_has=("mean reward: base",)),
+    "ftcli inspect runs/grpo": Run(output_has=("latest completions",)),
+    "ftcli train --objective grpo --method lora --model runs/sft-1 --dataset maths.jsonl --reward builtin:math-match "
+    "--output-dir runs/grpo-1": Run(setup=sft_then_grpo, creates=("runs/grpo-1/adapter_model.safetensors",)),
+    "ftcli eval runs/grpo-1 --reward builtin:math-match --dataset maths-held.jsonl": Run(
+        setup=grpo_files, output_has=("mean reward: base",)),
+    "ftcli export runs/grpo-1 --output models/grpo-1": Run(creates=tuple(f"models/grpo-1/{f}" for f in EXPORTED)),
+    "ftcli train --objective grpo --method full --model builtin:tiny-llama --dataset letters.jsonl --reward "
+    "letters.py:share_e --learning-rate 2e-2 --max-completion-length 16 --output-dir runs/letters": Run(
+        setup=letters_files, check=check_letters_learned),
+    "ftcli eval runs/letters --reward letters.py:share_e --dataset letters-held.jsonl": Run(
+        setup=letters_files, check=check_tuned_above_base),
+    "ftcli inspect runs/letters": Run(output_has=("latest completions", "letters.py:share_e")),
+    "ftcli inspect maths.jsonl --objective grpo --model builtin:tiny-llama": Run(
+        setup=grpo_files, output_has=("reward columns",)),
+    "ftcli train --objective grpo --model builtin:tiny-llama --dataset maths.jsonl --reward rewards.py:corect "
+    "--output-dir runs/typo": Run(setup=grpo_files, exit_code=2, output_has=("rewards.py has no function corect",),
+                                  check=check_nothing_created),
 }
 
 PROSE = "names a command (or one of its flags) in a sentence: not a command line"
@@ -505,6 +579,11 @@ NOT_RUN: dict[str, str] = {
     "--compile": COMPILE,
     "ftcli export runs/lora-1 --output models/lora-1-gguf --format gguf": NETWORK,
     "ftcli export runs/lora-1 --output models/lora-1-q8 --format gguf --gguf-type q8_0": NETWORK,
+    "ftcli train --objective grpo": PROSE,
+    "ftcli prepare --objective grpo": PROSE,
+    "ftcli eval --reward": PROSE,
+    "ftcli eval RUN --reward ... --dataset PROMPTS": PLACEHOLDER,
+    "ftcli inspect MODEL --objective grpo": PLACEHOLDER,
 }
 
 # Each distinct command once, where it first appears (docs repeat some README commands).

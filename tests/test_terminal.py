@@ -167,17 +167,24 @@ def test_progress_line_drops_fields_by_rank() -> None:
     words = {"loss": "loss 1.2483", "eval": "eval 1.3001", "margin": "margin", "acc": "acc 75%", "rewards": "chosen",
              "lr": "lr 1.00e-04", "tps": "tok/s", "mem": "mem 1.2 GB", "eta": "eta 0:01:23", "steps": "85/1000",
              "label": "train"}
+    # GRPO's line (no eval set): its reward fields instead of DPO's.
+    grpo = {k: v for k, v in fields.items() if k not in ("eval", "margin", "acc", "rewards")}
+    grpo.update(reward="reward 0.281±0.05", flat="flat 12%", kl="kl 0.004", len="len 31 (clip 90%)")
+    grpo_words = {k: v for k, v in words.items() if k not in ("eval", "margin", "acc", "rewards")}
+    grpo_words.update(reward="reward 0.281", flat="flat 12%", kl="kl 0.004", len="len 31")
     rank = dict(LINE_FIELDS)
-    for width in range(30, 200, 7):
-        out = Console(width=width, force_terminal=True, record=True, file=io.StringIO(), color_system=None)
-        out.print(fit_line(85, 1000, fields, width, evaluates=True))
-        lines = out.export_text().splitlines()
-        assert len(lines) == 1 and len(lines[0]) <= width, (width, lines)
-        shown = {key for key, word in words.items() if word in lines[0]}
-        assert {"steps", "eta"} <= shown, (width, lines[0])
-        # A field is shown only if every field ranked before it is shown too.
-        for key in shown:
-            assert all(k in shown for k, r in rank.items() if r < rank[key]), (width, key, lines[0])
+    for line_fields, line_words, evaluates in ((fields, words, True), (grpo, grpo_words, False)):
+        for width in range(30, 200, 7):
+            out = Console(width=width, force_terminal=True, record=True, file=io.StringIO(), color_system=None)
+            out.print(fit_line(85, 1000, line_fields, width, evaluates=evaluates))
+            lines = out.export_text().splitlines()
+            assert len(lines) == 1 and len(lines[0]) <= width, (width, lines)
+            shown = {key for key, word in line_words.items() if word in lines[0]}
+            assert {"steps", "eta"} <= shown, (width, lines[0])
+            # A field is shown only if every field of this line ranked before it is shown too.
+            for key in shown:
+                assert all(k in shown for k, r in rank.items() if r < rank[key] and k in line_words), (
+                    width, key, lines[0])
 
 
 def test_piped_progress_lines_are_unchanged() -> None:

@@ -3,6 +3,7 @@
     $ ftcli eval runs/lora-1                                   # the run's own eval set, as the run scored it
     $ ftcli eval runs/lora-1 --dataset dev.jsonl --compare-base
     $ ftcli eval builtin:tiny-llama --dataset builtin:alpaca-sample --json
+    $ ftcli eval runs/grpo-1 --reward rewards.py:correct --dataset held.jsonl   # mean reward, tuned vs base
 
 Registered in ftcli/cli/__init__.py; the work happens in ftcli/evaluation/run.py.
 """
@@ -16,6 +17,7 @@ import typer
 from ftcli.cli.common import DATA, MODEL, parse_columns, run_guarded, with_default
 
 SCORING = "Scoring"
+REWARDS = "Rewards (prompts data: sampled completions scored)"
 
 
 def evaluate(
@@ -56,6 +58,22 @@ def evaluate(
         rich_help_panel=SCORING)] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.",
                                               rich_help_panel=SCORING)] = False,
+    reward: Annotated[Optional[list[str]], typer.Option(
+        "--reward", metavar="FILE.py:FN|builtin:NAME",
+        help="Score sampled completions of --dataset's prompts with this reward (repeatable; as train's), for "
+             "TARGET and its base.", rich_help_panel=REWARDS)] = None,
+    reward_weights: Annotated[Optional[str], typer.Option(
+        metavar="W[,W]", help=with_default("One weight per --reward.", default="1 each"),
+        rich_help_panel=REWARDS)] = None,
+    samples: Annotated[Optional[int], typer.Option(
+        help=with_default("Completions sampled per prompt.", default="4"), rich_help_panel=REWARDS, min=1)] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        help=with_default("Most new tokens per completion.", default="the run's --max-completion-length, else 256"),
+        rich_help_panel=REWARDS, min=1)] = None,
+    temperature: Annotated[Optional[float], typer.Option(
+        help=with_default("Sampling temperature.", default="the run's, else 1"), rich_help_panel=REWARDS)] = None,
+    seed: Annotated[int, typer.Option(help=with_default("Sampling seed (the same for TARGET and its base).",
+                                                        default="0"), rich_help_panel=REWARDS)] = 0,
 ) -> None:
     """Score TARGET on held-out data: loss (token-weighted, as `train` computes it), perplexity, examples and
     tokens scored; --compare-base shows the base model beside it."""
@@ -76,6 +94,11 @@ def evaluate(
             raise ConfigError(f"--dataset given {len(dataset)} times ({', '.join(dataset)}); eval scores one dataset",
                               hint="pass --dataset once (merge the files into one, or a folder of them), or run eval "
                                    "once per dataset")
+        if reward:
+            return score_rewards(target, dataset, dict(reward=reward, reward_weights=reward_weights, samples=samples,
+                                                       max_new_tokens=max_new_tokens, temperature=temperature,
+                                                       seed=seed, columns=columns, dataset_split=dataset_split,
+                                                       dtype=dtype, device=device, json_output=json_output))
         options = EvalOptions(target=target, dataset=dataset[0] if dataset else None, dataset_split=dataset_split,
                               format=format,
                               template=template, columns=parse_columns(columns) if columns else None,
@@ -110,6 +133,44 @@ def evaluate(
 
     with sigterm_as_interrupt():  # SIGTERM / SIGHUP end it like Ctrl-C: one line, exit 130, what was done kept
         run_guarded(go)
+
+
+def score_rewards(target: str, data: list[str] | None, v: dict[str, Any]) -> None:
+    """`--reward`: sampled completions of the prompts scored, TARGET beside its base (ftcli/evaluation/rewards.py)."""
+    import sys
+
+    from ftcli.console import console
+    from ftcli.errors import ConfigError
+    from ftcli.evaluation.rewards import RewardEvalOptions, print_reward_report, run_reward_eval
+
+    if not data or len(data) > 1:
+        raise ConfigError("--reward scores completions sampled from --dataset's prompts: pass --dataset once",
+                          hint="e.g. --dataset held-out-prompts.jsonl")
+    temperature = v["temperature"]
+    if temperature is not None and temperature <= 0:
+        raise ConfigError(f"--temperature {temperature:g}: sampling needs a temperature above 0",
+                          hint="e.g. --temperature 1")
+    from ftcli.objectives.options import parse_weights
+
+    try:
+        weights = parse_weights(v["reward_weights"]) if v["reward_weights"] else None
+    except ValueError as exc:
+        raise ConfigError(str(exc), hint="one number per --reward, in their order") from None
+    options = RewardEvalOptions(target=target, dataset=data[0], rewards=list(v["reward"]), weights=weights,
+                                samples=v["samples"], max_new_tokens=v["max_new_tokens"], temperature=v["temperature"],
+                                seed=v["seed"], columns=parse_columns(v["columns"]) if v["columns"] else None,
+                                dataset_split=v["dataset_split"], dtype=v["dtype"], device=v["device"])
+    console.quiet = v["json_output"]
+    try:
+        report = run_reward_eval(options)
+    finally:
+        console.quiet = False
+    if v["json_output"]:
+        from ftcli.evaluation.run import json_report
+
+        sys.stdout.write(json_report(report) + "\n")
+    else:
+        print_reward_report(report)
 
 
 command = evaluate

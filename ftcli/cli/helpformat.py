@@ -165,6 +165,8 @@ def objective_params(params: list[Any], ctx: Any) -> tuple[list[Any], dict[str, 
     flags} to list in one panel, empty when `--objective` was given before `--help`)."""
     from ftcli.objectives import OBJECTIVE_OPTIONS, OBJECTIVES
 
+    if not any(p.name == "objective" for p in params):  # generate's --temperature is its own
+        return params, {}
     chosen = (ctx.params or {}).get("objective")
     owned = {p.name: p for p in params if p.name in OBJECTIVE_OPTIONS}
     if chosen in OBJECTIVES:

@@ -39,14 +39,20 @@ def inspect(
     lora_rank: Annotated[int, typer.Option(help="LoRA rank r for the adapter methods.", rich_help_panel=ESTIMATE,
                                            min=1)] = 8,
     objective: Annotated[Optional[str], typer.Option(
-        help=with_default("sft | dpo | kto | orpo | simpo. Models: the estimate counts the objective's reference "
-                          "model (dpo, kto; none for orpo, simpo) and its two sequences per example; dataset files: "
-                          "read as preference pairs.",
+        help=with_default("sft | dpo | kto | orpo | simpo | reward | grpo. Models: the estimate counts the "
+                          "objective's reference model (dpo, kto; grpo with --grpo-beta > 0), its sequences per "
+                          "example, grpo's sampled completions; dataset files: read as pairs, labeled rows or "
+                          "prompts.",
                           default="sft; a dataset file with chosen/rejected columns is read as pairs"),
         is_eager=True)] = None,  # read before --help, which then describes that objective's options
     precompute_ref: Annotated[bool, typer.Option(
         "--precompute-ref", help=with_default("dpo estimate: the full method's reference log-probs precomputed "
                                               "(no frozen copy).", default="off"), rich_help_panel=ESTIMATE)] = False,
+    num_generations: Annotated[int, typer.Option(
+        help="grpo estimate: completions per prompt (the default batch).", rich_help_panel=ESTIMATE, min=2)] = 8,
+    grpo_beta: Annotated[float, typer.Option(
+        help="grpo estimate: the KL coefficient (above 0: a reference model is held).", rich_help_panel=ESTIMATE,
+        min=0)] = 0.0,
     example: Annotated[int, typer.Option(help="Which example to render (0 = the first).", min=0,
                                          rich_help_panel=DATA)] = 0,
     model: Annotated[str, typer.Option(help="Dataset files: the model whose tokenizer (and chat template) counts "
@@ -76,7 +82,7 @@ def inspect(
                                  gradient_checkpointing=gradient_checkpointing, nproc=nproc, gpu_memory=gpu_memory,
                                  dtype=dtype, lora_rank=lora_rank, example=example, model=model, format=format,
                                  columns=parse_columns(columns) if columns else None, template=template, train_on_inputs=train_on_inputs, objective=objective,
-                                 precompute_ref=precompute_ref)
+                                 precompute_ref=precompute_ref, num_generations=num_generations, grpo_beta=grpo_beta)
         if not json_output:
             render(inspect_target(target, options))
             return

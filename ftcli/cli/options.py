@@ -21,6 +21,7 @@ from ftcli.methods import METHODS
 from ftcli.methods.base import LLAMA_PROJECTIONS, PER_METHOD_OPTIONS
 from ftcli.objectives import OBJECTIVES
 from ftcli.objectives.dpo import DPO_LOSSES
+from ftcli.objectives.grpo import ADAPTER_LEARNING_RATE, FULL_LEARNING_RATE, GRPO_LOSSES, VLLM_MODES
 
 DATA = "Data"
 MODEL = "Model"
@@ -31,6 +32,7 @@ DIST = "Processes and machines"
 EVAL = "Evaluation"
 RECIPE = "Optimizer and schedule"
 PREFERENCE = "Preference tuning (--objective dpo, kto, orpo, simpo)"
+RL = "Online RL (--objective grpo)"
 
 
 # ---- defaults in help texts -------------------------------------------------------------------------
@@ -67,6 +69,11 @@ def with_default(text: str, key: str | None = None, default: str | None = None) 
     """`text [default: ...]`, the note escaped so that Rich prints it instead of reading it as markup."""
     note = default if default is not None else default_text(key or "")
     return f"{text} {escape(f'[default: {note}]')}"
+
+
+def rate(value: float) -> str:
+    """1e-06 -> `1e-6`."""
+    return f"{value:.0e}".replace("e-0", "e-")
 
 
 def method_help() -> str:
@@ -272,6 +279,32 @@ def train_options(
     cpo_alpha: Annotated[Optional[float], typer.Option(
         help=with_default("SimPO: the weight of an SFT loss on the chosen answer (CPO-SimPO; 0: pure SimPO).",
                           "cpo_alpha"), rich_help_panel=PREFERENCE)] = None,
+    reward: Annotated[Optional[list[str]], typer.Option(
+        "--reward", metavar="FILE.py:FN|builtin:NAME",
+        help="A reward function (repeatable): FILE.py:function, or builtin:exact-match, normalized-match, "
+             "math-match, format=REGEX, length-penalty=N (docs/grpo.md).", rich_help_panel=RL)] = None,
+    reward_weights: Annotated[Optional[str], typer.Option(
+        metavar="W[,W]", help=with_default("One weight per --reward, in their order.", default="1 each"),
+        rich_help_panel=RL)] = None,
+    num_generations: Annotated[Optional[int], typer.Option(
+        help=with_default("Completions sampled per prompt (one group). GRPO's own defaults: --batch-size this, "
+                          f"--learning-rate {rate(FULL_LEARNING_RATE)} full, {rate(ADAPTER_LEARNING_RATE)} lora/qlora.",
+                          "num_generations"),
+        rich_help_panel=RL)] = None,
+    max_completion_length: Annotated[Optional[int], typer.Option(
+        help=with_default("Most new tokens per completion.", "max_completion_length"), rich_help_panel=RL)] = None,
+    temperature: Annotated[Optional[float], typer.Option(
+        help=with_default("Sampling temperature of the completions.", "temperature"), rich_help_panel=RL)] = None,
+    grpo_beta: Annotated[Optional[float], typer.Option(
+        help=with_default("KL coefficient (0: no reference model).", "grpo_beta"), rich_help_panel=RL)] = None,
+    grpo_loss: Annotated[Optional[str], typer.Option(
+        help=with_default(f"{' | '.join(GRPO_LOSSES)} (TRL's GRPO losses).", "grpo_loss"), rich_help_panel=RL)] = None,
+    vllm: Annotated[Optional[str], typer.Option(
+        help=with_default(f"Generate with vLLM: {' | '.join(VLLM_MODES)} (CUDA, vllm installed).",
+                          default="transformers"), rich_help_panel=RL)] = None,
+    completions_every: Annotated[Optional[int], typer.Option(
+        help=with_default("Append a sample of completions to completions.jsonl every N steps.", "completions_every"),
+        rich_help_panel=RL)] = None,
     lora_rank: Annotated[Optional[int], typer.Option(help=with_default("LoRA rank r.", "lora_rank"),
                                                      rich_help_panel=LORA)] = None,
     lora_alpha: Annotated[Optional[float], typer.Option(help=with_default("LoRA alpha.", "lora_alpha"),
@@ -407,6 +440,8 @@ def run_config_from_flags(values: dict) -> RunConfig:
         flags["report_to"] = ",".join(flags["report_to"])
         if not flags["report_to"]:
             del flags["report_to"]
+    if not flags.get("reward", True):
+        del flags["reward"]  # a repeatable option not given
     if "lora_target_modules" in flags:
         flags["lora_target_modules"] = [m.strip() for m in flags["lora_target_modules"].split(",") if m.strip()]
     config_file = values.get("config")

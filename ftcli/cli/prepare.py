@@ -74,6 +74,9 @@ def print_prepared(prepared: Any, config: Any) -> None:
     if m.get("kind") in ("preference", "labeled"):  # DPO's pairs, KTO's labeled rows: their own tables
         _print_pairs(prepared)
         return
+    if m.get("kind") == "prompts":
+        _print_prompts(prepared)
+        return
     s = m["stats"]
     d = s["dropped"]
     length = s["length"]
@@ -120,6 +123,17 @@ def _padding_at(prepared: Any, recorded: dict[str, Any], batch_size: int) -> dic
     lengths = np.asarray(prepared.dataset["length"], dtype=np.int64)
     return {"batch_size": batch_size, "in_order": padding_waste(lengths, batch_size),
             "length_grouped": padding_waste(np.sort(lengths)[::-1], batch_size)}
+
+
+def _print_prompts(prepared: Any) -> None:
+    from ftcli.console import console
+    from ftcli.data.prompts import prompts_table
+
+    where = "already prepared[/] (cache hit):" if prepared.reused else "prepared[/]"
+    console.print(f"[bold]{where} {prepared.folder}")
+    console.print(prompts_table(prepared.manifest))
+    for note in prepared.report.notes:
+        console.print(f"[yellow]note:[/] {note}")
 
 
 def _print_pairs(prepared: Any) -> None:
@@ -169,7 +183,8 @@ def _output_dir_as_text(param: inspect.Parameter) -> inspect.Parameter:
 SHOWN = frozenset({"model", "revision", "trust_remote_code", "dataset", "dataset_split", "dataset_size",
                    "dataset_revision", "format", "columns", "template", "template_kwargs", "tools", "train_reasoning",
                    "train_on_inputs", "seq_length", "seed", "batch_size", "objective", "max_prompt_length", "eval_dataset", "eval_split", "output_dir",
-                   "overwrite", "config"})
+                   "overwrite", "config",
+                   "max_completion_length"})  # GRPO: the prompts kept leave it room within --seq-length
 # In prepare's help, the options that shape the data sit with the data.
 IN_DATA = {"objective": None, "seq_length": None, "seed": None,
            "batch_size": with_default("The batch size the padding figures are for (train's, for --method).",

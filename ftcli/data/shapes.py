@@ -18,6 +18,7 @@ SHAPES: dict[str, str] = {
     "examples": "ftcli.data.split",
     "pairs": "ftcli.data.preference_prepare",
     "labeled": "ftcli.data.labeled",  # KTO's: a prompt with one answer and a desirable/undesirable label
+    "prompts": "ftcli.data.prompts",
 }
 
 

@@ -74,6 +74,7 @@ class MemoryEstimate:
     reference_bytes: int = 0  # a preference objective's frozen reference copy (0: none, or no objective needs one)
     reference: str | None = None  # how the objective holds its reference model (ftcli.objectives)
     objective: str = "sft"
+    generation_bytes: int = 0  # an objective that samples completions: their KV cache while generating
     fits: bool | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -217,13 +218,17 @@ def master_weight_bytes(dtype: str, trains_adapter: bool, loads_4bit: bool) -> i
 def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length: int,
                     gradient_checkpointing: bool = False, nproc: int = 1, dtype: str | None = None,
                     lora_rank: int = 8, lora_targets: list[str] | None = None, objective: str = "sft",
-                    precompute_ref: bool = False) -> MemoryEstimate:
+                    precompute_ref: bool = False, num_generations: int = 8, kl_beta: float = 0.0) -> MemoryEstimate:
     """Peak training memory per process for `method` and `objective`, from the model's shapes alone.
 
     A preference objective (DPO) puts `rows_per_example` sequences through the model per example (the chosen and
     the rejected answer after the prompt): activations for twice the batch. Its reference model is the same
     weights with the adapter disabled for LoRA methods (nothing more), a frozen copy of the weights in the
-    training dtype for full fine-tuning (sharded like the policy under fsdp), or nothing with --precompute-ref."""
+    training dtype for full fine-tuning (sharded like the policy under fsdp), or nothing with --precompute-ref.
+
+    An objective that samples completions (GRPO) puts `batch_size` completions (`num_generations` per prompt), each
+    after its prompt, through the model, and first generates them all at once: their KV cache at full length is
+    counted too. Its reference model (with `kl_beta` > 0) is held as DPO's is."""
     from types import SimpleNamespace
 
     from ftcli.methods import METHODS
@@ -243,19 +248,7 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
     total = classifier_parameters(info) if classifier else info.parameters
     targets = lora_targets or list(facts.defaults["lora_target_modules"])
     master = master_weight_bytes(dtype, facts.trains_adapter, facts.loads_4bit)
-    if not facts.trains_adapter:
-        trainable = total
-        weights = total * master
-    elif not facts.loads_4bit:
-        trainable = lora_parameters(info, lora_rank, targets)
-        weights = total * width + trainable * master
-    else:
-        trainable = lora_parameters(info, lora_rank, targets)
-        linear = sum(i * o * n for i, o, n in info.linear_layers.values())
-        # Linear layers in 4-bit; embeddings, norms and lm_head upcast to float32 by peft's
-        # prepare_model_for_kbit_training, whatever --dtype is.
-        weights = int(linear * NF4_BYTES_PER_PARAM) + (total - linear) * 4 + trainable * master
-        notes.append("linear layers in 4-bit NF4 with double quantisation; the other weights in float32")
+    trainable, weights = weight_bytes(info, facts, total, width, master, lora_rank, targets, notes)
     trainable += info.hidden_size if classifier and facts.trains_adapter else 0
     if master != width:
         notes.append(f"trainable weights in {'float32' if master == 4 else 'bfloat16'}")
@@ -276,8 +269,12 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
     activations += rows * seq_length * seq_length
     notes += [f"{objective}: {goal.rows_per_example} sequences per example, one score each (no LM-head logits)"
               ] if classifier else []
+    cache = generation_cache(info, rows, seq_length, width) if goal.samples else 0
+    if cache:
+        notes.append(f"{objective}: {rows} completions per step ({num_generations} per prompt), each after its prompt "
+                     f"within --seq-length; generating them holds a KV cache of {cache / 2**20:,.1f} MiB")
     reference, reference_bytes = objective_reference(goal, facts, SimpleNamespace(
-        full_parameters=False, precompute_ref=precompute_ref), total * width, notes)
+        full_parameters=False, precompute_ref=precompute_ref, grpo_beta=kl_beta), total * width, notes)
     notes.append(how_it_scales(facts))
     if facts.shards and nproc > 1:
         weights, grads, optimizer = weights // nproc, grads // nproc, optimizer // nproc
@@ -291,13 +288,31 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
     return MemoryEstimate(method=method, trainable_parameters=trainable, weights_bytes=int(weights),
                           gradients_bytes=int(grads), optimizer_bytes=int(optimizer),
                           activations_bytes=int(activations), reference_bytes=int(reference_bytes),
-                          reference=reference, objective=objective,
-                          total_bytes=int(weights + grads + optimizer + activations + reference_bytes), notes=notes)
+                          reference=reference, objective=objective, generation_bytes=int(cache),
+                          total_bytes=int(weights + grads + optimizer + activations + reference_bytes + cache),
+                          notes=notes)
+
+
+def weight_bytes(info: ModelInfo, facts: Any, total: int, width: int, master: int, lora_rank: int,
+                 targets: list[str], notes: list[str]) -> tuple[int, int]:
+    """(trainable parameters, bytes of the weights held) for a method's facts, its note appended to `notes`."""
+    if not facts.trains_adapter:
+        return total, total * master
+    trainable = lora_parameters(info, lora_rank, targets)
+    if not facts.loads_4bit:
+        return trainable, total * width + trainable * master
+    linear = sum(i * o * n for i, o, n in info.linear_layers.values())
+    # Linear layers in 4-bit; embeddings, norms and lm_head upcast to float32 by peft's
+    # prepare_model_for_kbit_training, whatever --dtype is.
+    notes.append("linear layers in 4-bit NF4 with double quantisation; the other weights in float32")
+    return trainable, int(linear * NF4_BYTES_PER_PARAM) + (total - linear) * 4 + trainable * master
 
 
 def objective_reference(goal: Any, facts: Any, config: Any, copy_bytes: int,
                         notes: list[str]) -> tuple[str | None, int]:
     """(how `goal` holds its reference model, the bytes of a frozen copy or 0), its note appended to `notes`."""
+    from ftcli.objectives.base import FROZEN_COPY
+
     if goal.reference is None:
         if goal.rows_per_example > 1:  # a preference objective without a reference (ORPO, SimPO): shown as none
             notes.append(f"{goal.name}: {goal.rows_per_example} sequences per example; no reference model (none is "
@@ -305,10 +320,16 @@ def objective_reference(goal: Any, facts: Any, config: Any, copy_bytes: int,
             return "none", 0
         return None, 0
     reference = goal.reference(facts, config)
-    held = copy_bytes if not facts.trains_adapter and not config.precompute_ref else 0
-    notes.append(f"{goal.name}: {goal.rows_per_example} sequences per example; reference model: {reference}"
+    held = copy_bytes if not facts.trains_adapter and not config.precompute_ref and reference == FROZEN_COPY else 0
+    lead = "" if goal.samples else f"{goal.rows_per_example} sequences per example; "
+    notes.append(f"{goal.name}: {lead}reference model: {reference}"
                  + (" (the weights once more, no gradients or optimizer state)" if held else ""))
     return reference, held
+
+
+def generation_cache(info: ModelInfo, rows: int, seq_length: int, width: int) -> int:
+    """The KV cache of generating `rows` completions at once: keys and values of every layer at full length."""
+    return rows * seq_length * info.layers * 2 * info.kv_heads * info.head_dim * width
 
 
 def classifier_parameters(info: ModelInfo) -> int:

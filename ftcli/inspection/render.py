@@ -65,6 +65,9 @@ def _render_model(report: dict[str, Any]) -> None:
                     "not generate/chat)")] if m.get("reward_model") else []),
     ]))
     console.print(_memory_table(report["memory"]))
+    sampling = [n for n in (report["memory"]["methods"] or [{}])[0].get("notes", []) if "completions per step" in n]
+    for note in sampling:  # what the sampling objective's rows and cache are (the same for every method)
+        console.print(note)
     console.print("AdamW, weights in the given dtype; qlora: NF4 base. The verdict keeps 10% + 1 GiB for the CUDA "
                   "context and allocator slack. `ftcli warmup` measures the real peak.")
 
@@ -93,6 +96,8 @@ def _memory_table(mem: dict[str, Any]) -> Any:
     for label, key in (("weights", "weights_bytes"), ("gradients", "gradients_bytes"),
                        ("optimizer (AdamW)", "optimizer_bytes"), ("activations", "activations_bytes")):
         row(label, [format_bytes(e[key]) for e in methods])
+    if any(e.get("generation_bytes") for e in methods):  # GRPO: the sampled completions' KV cache
+        row("generation KV cache", [format_bytes(e["generation_bytes"]) for e in methods])
     if any(e.get("reference") for e in methods):
         row("reference model", [format_bytes(e["reference_bytes"]) for e in methods])
         row("  (kept as)", [str(e.get("reference") or "-") for e in methods])
@@ -191,6 +196,13 @@ def _render_run(report: dict[str, Any]) -> None:
     else:
         console.print("training loss: no TensorBoard events or metrics.jsonl in this run")
     _render_eval(report, console)
+    rewards = report.get("reward_curve") or {}
+    if rewards.get("reward"):  # GRPO's progress: its loss stays near 0 and says little
+        console.print(f"[bold]mean reward[/] (metrics.jsonl, {len(rewards['reward'])} points)")
+        console.print(loss_chart(rewards["steps"], rewards["reward"]))
+    from ftcli.inspection.prompts import render_completions
+
+    render_completions(report.get("completions") or [])
 
 
 def _render_eval(report: dict[str, Any], console: Any) -> None:
@@ -243,6 +255,11 @@ def _render_data(report: dict[str, Any]) -> None:
 
     if "pairs" in report:
         _render_pairs(report)
+        return
+    if "prompts" in report:
+        from ftcli.inspection.prompts import render_prompts
+
+        render_prompts(report, _kv_table)
         return
     d = report["data"]
     length = d.get("length") or {}

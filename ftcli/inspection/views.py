@@ -41,6 +41,8 @@ class InspectOptions:
     # The training objective (ftcli.objectives): the estimate counts its reference and rows; pairs for datasets.
     objective: str | None = None  # None: sft for models; dataset files with chosen/rejected columns read as pairs
     precompute_ref: bool = False
+    num_generations: int = 8  # grpo: completions per prompt (the default batch size: one group)
+    grpo_beta: float = 0.0  # grpo: a KL term holds a reference model
 
 
 # ---- models ---------------------------------------------------------------------------------------
@@ -64,6 +66,7 @@ def inspect_model(target: str, options: InspectOptions) -> dict[str, Any]:
     from ftcli.models import CAUSAL_HEAD
     from ftcli.objectives import OBJECTIVES
     from ftcli.inspection.estimate import describe_model, estimate_memory, fits, parse_size
+    from ftcli.objectives import OBJECTIVES
 
     info = describe_model(target)
     objective = options.objective or model_objective(info.architecture)
@@ -73,11 +76,13 @@ def inspect_model(target: str, options: InspectOptions) -> dict[str, Any]:
         defaults = METHOD_DEFAULTS[method]
         checkpointing = (options.gradient_checkpointing if options.gradient_checkpointing is not None
                          else bool(defaults["gradient_checkpointing"]))
-        batch = options.batch_size or int(defaults["batch_size"])
+        samples = OBJECTIVES[options.objective or "sft"].samples
+        batch = options.batch_size or (options.num_generations if samples else int(defaults["batch_size"]))
         est = estimate_memory(info, method, batch_size=batch, seq_length=options.seq_length,
                               gradient_checkpointing=checkpointing, nproc=options.nproc, dtype=options.dtype,
                               lora_rank=options.lora_rank, lora_targets=list(defaults["lora_target_modules"]),
-                              objective=objective, precompute_ref=options.precompute_ref)
+                              objective=objective, precompute_ref=options.precompute_ref,
+                              num_generations=options.num_generations, kl_beta=options.grpo_beta)
         if gpu is not None:
             est.fits = fits(est.total_bytes, gpu)
         estimates.append({**est.to_dict(), "batch_size": batch, "gradient_checkpointing": checkpointing})
@@ -180,6 +185,10 @@ def inspect_run(target: str, options: InspectOptions) -> dict[str, Any]:
     }
     if (folder / "adapter_config.json").is_file():
         view["adapter"] = adapter_summary(folder)
+    from ftcli.inspection.prompts import latest_completions, reward_curve
+
+    view["completions"] = latest_completions(folder)  # GRPO's sampled completions (none for other objectives)
+    view["reward_curve"] = reward_curve(folder)  # GRPO's mean reward per step (empty for other objectives)
     return view
 
 
@@ -314,6 +323,10 @@ def inspect_prepared(target: str, options: InspectOptions) -> dict[str, Any]:
         tokenizer = None
     if manifest.get("kind") == "preference":
         return _pair_view(folder, manifest, tokenizer, tokenizer_ref, options)
+    if manifest.get("kind") == "prompts":
+        from ftcli.inspection.prompts import prompt_view
+
+        return prompt_view(folder, manifest, tokenizer, tokenizer_ref, options)
     return _data_view(folder, manifest, tokenizer, tokenizer_ref, options)
 
 
@@ -333,6 +346,12 @@ def inspect_dataset(target: str, options: InspectOptions) -> dict[str, Any]:
         flags["objective"] = next(name for name, o in OBJECTIVES.items() if o.pairs)
     config = build_run_config({k: v for k, v in flags.items() if v is not None or k == "dataset_size"})
     tokenizer = load_tokenizer(config.model)
+    if OBJECTIVES[config.objective].data == "prompts":
+        from ftcli.data.prompts import prepare_prompts
+        from ftcli.inspection.prompts import prompt_view
+
+        prepared = prepare_prompts(config, tokenizer)
+        return prompt_view(prepared.folder, prepared.manifest, tokenizer, config.model, options, prepared.dataset)
     if OBJECTIVES[config.objective].pairs:
         from ftcli.data.preference_prepare import prepare_pairs
 

@@ -11,7 +11,7 @@ line here. Importing this package must not import torch.
 
 from __future__ import annotations
 
-from ftcli.objectives import dpo, kto, orpo, reward, sft, simpo
+from ftcli.objectives import dpo, grpo, kto, orpo, reward, sft, simpo
 from ftcli.objectives.base import Objective
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
@@ -21,6 +21,7 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     orpo.OBJECTIVE,
     simpo.OBJECTIVE,
     reward.OBJECTIVE,
+    grpo.OBJECTIVE,
 )}
 
 # Every objective's own options (a field no objective names is shared by all).

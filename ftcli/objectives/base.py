@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 
+FROZEN_COPY = "frozen copy"  # `reference(...)` of an objective holding a second copy of the weights (the estimate counts it)
+
+
 def no_arguments(*args: Any) -> dict[str, Any]:
     return {}
 
@@ -56,6 +59,10 @@ class Objective:
     - `head`: the model's output the objective trains: "causal" (the LM head: next-token logits) or
       "classification" (one score per sequence, a reward model; loaded by ftcli.models.load_model, and a LoRA
       plan trains the score head in full).
+    - `defaults(config)`: its own defaults of shared options ({field: value}), applied where not given.
+    - `samples`: it samples completions from the model at every step (GRPO): the estimate counts their KV cache.
+    - `preflight(config)`: checks before anything loads (GRPO: the reward functions tried on the data's first rows);
+      raises an FtcliError.
     - `rows_per_example`: sequences one example puts through the model per step (DPO: the chosen and the
       rejected answer, each after the prompt), for the memory estimate.
     """
@@ -77,6 +84,9 @@ class Objective:
     compiles: bool = True
     head: str = "causal"
     notes: Callable[[Any], list[str]] = lambda config: []  # noqa: E731
+    defaults: Callable[[Any], dict[str, Any]] = lambda config: {}  # noqa: E731
+    preflight: Callable[[Any], None] = no_check
+    samples: bool = False
 
     @property
     def pairs(self) -> bool:

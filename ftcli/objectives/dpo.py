@@ -162,7 +162,7 @@ def probe_ids(row: dict[str, Any]) -> list[int]:
 
 OBJECTIVE = Objective(
     name="dpo",
-    summary="direct preference optimisation on chosen/rejected pairs",
+    summary="preference pairs (DPO)",
     data="pairs",
     options=("dpo_beta", "dpo_loss", "max_prompt_length", "precompute_ref"),
     trainer_class=trainer_class,

@@ -87,7 +87,7 @@ def probe_ids(row: dict[str, Any]) -> list[int]:
 
 OBJECTIVE = Objective(
     name="kto",
-    summary="Kahneman-Tversky optimisation on answers labeled good or bad (or unpaired pairs)",
+    summary="answers labeled good or bad (KTO)",
     data="labeled",
     options=("kto_beta", "kto_desirable_weight", "kto_undesirable_weight", "max_prompt_length"),
     trainer_class=trainer_class,

@@ -12,11 +12,12 @@ each of them. Importing this module must not import torch.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from ftcli.objectives.dpo import DPO_LOSSES
+from ftcli.objectives.grpo import GRPO_LOSSES, VLLM_MODES
 
 
 class ObjectiveOptions(BaseModel):
@@ -39,3 +40,39 @@ class ObjectiveOptions(BaseModel):
     simpo_beta: float = Field(default=2.0, gt=0)
     simpo_gamma: float = Field(default=1.0, ge=0)
     cpo_alpha: float = Field(default=0.0, ge=0)
+    # Online RL (--objective grpo; see ftcli/objectives/grpo.py, docs/grpo.md): the rewards, the sampling, the loss.
+    reward: list[str] = []  # FILE.py:function or builtin:NAME[=ARG], each a --reward (ftcli/rewards/)
+    reward_weights: list[float] | None = None  # one per --reward; None: 1 each
+    num_generations: int = Field(default=8, ge=2)  # completions sampled per prompt (one group)
+    max_completion_length: int = Field(default=256, ge=1)  # new tokens per completion
+    temperature: float = Field(default=1.0, gt=0)  # sampling temperature of the completions
+    grpo_beta: float = Field(default=0.0, ge=0)  # KL coefficient; 0: no reference model (DAPO, Dr. GRPO)
+    grpo_loss: Literal[GRPO_LOSSES] = "dapo"  # type: ignore[valid-type]
+    vllm: Literal[VLLM_MODES] | None = None  # type: ignore[valid-type]  # generate with vLLM: colocate | server
+    completions_every: int = Field(default=10, ge=1)  # steps between the samples appended to completions.jsonl
+
+    @field_validator("reward", mode="before")
+    @classmethod
+    def _reward_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("reward_weights", mode="before")
+    @classmethod
+    def _weight_list(cls, value: Any) -> Any:
+        """`1,0.5` (the flag, or a YAML string) or a list of numbers."""
+        if isinstance(value, (int, float)):
+            return [value]
+        return parse_weights(value) if isinstance(value, str) else value
+
+
+def parse_weights(text: str) -> list[float]:
+    """`1,0.5` -> [1.0, 0.5] (--reward-weights)."""
+    import math
+
+    try:
+        weights = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--reward-weights {text!r}: comma-separated numbers, one per --reward (e.g. 1,0.5)") from None
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"--reward-weights {text!r}: the weights must be finite numbers")
+    return weights

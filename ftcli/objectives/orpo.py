@@ -49,7 +49,7 @@ def evaluate(trainer: Any) -> dict[str, Any]:
 
 OBJECTIVE = Objective(
     name="orpo",
-    summary="odds-ratio preference optimisation on chosen/rejected pairs, no reference model",
+    summary="pairs, no reference (ORPO)",
     data="pairs",
     options=("orpo_beta", "max_prompt_length"),
     trainer_class=trainer_class,

@@ -110,7 +110,7 @@ def probe_ids(row: dict[str, Any]) -> list[int]:
 
 OBJECTIVE = Objective(
     name="reward",
-    summary="a reward model, one score per answer (the chosen above the rejected)",
+    summary="a reward model trained on pairs",
     data="pairs",
     options=("max_prompt_length",),
     trainer_class=trainer_class,

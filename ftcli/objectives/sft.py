@@ -31,7 +31,7 @@ def training_args(config: Any, device: str) -> dict[str, Any]:
 
 OBJECTIVE = Objective(
     name="sft",
-    summary="supervised fine-tuning on the responses",
+    summary="supervised, on the responses",
     data="examples",
     options=(),
     trainer_class=trainer_class,

@@ -51,7 +51,7 @@ def evaluate(trainer: Any) -> dict[str, Any]:
 
 OBJECTIVE = Objective(
     name="simpo",
-    summary="simple preference optimisation (length-normalised rewards, a margin) on pairs, no reference model",
+    summary="pairs, no reference (SimPO)",
     data="pairs",
     options=("simpo_beta", "simpo_gamma", "cpo_alpha", "max_prompt_length"),
     trainer_class=trainer_class,

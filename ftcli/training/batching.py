@@ -384,7 +384,8 @@ def trainer_class(base: type) -> type:
 
         def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
             # The count rides in the batch from the collator; the model must not see it.
-            self._ftcli_real_tokens = inputs.pop(REAL_TOKENS, None)
+            # (An objective that generates its batch, GRPO, gets a list of rows here, never a count.)
+            self._ftcli_real_tokens = inputs.pop(REAL_TOKENS, None) if isinstance(inputs, dict) else None
             loss = super().training_step(model, inputs, *args, **kwargs)
             scale = getattr(self, "_ftcli_loss_scale", None)
             return loss if scale is None else loss * scale.to(loss.device)

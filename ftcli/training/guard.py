@@ -51,6 +51,16 @@ class NonFiniteError(Exception):
         self.what = what
 
 
+class FaultStop(Exception):
+    """Raised inside the training loop when a step's inputs are unusable (a reward function failed): the step is
+    not applied, and the state before it is saved as a checkpoint (`checkpoint`, None when no step had finished)."""
+
+    def __init__(self, step: int, message: str, checkpoint: Path | None):
+        super().__init__(message)
+        self.step = step
+        self.message = message
+        self.checkpoint = checkpoint
+
 
 # ---- signals ----
 
@@ -199,6 +209,31 @@ def _local_grads_finite(model: Any) -> Any:
     return torch.stack([x.float() for x in largest]).isfinite().all()
 
 
+def _rng_states() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+    import torch
+
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class RunGuardCallbacks:
     """Once per optimizer step, before the optimizer applies it: are the loss and gradients finite, and
     has any rank been asked to stop? One all-reduce makes every rank take the same decision."""
@@ -254,9 +289,14 @@ class RunGuardCallbacks:
         self.trainer.ftcli_losses = []
         loss_ok = torch.stack([torch.isfinite(x).all() for x in losses]).all() if losses else torch.tensor(True)
         grads_ok = _local_grads_finite(kwargs["model"])
-        bad_loss, bad_grad, stop = agree([float(not bool(loss_ok)), float(not bool(grads_ok)),
-                                           float(self.stop.requested)])
+        failures = getattr(self.trainer, "ftcli_failures", None)  # GRPO's reward faults (ftcli.rewards.probe)
+        fault = failures.message if failures is not None else None
+        bad_loss, bad_grad, stop, faulty = agree([float(not bool(loss_ok)), float(not bool(grads_ok)),
+                                                  float(self.stop.requested), float(fault is not None)])
         step = state.global_step + 1
+        if faulty:
+            raise FaultStop(step, fault or "a reward function failed in another process (its log says which)",
+                            self._save_before_fault(args, state, control))
         if bad_loss:
             raise NonFiniteError(step, "loss")
         if bad_grad:
@@ -264,6 +304,25 @@ class RunGuardCallbacks:
         if stop and not self.stopping:
             self.stopping = True
             self.stopped_at = step
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if getattr(self.trainer, "ftcli_failures", None) is not None:  # a step that may be undone (see below)
+            self.step_rng = _rng_states()
+
+    def _save_before_fault(self, args: Any, state: Any, control: Any) -> Path | None:
+        """The state before the faulty step (weights and optimizer untouched by it) as a complete checkpoint,
+        with the random state the step began with: a resume then samples that step as the run would have."""
+        if state.global_step == 0:
+            return None
+        folder = self.out / f"{PREFIX}{state.global_step}"
+        if self.last_saved_step != state.global_step:
+            if state.is_world_process_zero:
+                unmark(folder)
+            if getattr(self, "step_rng", None) is not None:
+                _set_rng_states(self.step_rng)
+            self.trainer._save_checkpoint(self.trainer.model, trial=None)
+            self.on_save(args, state, control)
+        return folder
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.on_first_step is not None:

@@ -40,7 +40,7 @@ def _fmt_eta(seconds: float) -> str:
 # of them, the highest ranks go first. The step counter and the ETA are always drawn (rank 0), then the
 # bar takes what is left (at least BAR_MIN columns, at most BAR_MAX).
 LINE_FIELDS = [("label", 9), ("steps", 0), ("loss", 1), ("eval", 5), ("margin", 6), ("acc", 7), ("rewards", 8),
-               ("lr", 2), ("tps", 3), ("mem", 4), ("eta", 0)]
+               ("reward", 5), ("flat", 6), ("kl", 7), ("len", 8), ("lr", 2), ("tps", 3), ("mem", 4), ("eta", 0)]
 BAR_MIN, BAR_MAX = 12, 40
 
 
@@ -55,7 +55,7 @@ def line_texts(completed: int, total: int, fields: dict[str, str], evaluates: bo
              "eta": Text(f"eta {fields.get('eta', '--:--')}")}
     if evaluates:
         texts["eval"] = Text.assemble("eval ", (fields.get("eval", "-"), "magenta"))
-    for key in ("margin", "acc", "rewards"):
+    for key in ("margin", "acc", "rewards", "reward", "flat", "kl", "len"):
         if fields.get(key):
             texts[key] = Text(fields[key])
     return texts
@@ -129,6 +129,34 @@ def reward_model_text(logs: dict[str, float]) -> str:
     return f"margin {logs['margin']:.3f} acc {logs['accuracy']:.0%}"
 
 
+REWARD = "reward"  # GRPO's logged mean reward (TRL's key)
+
+
+def reward_fields(logs: dict[str, float]) -> dict[str, str]:
+    """The live line's pieces of an objective that samples and scores completions (GRPO), none without them:
+    the mean reward and its spread, the share of groups whose rewards were all equal, KL, completion length."""
+    if REWARD not in logs:
+        return {}
+    fields = {"reward": f"reward {logs['reward']:.3f}±{logs.get('reward_std', float('nan')):.2f}",
+              "flat": f"flat {logs.get('frac_reward_zero_std', float('nan')):.0%}",
+              "len": f"len {logs.get('completions/mean_length', float('nan')):.0f} "
+                     f"(clip {logs.get('completions/clipped_ratio', float('nan')):.0%})"}
+    if "kl" in logs:
+        fields["kl"] = f"kl {logs['kl']:.3f}"
+    return fields
+
+
+def reward_text(logs: dict[str, float]) -> str:
+    """`reward 0.281±0.05 flat 12% len 31 (clip 90%) [fn.py:score 0.281]` from GRPO's logs, else ""."""
+    fields = reward_fields(logs)
+    if not fields:
+        return ""
+    each = [f"{k.removeprefix('rewards/').removesuffix('/mean')} {v:.3f}" for k, v in logs.items()
+            if k.startswith("rewards/") and k.endswith("/mean")]
+    return " ".join(fields[k] for k in ("reward", "flat", "kl", "len") if k in fields) + (
+        f" [{', '.join(each)}]" if len(each) > 1 else "")
+
+
 class LineProgress(Progress):
     """A Rich Progress drawing each task as one line fitted to the terminal (`fit_line`)."""
 
@@ -173,8 +201,9 @@ class TrainingDisplay(TrainerCallback):  # type: ignore[misc,valid-type]
             "eta": _fmt_eta(eta),
             "mem": format_bytes(peak_memory(self.device)[1]),
             "eval": f"{self.last_eval:.4f}" if self.last_eval is not None else "-",
-            "pref": preference_text(self.last),
+            "pref": preference_text(self.last) or reward_text(self.last),
             **preference_fields(self.last),
+            **reward_fields(self.last),
         }
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -44,7 +44,7 @@ from ftcli.training.checkpoints import (
 )
 from ftcli.training.distributed import is_main_rank, leave_process_group, sharded_fraction, world_size
 from ftcli.training.evalsteps import eval_callback, eval_line, load_best_model
-from ftcli.training.guard import NonFiniteError, RunInterrupted, StopRequest, run_guard_class
+from ftcli.training.guard import FaultStop, NonFiniteError, RunInterrupted, StopRequest, run_guard_class
 from ftcli.training.runfolder import (
     CONFIG_COPY, LOCK_HELD_ENV, MANIFEST, METRICS, PROBE, check_log_dir, claim_run_dir, create_run_dir, finished_run,
     join_run_lock, put_back, read_manifest, remove_replaced,
@@ -323,6 +323,14 @@ def _train(config: RunConfig, plan: Any, tokenizer: Any, dataset: Any, out: Path
         raise RunFailed(f"training stopped at step {exc.step}: the {exc.what} is not finite (NaN or inf); {kept}",
                         hint="lower --learning-rate or check the data, then --resume from that checkpoint "
                              "or start again") from None
+    except FaultStop as exc:
+        kept = f"checkpoint saved to {exc.checkpoint}" if exc.checkpoint else "no step had finished, no checkpoint"
+        _finish(manifest, out, "failed", error=exc.message, failed_at_step=exc.step,
+                last_checkpoint=str(exc.checkpoint) if exc.checkpoint else None,
+                log_history=guard.display.history if guard.display else None)
+        leave_process_group()
+        how = resume_command(command or ["ftcli", *sys.argv[1:]], out, config) if exc.checkpoint else "start again"
+        raise RunFailed(f"training stopped: {exc.message}; {kept}", hint=f"fix it, then {how}") from None
     except KeyboardInterrupt:
         last = latest_checkpoint(out)
         _finish(manifest, out, "interrupted", error="stopped at once (a second Ctrl-C, or before training began); "
