@@ -543,6 +543,8 @@ NOT_RUN: dict[str, str] = {
     "ftcli train --objective dpo": PROSE,
     "ftcli train --objective reward": PROSE,
     "ftcli train --objective NAME --help": PLACEHOLDER,
+    "ftcli train --objective grpo --reward-model runs/rm-1": PROSE,
+    "ftcli eval RUN --reward model:RM --dataset prompts.jsonl": PLACEHOLDER,
     "ftcli prepare --objective dpo": PROSE,
     "ftcli prepare --objective kto": PROSE,
     "ftcli inspect MODEL --objective orpo": PLACEHOLDER,

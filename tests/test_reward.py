@@ -286,3 +286,65 @@ def test_memory_estimate_has_no_lm_head_and_two_rows(runner) -> None:
     logits = 2 * min(tokens, LOGIT_TILE_TOKENS) * min(info["vocab_size"], LOGIT_TILE_VOCAB) * 4
     assert reward["lora"]["activations_bytes"] == dpo["lora"]["activations_bytes"] - logits
     assert any("no LM-head logits" in n for n in reward["lora"]["notes"])
+
+
+# ---- a reward model as GRPO's reward (--reward-model) ----------------------------------------------------------
+
+
+def policy_scores(policy: Path, rm: Path, prompts: list[str], samples: int = 8, new_tokens: int = 16) -> list[float]:
+    """The reward model's scores (plain AutoModelForSequenceClassification) of completions sampled with plain
+    transformers from `policy`, from fixed seeds: each on the prompt's tokens, the completion's, one EOS."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(policy), dtype=torch.float32).eval()
+    scorer, tokenizer = classifier(rm)
+    scores = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        torch.manual_seed(2000 + i)
+        with torch.no_grad():
+            out = model.generate(ids, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+                                 num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id)
+        for row in out[:, ids.shape[1]:].tolist():
+            completion = row[:row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
+            scores.append(score(scorer, ids[0].tolist() + completion + [tokenizer.eos_token_id]))
+    return scores
+
+
+@pytest.mark.slow
+def test_grpo_with_the_reward_model_raises_its_score(lora_run, sample, runner, tmp_path: Path,
+                                                     tiny_model_dir: Path) -> None:
+    """`--reward-model EXPORT` drives GRPO (by epochs); the held-out score of sampled completions rises, measured with
+    plain transformers sampling and the plain classifier. The reward's own scoring of token ids equals the plain
+    classifier's; a model that is not a reward model is refused in one line before anything loads."""
+    from ftcli.cli import app  # noqa: F401  (registers the model: reward kind)
+    from ftcli.rewards import load_rewards
+
+    out, exported = lora_run
+    rows = [json.loads(line) for line in sample["train"].read_text().splitlines()]
+    held = [json.loads(line)["prompt"] for line in sample["held"].read_text().splitlines()][:6]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in rows[:16]])
+    policy = tmp_path / "grpo"
+    ok(runner("train", "--objective", "grpo", "--method", "full", *TINY, "--dataset", prompts, "--reward-model",
+              exported, "--learning-rate", "2e-2", "--seq-length", 48, "--max-completion-length", 16,
+              "--output-dir", policy))
+    records = [json.loads(line) for line in (policy / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) >= 16 and all(f"rewards/model:{exported.name}/mean" in r for r in records)
+    base = policy_scores(tiny_model_dir, exported, held)
+    tuned = policy_scores(policy, exported, held)
+    assert sum(tuned) / len(tuned) > sum(base) / len(base) + 0.1, (sum(base) / len(base), sum(tuned) / len(tuned))
+
+    (reward,) = load_rewards([f"model:{out}"])  # the run (base + adapter) scores token ids as the export does
+    model, tokenizer = classifier(exported)
+    pairs = [(tokenizer(r["prompt"])["input_ids"], tokenizer(r["chosen"], add_special_tokens=False)["input_ids"])
+             for r in rows[:4]]
+    got = reward.fn(prompts=[r["prompt"] for r in rows[:4]], completions=[r["chosen"] for r in rows[:4]],
+                    prompt_ids=[p for p, _ in pairs], completion_ids=[c for _, c in pairs])
+    want = [score(model, p + c + [tokenizer.eos_token_id]) for p, c in pairs]
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+    refused = runner("train", "--objective", "grpo", *TINY, "--dataset", prompts, "--reward-model", tiny_model_dir,
+                     "--output-dir", tmp_path / "no")
+    assert refused.exit_code == 2 and refused.output.count("\n") == 1, refused.output
+    assert f"--reward-model {tiny_model_dir} is not a reward model" in refused.output
+    assert not (tmp_path / "no").exists()

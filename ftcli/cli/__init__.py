@@ -19,6 +19,11 @@ from ftcli.cli import chat, export, generate, inspect, prepare, train, warmup
 from ftcli.cli import eval as eval_cmd
 from ftcli.cli.common import FtcliCommand, FtcliGroup, state
 from ftcli.methods import METHODS
+from ftcli.rewards import MODEL_KIND, register_kind
+from ftcli.rewards.model import load as load_reward_model
+
+# --reward-model RUN (and --reward model:RUN): a reward model ftcli trained, as a reward of GRPO or `eval --reward`.
+register_kind(MODEL_KIND, load_reward_model)
 
 # (name, command function): registered in this order, which is the order `ftcli --help` lists them.
 COMMANDS = [

@@ -283,8 +283,13 @@ def train_options(
         "--reward", metavar="FILE.py:FN|builtin:NAME",
         help="A reward function (repeatable): FILE.py:function, or builtin:exact-match, normalized-match, "
              "math-match, format=REGEX, length-penalty=N (docs/grpo.md).", rich_help_panel=RL)] = None,
+    reward_model: Annotated[Optional[list[str]], typer.Option(
+        "--reward-model", metavar="RUN",
+        help="A reward model as a reward (repeatable): the run, adapter or export of an `--objective reward` "
+             "run, scoring each completion after its prompt.", rich_help_panel=RL)] = None,
     reward_weights: Annotated[Optional[str], typer.Option(
-        metavar="W[,W]", help=with_default("One weight per --reward, in their order.", default="1 each"),
+        metavar="W[,W]", help=with_default("One weight per --reward, then per --reward-model, in their order.",
+                                           default="1 each"),
         rich_help_panel=RL)] = None,
     num_generations: Annotated[Optional[int], typer.Option(
         help=with_default("Completions sampled per prompt (one group). GRPO's own defaults: --batch-size this, "
@@ -440,8 +445,9 @@ def run_config_from_flags(values: dict) -> RunConfig:
         flags["report_to"] = ",".join(flags["report_to"])
         if not flags["report_to"]:
             del flags["report_to"]
-    if not flags.get("reward", True):
-        del flags["reward"]  # a repeatable option not given
+    for name in ("reward", "reward_model"):
+        if not flags.get(name, True):
+            del flags[name]  # a repeatable option not given
     if "lora_target_modules" in flags:
         flags["lora_target_modules"] = [m.strip() for m in flags["lora_target_modules"].split(",") if m.strip()]
     config_file = values.get("config")

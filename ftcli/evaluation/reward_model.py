@@ -92,6 +92,20 @@ class RewardScorer:
         encoded = truncate(encoded, self.max_prompt, self.seq_length)
         return list(encoded.prompt_ids) + list(encoded.chosen_ids)
 
+    def score_tokens(self, prompt_ids: list[Any], completion_ids: list[Any]) -> list[float]:
+        """Scores of token sequences already rendered (a GRPO run's prompts and sampled completions): each
+        completion closed by EOS as the training's answers were, the prompt cut as the training cut it."""
+        eos = self.tokenizer.eos_token_id
+        sequences = []
+        for prompt, completion in zip(prompt_ids, completion_ids):
+            prompt, completion = list(prompt), list(completion)
+            if eos is not None and (not completion or completion[-1] != eos):
+                completion.append(eos)
+            if len(prompt) + len(completion) > self.seq_length:
+                prompt = prompt[:max(self.max_prompt, self.seq_length - len(completion))]
+            sequences.append((prompt + completion)[:self.seq_length])
+        return score_sequences(self.model, sequences, self.pad_token_id, self.batch_size)
+
     def __call__(self, prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts and {len(completions)} completions: give one prompt per "

@@ -103,7 +103,7 @@ def trainer_kwargs(config: Any, plan: Any, evaluator: Any) -> dict[str, Any]:
     from ftcli.rewards import load_rewards
     from ftcli.rewards.probe import RewardFailures
 
-    kwargs: dict[str, Any] = {"ftcli_config": config, "ftcli_rewards": load_rewards(config.reward,
+    kwargs: dict[str, Any] = {"ftcli_config": config, "ftcli_rewards": load_rewards(reward_specs(config),
                                                                                     config.reward_weights),
                               "ftcli_failures": RewardFailures()}
     if reference(METHODS[config.method], config) == FROZEN_COPY:
@@ -112,6 +112,13 @@ def trainer_kwargs(config: Any, plan: Any, evaluator: Any) -> dict[str, Any]:
         ref.eval()
         kwargs["ftcli_reference"] = ref
     return kwargs
+
+
+def reward_specs(config: Any) -> list[str]:
+    """Every reward of the run, in --reward-weights' order: the --reward functions, then the --reward-model runs."""
+    from ftcli.rewards import MODEL_KIND
+
+    return [*config.reward, *(f"{MODEL_KIND}:{ref}" for ref in config.reward_model)]
 
 
 def flag(name: str) -> str:
@@ -127,9 +134,9 @@ def check(config: Any) -> None:
     from ftcli.methods import METHODS
 
     method = METHODS[config.method]
-    if config.reward_weights is not None and len(config.reward_weights) != len(config.reward):
-        raise ValueError(f"--reward-weights has {len(config.reward_weights)} values for {len(config.reward)} "
-                         "--reward functions: give one weight per --reward, in their order (e.g. 1,0.5)")
+    if config.reward_weights is not None and len(config.reward_weights) != len(reward_specs(config)):
+        raise ValueError(f"--reward-weights has {len(config.reward_weights)} values for {len(reward_specs(config))} "
+                         "rewards: give one weight per --reward, then per --reward-model, in their order (e.g. 1,0.5)")
     if method.shards:
         raise ValueError(FSDP_REFUSAL.format(method=config.method))
     if not isinstance(config.dataset, str):
@@ -179,10 +186,11 @@ def preflight(config: Any) -> None:
     from ftcli.rewards import load_rewards
     from ftcli.rewards.probe import probe
 
-    if not config.reward:
+    if not reward_specs(config):
         raise ConfigError("--objective grpo needs at least one --reward",
-                          hint="pass --reward FILE.py:function or --reward builtin:NAME (see docs/grpo.md)")
-    rewards = load_rewards(config.reward, config.reward_weights)
+                          hint="pass --reward FILE.py:function, --reward builtin:NAME or --reward-model RUN (see "
+                               "docs/grpo.md)")
+    rewards = load_rewards(reward_specs(config), config.reward_weights)
     probe(rewards, probe_rows(config))
 
 
@@ -216,7 +224,7 @@ OBJECTIVE = Objective(
     name="grpo",
     summary="online RL from reward functions",
     data="prompts",
-    options=("reward", "reward_weights", "num_generations", "max_completion_length", "temperature", "grpo_beta",
+    options=("reward", "reward_model", "reward_weights", "num_generations", "max_completion_length", "temperature", "grpo_beta",
              "grpo_loss", "vllm", "completions_every"),
     trainer_class=trainer_class,
     config_class=config_class,

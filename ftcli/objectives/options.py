@@ -42,7 +42,8 @@ class ObjectiveOptions(BaseModel):
     cpo_alpha: float = Field(default=0.0, ge=0)
     # Online RL (--objective grpo; see ftcli/objectives/grpo.py, docs/grpo.md): the rewards, the sampling, the loss.
     reward: list[str] = []  # FILE.py:function or builtin:NAME[=ARG], each a --reward (ftcli/rewards/)
-    reward_weights: list[float] | None = None  # one per --reward; None: 1 each
+    reward_model: list[str] = []  # a reward model's run, adapter or export (--objective reward), each a --reward-model
+    reward_weights: list[float] | None = None  # one per --reward, then one per --reward-model; None: 1 each
     num_generations: int = Field(default=8, ge=2)  # completions sampled per prompt (one group)
     max_completion_length: int = Field(default=256, ge=1)  # new tokens per completion
     temperature: float = Field(default=1.0, gt=0)  # sampling temperature of the completions
@@ -51,7 +52,7 @@ class ObjectiveOptions(BaseModel):
     vllm: Literal[VLLM_MODES] | None = None  # type: ignore[valid-type]  # generate with vLLM: colocate | server
     completions_every: int = Field(default=10, ge=1)  # steps between the samples appended to completions.jsonl
 
-    @field_validator("reward", mode="before")
+    @field_validator("reward", "reward_model", mode="before")
     @classmethod
     def _reward_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value

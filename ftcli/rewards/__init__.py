@@ -29,6 +29,10 @@ class Reward(NamedTuple):
     weight: float
 
 
+# `model:RUN` (what --reward-model RUN stands for): a reward model trained by ftcli (ftcli/rewards/model.py), a kind
+# the command line registers (the model's loading reaches the objectives, which import this package).
+MODEL_KIND = "model"
+
 # prefix -> loader(rest of the spec) -> (name, callable): `builtin:` here; a file path is the fallback.
 KINDS: dict[str, Callable[[str], tuple[str, Callable[..., list[Any]]]]] = {}
 
@@ -64,4 +68,4 @@ def load_rewards(specs: list[str], weights: list[float] | None = None) -> list[R
     return rewards
 
 
-__all__ = ["COMPLETIONS", "KINDS", "Reward", "load_reward", "load_rewards", "register_kind"]
+__all__ = ["COMPLETIONS", "KINDS", "MODEL_KIND", "Reward", "load_reward", "load_rewards", "register_kind"]

@@ -56,6 +56,8 @@ def probe(rewards: list[Any], rows: list[dict[str, Any]]) -> None:
             for key in keys:
                 columns.setdefault(key, []).append(row.get(key))
     for reward in rewards:
+        if not getattr(reward.fn, "probed", True):  # a reward model: checked when named, loaded by the run
+            continue
         try:
             out = reward.fn(prompts=prompts, completions=completions, **columns)
         except Exception as exc:  # noqa: BLE001 - whatever the user's function raises is reported in one line
