@@ -205,7 +205,8 @@ def test_early_stopping_by_epochs_resumes_to_the_same_stop(data: dict[str, Path]
     ok(ftcli(*args, "--output-dir", reference))
     stopped = read_manifest(reference)["eval"]["early_stopped"]
     assert stopped["step"] == 8, stopped
-    _, stderr = interrupt([*args, "--output-dir", out], out / "checkpoint-6" / MARKER, delay=0.5)
+    # Steps of 1 s: the signal has 2 s to land before step 8 (a loaded machine stretches the time to stop).
+    _, stderr = interrupt([*args, "--output-dir", out], out / "checkpoint-6" / MARKER, delay=1.0)
     assert 6 <= read_manifest(out)["interrupted_at_step"] < 8
     ok(ftcli(*printed_resume(stderr)))
     manifest = read_manifest(out)

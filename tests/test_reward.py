@@ -193,7 +193,7 @@ def test_sigterm_then_resume_is_exact(tmp_path: Path, sample, runner) -> None:
             "--max-steps", "4", "--batch-size", "4", "--seq-length", "96", "--save-steps", "2"]
     reference, out = tmp_path / "reference", tmp_path / "run"
     ok(runner(*args, "--output-dir", reference))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "FTCLI_DEBUG_STEP_DELAY": "0.3"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "FTCLI_DEBUG_STEP_DELAY": "0.8"}  # 1.6 s to stop in
     proc = subprocess.Popen([sys.executable, "-m", "ftcli", *args, "--output-dir", str(out)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
