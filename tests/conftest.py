@@ -25,6 +25,16 @@ def ftcli_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+@pytest.fixture(autouse=True)
+def rich_reads_the_current_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rich reads COLUMNS from the os.environ object it captured at import; `datasets.map(num_proc>1)` rebinds
+    os.environ to a copy, after which an in-process test's setenv would no longer reach Rich (a real command starts
+    afresh). Which tests ran before in the same process (a pytest-xdist worker takes whole files) must not matter."""
+    from rich.console import Console
+
+    monkeypatch.setattr(Console, "_environ", os.environ)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(ftcli_home: Path) -> Path:
     from ftcli.builtin import resolve_builtin_model
