@@ -333,6 +333,12 @@ def test_grpo_with_the_reward_model_raises_its_score(lora_run, sample, runner, t
     base = policy_scores(tiny_model_dir, exported, held)
     tuned = policy_scores(policy, exported, held)
     assert sum(tuned) / len(tuned) > sum(base) / len(base) + 0.1, (sum(base) / len(base), sum(tuned) / len(tuned))
+    # `ftcli eval --reward model:RM` (texts rendered as the reward model trained) sees the same direction.
+    held_file = write_jsonl(tmp_path / "held-prompts.jsonl", [{"prompt": p} for p in held])
+    result = runner("eval", policy, "--reward", f"model:{exported}", "--dataset", held_file, "--samples", 4, "--json")
+    ok(result)
+    report = json.loads(result.stdout)
+    assert report["prompts"] == 6 and report["tuned"]["mean"] > report["base"]["mean"], report
 
     (reward,) = load_rewards([f"model:{out}"])  # the run (base + adapter) scores token ids as the export does
     model, tokenizer = classifier(exported)

@@ -60,8 +60,8 @@ def evaluate(
                                               rich_help_panel=SCORING)] = False,
     reward: Annotated[Optional[list[str]], typer.Option(
         "--reward", metavar="FILE.py:FN|builtin:NAME",
-        help="Score sampled completions of --dataset's prompts with this reward (repeatable; as train's), for "
-             "TARGET and its base.", rich_help_panel=REWARDS)] = None,
+        help="Score sampled completions of --dataset's prompts with this reward (repeatable; as train's, or "
+             "model:RUN for a reward model), for TARGET and its base.", rich_help_panel=REWARDS)] = None,
     reward_weights: Annotated[Optional[str], typer.Option(
         metavar="W[,W]", help=with_default("One weight per --reward.", default="1 each"),
         rich_help_panel=REWARDS)] = None,
