@@ -293,6 +293,9 @@ def test_kto_raises_desirable_over_undesirable_on_held_out_rows(kto_run, sft_run
     assert all(k in records[-1] for k in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins"))
     final = manifest["eval"]["final_metrics"]
     assert final["eval_rewards/margins"] > 0
+    summary = " ".join(stdout.split())  # the summary's eval line: KTO has no accuracy, its KL estimate instead
+    assert f"reward margin {final['eval_rewards/margins']:.4f}, KL {final['eval_kl']:.4f}" in summary
+    assert "nan%" not in summary
     # `ftcli eval RUN` scores the run's own held-out rows with KTO's trainer: the run's final eval numbers again.
     result = runner("eval", out, "--json")
     ok(result)

@@ -188,8 +188,10 @@ def eval_line(evaluation: dict[str, Any]) -> str:
             f"{evaluation['loss_tokens']:,} tokens)")
     final = evaluation.get("final_metrics") or {}
     if "eval_rewards/margins" in final:
-        line += (f"; reward margin {final['eval_rewards/margins']:.4f}, accuracy "
-                 f"{final.get('eval_rewards/accuracies', float('nan')):.1%}")
+        line += f"; reward margin {final['eval_rewards/margins']:.4f}, "
+        # KTO's rows are not pairs: no accuracy, its KL estimate instead
+        line += (f"accuracy {final['eval_rewards/accuracies']:.1%}" if "eval_rewards/accuracies" in final
+                 else f"KL {final.get('eval_kl', float('nan')):.4f}")
     stopped = evaluation.get("early_stopped")
     if stopped:
         line += f"; stopped early at step {stopped['step']}: {stopped['reason']}"
