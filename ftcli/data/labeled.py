@@ -153,10 +153,8 @@ def prepare_labeled(config: Any, tokenizer: Any, *, output: str | Path | None = 
                     num_proc: int | None = None, use_cache: bool = True) -> Any:
     """The prepared labeled rows for `config` (a `Prepared`): reused from the content-keyed cache or an
     `ftcli prepare --output-dir` folder, or built (under the entry's lock), as DPO's pairs are."""
-    from ftcli.data.prepare import _quiet_datasets, check_output_dir, expected_options
-    from ftcli.data.sources import load_rows, source_fingerprint
-    from ftcli.data.templates import inherited_for, read_template, template_file
-    from ftcli.files import exclusive, output_path
+    from ftcli.data.prepare import _quiet_datasets, expected_options
+    from ftcli.data.preference_prepare import prepare_keyed
     from ftcli.objectives.dpo import max_prompt_length
 
     _quiet_datasets()
@@ -173,32 +171,8 @@ def prepare_labeled(config: Any, tokenizer: Any, *, output: str | Path | None = 
             raise DataError(f"prepared dataset {folder} is damaged: {problem}",
                             hint="prepare it again (`ftcli prepare ... --output-dir FOLDER --overwrite`)")
         return _load(folder, manifest, reused=True)
-    path = template_file(config.template)
-    template_text = read_template(path) if path is not None else None
-    inherited = inherited_for(config)
-    loaded = None
-    source_fp = source_fingerprint(config.dataset, split=config.dataset_split, revision=config.dataset_revision)
-    if source_fp is None:
-        loaded = load_rows(config.dataset, split=config.dataset_split, revision=config.dataset_revision)
-        source_fp = loaded.fingerprint
-    fields = {**cache.key_fields(config, cache.tokenizer_fingerprint(tokenizer), source_fp, template_text, inherited),
-              **extra}
-    key = cache.cache_key(fields)
-    final = output_path(output, "--output-dir") if output is not None else cache.cache_dir(key)
-    if output is not None:
-        check_output_dir(final, overwrite)
-    with exclusive(final, "--output-dir" if output is not None else "prepared-data cache entry",
-                   wait=output is None):
-        if output is None and use_cache:
-            manifest = cache.read_prepared_manifest(final)
-            if manifest is not None and manifest.get("key") == key and not cache.untrusted(manifest) \
-                    and not cache.damaged(final, manifest):
-                return _load(final, manifest, reused=True)
-        elif output is not None:
-            cache.remove_stale_builds(final)
-            check_output_dir(final, overwrite)
-        loaded = loaded or load_rows(config.dataset, split=config.dataset_split, revision=config.dataset_revision)
-        return _build(config, tokenizer, loaded, fields, key, final, template_text, inherited)
+    return prepare_keyed(config, tokenizer, extra, _load, _build, output=output, overwrite=overwrite,
+                         use_cache=use_cache)
 
 
 def _load(folder: Path, manifest: dict[str, Any], reused: bool) -> Any:

@@ -36,17 +36,30 @@ def prepare_pairs(config: Any, tokenizer: Any, *, output: str | Path | None = No
     """The prepared pairs for `config` (a `Prepared`, as ftcli.data.prepare gives SFT data): reused from the
     content-keyed cache or an `ftcli prepare --output-dir` folder, or built (under the entry's lock)."""
     from ftcli.objectives.dpo import max_prompt_length
-    from ftcli.data.prepare import _quiet_datasets, check_output_dir
+    from ftcli.data.prepare import _quiet_datasets
+
+    _quiet_datasets()
+    if not isinstance(config.dataset, str):
+        raise DataError(f"--objective {config.objective} trains on one preference dataset, not a mixture",
+                        hint="pass one --dataset (merge the files into one, or a folder of them)")
+    if cache.is_prepared_folder(config.dataset):
+        return _use_prepared_pairs(config, tokenizer)
+    extra = {"pairs": True, "max_prompt_length": max_prompt_length(config), "pair_rules": PAIR_RULES}
+    return prepare_keyed(config, tokenizer, extra, _load, _build_pairs, output=output, overwrite=overwrite,
+                         use_cache=use_cache)
+
+
+def prepare_keyed(config: Any, tokenizer: Any, extra: dict[str, Any], load: Any, build: Any, *,
+                  output: str | Path | None, overwrite: bool, use_cache: bool) -> Any:
+    """The content-keyed prepare of a data shape (pairs here; KTO's labeled rows, GRPO's prompts): the cache key from
+    the source, tokenizer, template and the shape's `extra` fields; under the entry's lock, a trusted entry is
+    `load(folder, manifest, reused=True)`, else `build(config, tokenizer, loaded, fields, key, final, template_text,
+    inherited)` writes it (an `ftcli prepare --output-dir` folder is always built)."""
+    from ftcli.data.prepare import check_output_dir
     from ftcli.data.sources import load_rows, source_fingerprint
     from ftcli.data.templates import inherited_for, read_template, template_file
     from ftcli.files import exclusive, output_path
 
-    _quiet_datasets()
-    if not isinstance(config.dataset, str):
-        raise DataError("--objective dpo trains on one preference dataset, not a mixture",
-                        hint="pass one --dataset (merge the files into one, or a folder of them)")
-    if cache.is_prepared_folder(config.dataset):
-        return _use_prepared_pairs(config, tokenizer)
     path = template_file(config.template)
     template_text = read_template(path) if path is not None else None
     inherited = inherited_for(config)
@@ -56,7 +69,7 @@ def prepare_pairs(config: Any, tokenizer: Any, *, output: str | Path | None = No
         loaded = load_rows(config.dataset, split=config.dataset_split, revision=config.dataset_revision)
         source_fp = loaded.fingerprint
     fields = {**cache.key_fields(config, cache.tokenizer_fingerprint(tokenizer), source_fp, template_text, inherited),
-              "pairs": True, "max_prompt_length": max_prompt_length(config), "pair_rules": PAIR_RULES}
+              **extra}
     key = cache.cache_key(fields)
     final = output_path(output, "--output-dir") if output is not None else cache.cache_dir(key)
     if output is not None:
@@ -64,21 +77,16 @@ def prepare_pairs(config: Any, tokenizer: Any, *, output: str | Path | None = No
     with exclusive(final, "--output-dir" if output is not None else "prepared-data cache entry",
                    wait=output is None):
         if output is None and use_cache:
-            hit = _hit(final, key)
-            if hit is not None:
-                return hit
+            manifest = cache.read_prepared_manifest(final)
+            if manifest is not None and manifest.get("key") == key and not cache.untrusted(manifest) \
+                    and not cache.damaged(final, manifest):
+                return load(final, manifest, reused=True)
         elif output is not None:
             cache.remove_stale_builds(final)
             check_output_dir(final, overwrite)
         loaded = loaded or load_rows(config.dataset, split=config.dataset_split, revision=config.dataset_revision)
-        return _build_pairs(config, tokenizer, loaded, fields, key, final, template_text, inherited)
+        return build(config, tokenizer, loaded, fields, key, final, template_text, inherited)
 
-
-def _hit(final: Path, key: str) -> Any:
-    manifest = cache.read_prepared_manifest(final)
-    if manifest is None or manifest.get("key") != key or cache.untrusted(manifest) or cache.damaged(final, manifest):
-        return None
-    return _load(final, manifest, reused=True)
 
 
 def _load(folder: Path, manifest: dict[str, Any], reused: bool) -> Any:

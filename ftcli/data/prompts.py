@@ -43,10 +43,8 @@ def prompt_room(config: Any) -> int:
 def prepare_prompts(config: Any, tokenizer: Any, *, output: str | Path | None = None, overwrite: bool = False,
                     num_proc: int | None = None, use_cache: bool = True) -> Any:
     """The prepared prompts for `config`: reused from the content-keyed cache, or built (under the entry's lock)."""
-    from ftcli.data.prepare import _quiet_datasets, check_output_dir
-    from ftcli.data.sources import load_rows, source_fingerprint
-    from ftcli.data.templates import inherited_for, read_template, template_file
-    from ftcli.files import exclusive, output_path
+    from ftcli.data.prepare import _quiet_datasets
+    from ftcli.data.preference_prepare import prepare_keyed
 
     _quiet_datasets()
     if not isinstance(config.dataset, str):
@@ -54,32 +52,9 @@ def prepare_prompts(config: Any, tokenizer: Any, *, output: str | Path | None = 
                         hint="pass one --dataset (merge the files into one, or a folder of them)")
     if cache.is_prepared_folder(config.dataset):
         return _use_prepared(config)
-    path = template_file(config.template)
-    template_text = read_template(path) if path is not None else None
-    inherited = inherited_for(config)
-    loaded = None
-    source_fp = source_fingerprint(config.dataset, split=config.dataset_split, revision=config.dataset_revision)
-    if source_fp is None:
-        loaded = load_rows(config.dataset, split=config.dataset_split, revision=config.dataset_revision)
-        source_fp = loaded.fingerprint
-    fields = {**cache.key_fields(config, cache.tokenizer_fingerprint(tokenizer), source_fp, template_text, inherited),
-              "prompts": True, "prompt_room": prompt_room(config), "prompt_rules": PROMPT_RULES}
-    key = cache.cache_key(fields)
-    final = output_path(output, "--output-dir") if output is not None else cache.cache_dir(key)
-    if output is not None:
-        check_output_dir(final, overwrite)
-    with exclusive(final, "--output-dir" if output is not None else "prepared-data cache entry",
-                   wait=output is None):
-        if output is None and use_cache:
-            manifest = cache.read_prepared_manifest(final)
-            if manifest is not None and manifest.get("key") == key and not cache.untrusted(manifest) \
-                    and not cache.damaged(final, manifest):
-                return _load(final, manifest, reused=True)
-        elif output is not None:
-            cache.remove_stale_builds(final)
-            check_output_dir(final, overwrite)
-        loaded = loaded or load_rows(config.dataset, split=config.dataset_split, revision=config.dataset_revision)
-        return _build(config, tokenizer, loaded, fields, key, final, template_text, inherited)
+    extra = {"prompts": True, "prompt_room": prompt_room(config), "prompt_rules": PROMPT_RULES}
+    return prepare_keyed(config, tokenizer, extra, _load, _build, output=output, overwrite=overwrite,
+                         use_cache=use_cache)
 
 
 def _load(folder: Path, manifest: dict[str, Any], reused: bool) -> Any:
