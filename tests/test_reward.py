@@ -138,6 +138,7 @@ def test_held_out_accuracy_beats_chance_and_matches_ftcli_eval(lora_run, sample,
     table = runner("eval", out, "--dataset", sample["held"])
     ok(table)
     assert f"pairwise accuracy {accuracy:.2%}" in " ".join(table.stdout.split())
+    assert f"data: --dataset {sample['held']}" in " ".join(table.stdout.split())  # the flag the user typed
 
 
 @pytest.mark.slow

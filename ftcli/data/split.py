@@ -110,7 +110,7 @@ def prepare_eval_dataset(config: Any, tokenizer: Any, flag: str = "--eval-datase
         hint = re.sub(r"--dataset\b(?!-)", flag, exc.hint) if exc.hint else None
         raise DataError(f"{flag}: {exc.message}", hint=hint) from None
     report = prepared.report
-    return EvalSet(prepared.dataset, f"--eval-dataset {config.eval_dataset}", report.rows_used, report.tokens,
+    return EvalSet(prepared.dataset, f"{flag} {config.eval_dataset}", report.rows_used, report.tokens,
                    report.loss_tokens, report.fingerprint, report)
 
 
