@@ -37,6 +37,8 @@ MIN_MEGABATCHES = 2
 # Grouped steps divide their summed token loss by the epoch's mean loss tokens per step, not by their own count
 # (see `loss_tokens_per_step`); False brings back the per-step mean (bench/grouping.py's "before").
 TOKEN_WEIGHTED_GROUPING = True
+# The epoch's longest step goes first, so that an out-of-memory shows at once (bench/grouping.py measures its cost).
+LONGEST_FIRST = True
 # Batch key the padding-free collator adds: the number of real tokens (the trainer removes it before the forward).
 REAL_TOKENS = "ftcli_real_tokens"
 
@@ -298,8 +300,9 @@ def grouped_order(lengths: list[int], effective_batch: int, seed: int, epoch: in
     if steps:
         order = torch.randperm(len(steps), generator=generator).tolist()
         steps = [steps[i] for i in order]
-        longest = max(range(len(steps)), key=lambda s: lengths[steps[s][0]])
-        steps[0], steps[longest] = steps[longest], steps[0]
+        if LONGEST_FIRST:
+            longest = max(range(len(steps)), key=lambda s: lengths[steps[s][0]])
+            steps[0], steps[longest] = steps[longest], steps[0]
     if leftover:
         steps.append(sorted(leftover, key=lambda i: (-lengths[i], i)))
     return [i for step in steps for i in step]
