@@ -9,7 +9,8 @@ Data: bench/perf.py's long-tailed Alpaca rows (500 to train on, 100 held out) an
 parameters); LoRA r=8, seq 1024, batch 4, fp32, one epoch by default (--method, --dtype, --batch-size,
 --learning-rate change them), every run through ftcli's own `run_training` in this process. Orders:
 - random: `--no-group-by-length`;
-- grouped: ftcli's default, length-grouped steps whose summed token loss is divided by the epoch's mean
+- grouped: `--group-by-length` (the default for lora, qlora and fsdp; full fine-tuning trains in random
+  order unless asked), length-grouped steps whose summed token loss is divided by the epoch's mean
   loss tokens per step (ftcli.training.batching.loss_tokens_per_step);
 - grouped-step-mean: the same order with each step's loss its own mean token loss (ftcli before this
   bench: every step weighs the same, so the tokens of short-example steps weigh most);
