@@ -96,7 +96,7 @@ class RunConfig(ObjectiveOptions):
     neftune_noise_alpha: float | None = Field(default=None, gt=0)
 
     # Batching (see README "Performance").
-    group_by_length: bool = True
+    group_by_length: bool | None = None  # None: on for adapters, off for full (batching.group_by_length)
     padding_free: bool | None = None  # None: on where attention is variable-length (FlashAttention 2)
     packing: bool = False
 

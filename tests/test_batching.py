@@ -25,7 +25,7 @@ def data(tiny_model_dir: Path):
     from ftcli.models import load_tokenizer
 
     config = build_run_config({"method": "full", "model": "builtin:tiny-llama", "dataset": "builtin:alpaca-sample",
-                               "dataset_size": 120, "seq_length": 256})
+                               "dataset_size": 120, "seq_length": 256, "group_by_length": True})
     tokenizer = load_tokenizer(config.model)
     dataset, _ = load_training_dataset(config, tokenizer)
     return config, tokenizer, dataset
@@ -100,18 +100,27 @@ def test_compile_pads_to_buckets(data) -> None:
 # ---- length grouping ------------------------------------------------------------------------------
 
 
-def test_defaults_group_by_length_without_a_custom_collator(data) -> None:
-    config, tokenizer, _ = data
-    assert config.group_by_length is True and config.packing is False and config.padding_free is None
-    assert batching.training_args(config, "cpu")["train_sampling_strategy"] == "group_by_length"
-    assert batching.training_args(config.model_copy(update={"group_by_length": False}), "cpu")[
-        "train_sampling_strategy"] == "random"
+def test_defaults_group_by_length_for_adapters_without_a_custom_collator(data) -> None:
+    from ftcli.config import build_run_config
+
+    _, tokenizer, _ = data
+    strategy = {}
+    for method in ("full", "lora", "qlora", "fsdp"):
+        config = build_run_config({"method": method, "model": "builtin:tiny-llama", "dataset": "builtin:alpaca-sample"})
+        assert config.group_by_length is None and config.packing is False and config.padding_free is None
+        strategy[method] = batching.training_args(config, "cpu")["train_sampling_strategy"]
+        for asked in (True, False):
+            assert batching.training_args(config.model_copy(update={"group_by_length": asked}), "cpu")[
+                "train_sampling_strategy"] == ("group_by_length" if asked else "random")
+    # Unset: grouped where an adapter trains, random order for full fine-tuning (bench/grouping.py decides).
+    assert strategy == {"full": "random", "lora": "group_by_length", "qlora": "group_by_length",
+                        "fsdp": "group_by_length"}
     # SDPA on CPU: padded, length-grouped batches (the trainer's own collator).
     assert batching.data_collator(config, tokenizer) is None
     # The same AdamW as the reference, as one fused kernel; FSDP's sharded parameters keep the per-tensor one.
-    assert recipe.resolved_optim(config, "cpu") == "adamw_torch_fused"
+    assert recipe.resolved_optim(config.model_copy(update={"method": "full"}), "cpu") == "adamw_torch_fused"
     assert recipe.resolved_optim(config.model_copy(update={"method": "fsdp"}), "cpu") == "adamw_torch"
-    assert recipe.resolved_optim(config.model_copy(update={"compile": True}), "cpu") == "adamw_torch"
+    assert recipe.resolved_optim(config.model_copy(update={"method": "full", "compile": True}), "cpu") == "adamw_torch"
 
 
 def test_grouping_follows_the_effective_batch(data, model, tmp_path: Path) -> None:

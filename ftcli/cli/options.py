@@ -207,7 +207,8 @@ def train_options(
     group_by_length: Annotated[Optional[bool], typer.Option(
         "--group-by-length/--no-group-by-length",
         help=with_default("Batch examples of similar length together (less padding; --objective dpo batches its "
-                          "pairs in random order).", "group_by_length"),
+                          "pairs in random order; full fine-tuning ends with a higher loss grouped).",
+                          default="on for lora/qlora/fsdp, off for full"),
         rich_help_panel=TRAIN)] = None,
     padding_free: Annotated[Optional[bool], typer.Option(
         "--padding-free/--no-padding-free", help=with_default(

@@ -7,9 +7,10 @@
     >>> batching.data_collator(config, tokenizer)      # None: the trainer's own collator
     >>> trainer_class = batching.trainer_class(SFTTrainer)
 
-Length grouping orders each epoch so that every optimizer step (per-device batch x gradient
-accumulation x processes) holds examples of similar length: a run with batch 8 and a run with
-batch 2 x accumulation 4 see exactly the same examples in each step. The order depends only on
+Length grouping (by default only where an adapter trains: `group_by_length`) orders each epoch so
+that every optimizer step (per-device batch x gradient accumulation x processes) holds examples of
+similar length: a run with batch 8 and a run with batch 2 x accumulation 4 see exactly the same
+examples in each step. The order depends only on
 the seed, the epoch and the lengths, so a resumed run replays it exactly.
 
 Padding-free batches concatenate a batch into one row with `position_ids` restarting at every
@@ -37,6 +38,8 @@ MIN_MEGABATCHES = 2
 # Grouped steps divide their summed token loss by the epoch's mean loss tokens per step, not by their own count
 # (see `loss_tokens_per_step`); False brings back the per-step mean (bench/grouping.py's "before").
 TOKEN_WEIGHTED_GROUPING = True
+# The epoch's longest step goes first, so that an out-of-memory shows at once (bench/grouping.py measures its cost).
+LONGEST_FIRST = True
 # Batch key the padding-free collator adds: the number of real tokens (the trainer removes it before the forward).
 REAL_TOKENS = "ftcli_real_tokens"
 
@@ -95,6 +98,23 @@ def resolved_attn_implementation(config: Any) -> str:
     return resolve_attn_implementation(config.attn_implementation, device, resolve_dtype(config.dtype, device))
 
 
+def group_by_length(config: Any) -> bool:
+    """Length-grouped steps: as asked, or (unset) only for methods that train an adapter (lora, qlora, fsdp).
+
+    A grouped step holds examples of one length, so the steps of long examples hold many times the mean
+    tokens per step (up to 12x on long-tailed data) and those of short ones a small fraction. AdamW moves the
+    weights by about the learning rate per step however many tokens the step holds, and gradient clipping
+    caps the long steps too, so in grouped order the tokens of long examples train less than in random order.
+    bench/grouping.py, 4 seeds (docs/performance.md): full fine-tuning ends clearly above random order (no
+    variant of the grouping tried was within seed noise), LoRA within seed noise with half the padded tokens.
+    """
+    if config.group_by_length is not None:
+        return bool(config.group_by_length)
+    from ftcli.methods import METHODS
+
+    return bool(METHODS[config.method].trains_adapter)
+
+
 def training_args(config: Any, device: str) -> dict[str, Any]:
     """The SFTConfig arguments that decide throughput: batching (the optimizer kernel: ftcli.training.recipe; Liger: the
     trainer's).
@@ -104,7 +124,7 @@ def training_args(config: Any, device: str) -> dict[str, Any]:
     """
     args: dict[str, Any] = {
         "packing": False,
-        "train_sampling_strategy": "group_by_length" if config.group_by_length else "random",
+        "train_sampling_strategy": "group_by_length" if group_by_length(config) else "random",
         # Padded lengths in steps of 8: grouped batches would otherwise bring a new shape almost every step,
         # and each new shape costs kernel set-up and cached workspace (measured: +90-130 MiB peak on CPU).
         "pad_to_multiple_of": PAD_MULTIPLE,
@@ -298,8 +318,9 @@ def grouped_order(lengths: list[int], effective_batch: int, seed: int, epoch: in
     if steps:
         order = torch.randperm(len(steps), generator=generator).tolist()
         steps = [steps[i] for i in order]
-        longest = max(range(len(steps)), key=lambda s: lengths[steps[s][0]])
-        steps[0], steps[longest] = steps[longest], steps[0]
+        if LONGEST_FIRST:
+            longest = max(range(len(steps)), key=lambda s: lengths[steps[s][0]])
+            steps[0], steps[longest] = steps[longest], steps[0]
     if leftover:
         steps.append(sorted(leftover, key=lambda i: (-lengths[i], i)))
     return [i for step in steps for i in step]
