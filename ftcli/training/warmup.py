@@ -73,7 +73,7 @@ def model_fingerprint(path: str | Path) -> str:
 
 def cache_key_fields(config: Any, dataset: Any, device: str, torch_dtype: Any) -> dict[str, Any]:
     """What the compiled code depends on; two runs with equal fields share one cache folder."""
-    from ftcli.training.batching import bucket_length
+    from ftcli.training.batching import bucket_length, group_by_length
     from ftcli.models import resolve_attn_implementation, resolve_model_source
     from ftcli.system import library_versions
     from ftcli.training.precision import use_liger
@@ -87,7 +87,7 @@ def cache_key_fields(config: Any, dataset: Any, device: str, torch_dtype: Any) -
         "batch_size": config.batch_size,
         "seq_length": config.seq_length,
         "buckets": sorted({bucket_length(n, config.seq_length) for n in lengths}),
-        "batching": {"group_by_length": config.group_by_length, "padding_free": config.padding_free,
+        "batching": {"group_by_length": group_by_length(config), "padding_free": config.padding_free,
                      "packing": config.packing},
         "gradient_checkpointing": bool(config.gradient_checkpointing),
         "dtype": str(torch_dtype).removeprefix("torch."),
