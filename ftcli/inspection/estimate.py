@@ -351,7 +351,7 @@ def add_cpu_process(est: MemoryEstimate, info: ModelInfo, rows: int, seq_length:
       where the activations counted TRL's fused head's two tiles;
     - allocator: glibc serves allocations up to its largest mmap threshold (32 MiB) from its heap, where the
       forward pass's freed temporaries stay resident between the activations kept: about as much again as the
-      activations made of such tensors (the per-layer tensors of `rows` x `seq_length` x width x their width),
+      activations made of such tensors (a layer's tensors are `rows` x `seq_length` x one of its widths),
       less what the gradients and the optimizer state, allocated after the forward pass, take of that freed
       memory (measured: LoRA keeps it all; full fine-tuning, whose gradients and AdamW state are larger, reuses it)."""
     tokens = rows * seq_length
