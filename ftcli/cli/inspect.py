@@ -34,8 +34,10 @@ def inspect(
     gpu_memory: Annotated[Optional[str], typer.Option(
         help="GPU memory per process, e.g. 80GB: adds a fits / does not fit verdict.",
         rich_help_panel=ESTIMATE)] = None,
-    dtype: Annotated[str, typer.Option(help="float32 | float16 | bfloat16: the training dtype.",
-                                       rich_help_panel=ESTIMATE)] = "bfloat16",
+    dtype: Annotated[str, typer.Option(
+        help="auto | float32 | float16 | bfloat16: the training dtype. auto: what train's --dtype auto picks on "
+             "this machine (float32 on a CPU), or on a GPU with --gpu-memory (bfloat16).",
+        rich_help_panel=ESTIMATE)] = "auto",
     lora_rank: Annotated[int, typer.Option(help="LoRA rank r for the adapter methods.", rich_help_panel=ESTIMATE,
                                            min=1)] = 8,
     objective: Annotated[Optional[str], typer.Option(

@@ -4,15 +4,24 @@
     >>> info = describe_model("builtin:tiny-llama")
     >>> info.parameters, info.layers, info.hidden_size
     (301120, 2, 64)
-    >>> est = estimate_memory(info, "lora", batch_size=4, seq_length=2048)
-    >>> est.total_bytes
+    >>> est = estimate_memory(info, "lora", batch_size=4, seq_length=2048, dtype="float32", device="cpu")
+    >>> est.total_bytes, est.process_bytes
+    >>> estimate_setting("auto", gpu_memory=None)    # on a CPU-only machine
+    ('cpu', 'float32', '--dtype auto on cpu')
 
 Parameters are counted exactly, by building the architecture on PyTorch's "meta" device (shapes
 only, no memory). The memory estimate adds weights, gradients, AdamW state and activations
 (the tensors autograd keeps for the backward pass of a Llama-style decoder block, per token)
 for a batch size, sequence length, gradient checkpointing on or off and a process count (FSDP
 shards weights, gradients and optimizer state across processes; activations are per process).
-It is checked against measured CPU peaks in tests/test_inspect.py (see README for the tolerance).
+
+It is for a device: on a GPU the total is the tensors (the verdict adds the CUDA context and
+allocator slack); on a CPU the total is the whole process's peak RSS, so the CPU process's own
+memory is added (`cpu_process`: the libraries' import floor, the plain loss's full logits, and
+what glibc's allocator keeps of the forward pass's freed temporaries). The dtype is the one
+`train --dtype auto` resolves to on that device (ftcli.models.resolve_dtype), unless given.
+Checked against tensors autograd saves and measured CPU peaks in tests/test_inspect.py, and against
+real 150M and 1B trainings by bench/scale_estimate.py (docs/inspect.md gives the figures).
 """
 
 from __future__ import annotations
@@ -34,6 +43,17 @@ LOGIT_TILE_VOCAB = 32768
 # The CUDA context and allocator slack a real process needs beyond its tensors (for the verdict only).
 RUNTIME_OVERHEAD_BYTES = 1 << 30
 RUNTIME_OVERHEAD_FRACTION = 0.10
+# --dtype auto on a GPU that is not this machine's (--gpu-memory on a CPU-only machine): what ftcli.models.resolve_dtype
+# picks on the GPUs people train on (bfloat16 support: Ampere and newer).
+GPU_AUTO_DTYPE = "bfloat16"
+# A CPU training process's resident memory besides its tensors: torch, transformers, TRL, peft and datasets imported,
+# the trainer, data loader and thread pools (measured on Linux x86-64: 480 MiB after the imports, 535 MiB with the
+# trainer built and the data loaded).
+CPU_RUNTIME_BYTES = 535 << 20
+# glibc's mmap threshold grows to at most this (64-bit): smaller blocks come from its heap, larger ones are mapped and
+# unmapped whole. Of the forward pass's heap-sized temporaries, about this share of the activations stays resident.
+MMAP_THRESHOLD_MAX = 32 << 20
+HEAP_RETENTION = 1.0
 
 
 @dataclass
@@ -75,6 +95,10 @@ class MemoryEstimate:
     reference: str | None = None  # how the objective holds its reference model (ftcli.objectives)
     objective: str = "sft"
     generation_bytes: int = 0  # an objective that samples completions: their KV cache while generating
+    device: str = "gpu"  # what the estimate is for: "gpu" (tensors) or "cpu" (the process's peak RSS)
+    dtype: str = "bfloat16"  # the dtype the weights are held and computed in
+    process_bytes: int = 0  # cpu: the process's own memory besides the tensors above (see cpu_process)
+    process: dict[str, int] = field(default_factory=dict)  # its parts
     fits: bool | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -218,8 +242,10 @@ def master_weight_bytes(dtype: str, trains_adapter: bool, loads_4bit: bool) -> i
 def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length: int,
                     gradient_checkpointing: bool = False, nproc: int = 1, dtype: str | None = None,
                     lora_rank: int = 8, lora_targets: list[str] | None = None, objective: str = "sft",
-                    precompute_ref: bool = False, num_generations: int = 8, kl_beta: float = 0.0) -> MemoryEstimate:
-    """Peak training memory per process for `method` and `objective`, from the model's shapes alone.
+                    precompute_ref: bool = False, num_generations: int = 8, kl_beta: float = 0.0,
+                    device: str = "gpu") -> MemoryEstimate:
+    """Peak training memory per process for `method` and `objective` on `device` ("gpu": the tensors; "cpu": the
+    process's peak RSS, `cpu_process` added), from the model's shapes alone.
 
     A preference objective (DPO) puts `rows_per_example` sequences through the model per example (the chosen and
     the rejected answer after the prompt): activations for twice the batch. Its reference model is the same
@@ -285,12 +311,63 @@ def estimate_memory(info: ModelInfo, method: str, *, batch_size: int, seq_length
                      "the examples of each optimizer step are split between them")
     elif nproc > 1:
         notes.append(f"{method} runs in one process")
-    return MemoryEstimate(method=method, trainable_parameters=trainable, weights_bytes=int(weights),
-                          gradients_bytes=int(grads), optimizer_bytes=int(optimizer),
-                          activations_bytes=int(activations), reference_bytes=int(reference_bytes),
-                          reference=reference, objective=objective, generation_bytes=int(cache),
-                          total_bytes=int(weights + grads + optimizer + activations + reference_bytes + cache),
-                          notes=notes)
+    est = MemoryEstimate(method=method, trainable_parameters=trainable, weights_bytes=int(weights),
+                         gradients_bytes=int(grads), optimizer_bytes=int(optimizer),
+                         activations_bytes=int(activations), reference_bytes=int(reference_bytes),
+                         reference=reference, objective=objective, generation_bytes=int(cache),
+                         total_bytes=int(weights + grads + optimizer + activations + reference_bytes + cache),
+                         device=device, dtype=dtype, notes=notes)
+    if device == "cpu":
+        add_cpu_process(est, info, rows, seq_length, act_width, 0 if classifier else info.vocab_size)
+    return est
+
+
+def estimate_setting(dtype: str, gpu_memory: str | None) -> tuple[str, str, str]:
+    """(the device the estimate is for: "cpu" or "gpu", its dtype, why that dtype), as `train` would run here.
+
+    The device is this machine's (`--device auto`), a GPU when --gpu-memory names one; the dtype is `dtype` unless
+    auto, which resolves as `train --dtype auto` does on that device (ftcli.models.resolve_dtype): float32 on a
+    CPU, bfloat16 (float16 on older CUDA) on a GPU; GPU_AUTO_DTYPE for a GPU this machine does not have."""
+    from ftcli.models import resolve_device, resolve_dtype
+
+    if dtype != "auto" and dtype not in DTYPE_BYTES:
+        raise ConfigError(f"--dtype {dtype} is not a dtype", hint=f"use auto or one of: {', '.join(DTYPE_BYTES)}")
+    here = resolve_device("auto")
+    device = "cpu" if here == "cpu" and not gpu_memory else "gpu"
+    if dtype != "auto":
+        return device, dtype, f"--dtype {dtype}"
+    if device == "gpu" and here == "cpu":
+        return device, GPU_AUTO_DTYPE, "--dtype auto on a GPU with bfloat16; this machine has none"
+    return device, str(resolve_dtype("auto", here)).removeprefix("torch."), f"--dtype auto on {here}"
+
+
+def add_cpu_process(est: MemoryEstimate, info: ModelInfo, rows: int, seq_length: int, width: int,
+                    vocab: int) -> None:
+    """Add to `est` what a CPU training process holds besides the tensors counted (its total becomes the peak RSS).
+
+    - runtime: the libraries imported, the trainer and data loader (CPU_RUNTIME_BYTES);
+    - loss logits: on CPU the loss is the plain one (ftcli.training.trainer.lean_loss_class): the whole float32
+      logits, the log-softmax kept for the backward pass and its gradient, 3 x tokens x vocabulary x 4 bytes,
+      where the activations counted TRL's fused head's two tiles;
+    - allocator: glibc serves allocations up to its largest mmap threshold (32 MiB) from its heap, where the
+      forward pass's freed temporaries stay resident between the activations kept: about as much again as the
+      activations made of such tensors (a layer's tensors are `rows` x `seq_length` x one of its widths),
+      less what the gradients and the optimizer state, allocated after the forward pass, take of that freed
+      memory (measured: LoRA keeps it all; full fine-tuning, whose gradients and AdamW state are larger, reuses it)."""
+    tokens = rows * seq_length
+    logits = max(0, 3 * tokens * vocab * 4 - 2 * min(tokens, LOGIT_TILE_TOKENS) * min(vocab, LOGIT_TILE_VOCAB) * 4)
+    kept = est.activations_bytes - (2 * min(tokens, LOGIT_TILE_TOKENS) * min(vocab, LOGIT_TILE_VOCAB) * 4)
+    h, q, kv, i = (info.hidden_size, info.heads * info.head_dim, info.kv_heads * info.head_dim,
+                   info.intermediate_size)
+    # A decoder layer's kept elements per token by tensor width (activation_elements_per_token's terms).
+    parts = ((h, 4 * h), (q, 5 * q), (kv, 2 * kv), (i, 4 * i))
+    heap = sum(n for w, n in parts if tokens * w * width <= MMAP_THRESHOLD_MAX) / sum(n for _, n in parts)
+    allocator = int(max(0, max(kept, 0) * HEAP_RETENTION * heap - est.gradients_bytes - est.optimizer_bytes))
+    est.process = {"runtime": CPU_RUNTIME_BYTES, "loss logits": logits, "allocator": allocator}
+    est.process_bytes = sum(est.process.values())
+    est.total_bytes += est.process_bytes
+    est.notes.append("cpu: the process's peak RSS: libraries and trainer, the plain loss's whole logits, and the "
+                     "freed temporaries glibc's allocator keeps")
 
 
 def weight_bytes(info: ModelInfo, facts: Any, total: int, width: int, master: int, lora_rank: int,

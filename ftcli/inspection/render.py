@@ -68,8 +68,20 @@ def _render_model(report: dict[str, Any]) -> None:
     sampling = [n for n in (report["memory"]["methods"] or [{}])[0].get("notes", []) if "completions per step" in n]
     for note in sampling:  # what the sampling objective's rows and cache are (the same for every method)
         console.print(note)
-    console.print("AdamW, weights in the given dtype; qlora: NF4 base. The verdict keeps 10% + 1 GiB for the CUDA "
-                  "context and allocator slack. `ftcli warmup` measures the real peak.")
+    console.print(memory_caption(report["memory"]))
+
+
+def memory_caption(mem: dict[str, Any]) -> str:
+    """What the estimate is for and what its total counts, in a few sentences that wrap at any width."""
+    dtype = f"{mem['dtype']} ({mem.get('dtype_reason') or 'given'})"
+    if mem.get("device") == "cpu":
+        return (f"For this CPU, in {dtype}. total: the process's peak RSS (weights, gradients, AdamW state, "
+                "activations, and the CPU process: libraries and trainer, the plain loss's whole logits, the freed "
+                "temporaries glibc's allocator keeps). qlora: NF4 base. `ftcli warmup` measures the real peak.")
+    asked = " (--gpu-memory)" if mem.get("gpu_memory_bytes") else ""
+    return (f"For a GPU{asked}, in {dtype}. total: the tensors (weights, gradients, AdamW state, activations); qlora: "
+            "NF4 base. The verdict keeps 10% + 1 GiB for the CUDA context and allocator slack. `ftcli warmup` "
+            "measures the real peak.")
 
 
 def _memory_table(mem: dict[str, Any]) -> Any:
@@ -80,8 +92,8 @@ def _memory_table(mem: dict[str, Any]) -> Any:
 
     gpu = mem["gpu_memory_bytes"]
     methods = mem["methods"]
-    title = (f"training memory per process, estimated: objective {mem.get('objective', 'sft')}, seq length "
-             f"{mem['seq_length']}, {mem['dtype']}, {mem['nproc']} process(es)" + (f", GPU {format_bytes(gpu)}" if gpu else ""))
+    title = (f"training memory per process (estimate): {mem.get('objective', 'sft')}, {mem['dtype']}, seq "
+             f"{mem['seq_length']}, {mem['nproc']} process{'es' if mem['nproc'] > 1 else ''}")
     table = Table(title=title, title_justify="left")
     table.add_column("", no_wrap=True)  # the labels are short: the method columns wrap instead
     for est in methods:
@@ -92,7 +104,7 @@ def _memory_table(mem: dict[str, Any]) -> Any:
 
     row("batch size", [str(e["batch_size"]) for e in methods])
     row("grad checkpointing", ["on" if e["gradient_checkpointing"] else "off" for e in methods])
-    row("trainable params", [f"{e['trainable_parameters']:,}" for e in methods])
+    row("trainable params", [count_text(e["trainable_parameters"]) for e in methods])
     for label, key in (("weights", "weights_bytes"), ("gradients", "gradients_bytes"),
                        ("optimizer (AdamW)", "optimizer_bytes"), ("activations", "activations_bytes")):
         row(label, [format_bytes(e[key]) for e in methods])
@@ -101,10 +113,18 @@ def _memory_table(mem: dict[str, Any]) -> Any:
     if any(e.get("reference") for e in methods):
         row("reference model", [format_bytes(e["reference_bytes"]) for e in methods])
         row("  (kept as)", [str(e.get("reference") or "-") for e in methods])
+    if any(e.get("process_bytes") for e in methods):  # a CPU estimate: the process's own memory
+        row("CPU process", [format_bytes(e["process_bytes"]) for e in methods])
     row("[bold]total", [f"[bold]{format_bytes(e['total_bytes'])}" for e in methods])
     if gpu:
         row(f"fits {format_bytes(gpu)}", ["[green]yes" if e["fits"] else "[red]no" for e in methods])
     return table
+
+
+def count_text(n: int) -> str:
+    """A count with thousands separators, in millions past 11 characters (8,030.3 M): a method column stays narrow."""
+    text = f"{n:,}"
+    return text if len(text) <= 11 else f"{n / 1e6:,.1f} M"
 
 
 def _render_compile_cache(report: dict[str, Any]) -> None:

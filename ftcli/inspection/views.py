@@ -29,7 +29,7 @@ class InspectOptions:
     gradient_checkpointing: bool | None = None  # None: each method's default (on for fsdp)
     nproc: int = 1
     gpu_memory: str | None = None
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # auto: what `train --dtype auto` resolves to on the device the estimate is for
     lora_rank: int = 8
     example: int = 0
     # Raw dataset files: the tokenizer and the options `train` would use.
@@ -65,12 +65,12 @@ def inspect_model(target: str, options: InspectOptions) -> dict[str, Any]:
     from ftcli.methods import METHODS
     from ftcli.models import CAUSAL_HEAD
     from ftcli.objectives import OBJECTIVES
-    from ftcli.inspection.estimate import describe_model, estimate_memory, fits, parse_size
-    from ftcli.objectives import OBJECTIVES
+    from ftcli.inspection.estimate import describe_model, estimate_memory, estimate_setting, fits, parse_size
 
+    gpu = parse_size(options.gpu_memory) if options.gpu_memory else None
+    device, dtype, dtype_reason = estimate_setting(options.dtype, options.gpu_memory)
     info = describe_model(target)
     objective = options.objective or model_objective(info.architecture)
-    gpu = parse_size(options.gpu_memory) if options.gpu_memory else None
     estimates = []
     for method in METHODS:
         defaults = METHOD_DEFAULTS[method]
@@ -79,10 +79,10 @@ def inspect_model(target: str, options: InspectOptions) -> dict[str, Any]:
         samples = OBJECTIVES[options.objective or "sft"].samples
         batch = options.batch_size or (options.num_generations if samples else int(defaults["batch_size"]))
         est = estimate_memory(info, method, batch_size=batch, seq_length=options.seq_length,
-                              gradient_checkpointing=checkpointing, nproc=options.nproc, dtype=options.dtype,
+                              gradient_checkpointing=checkpointing, nproc=options.nproc, dtype=dtype,
                               lora_rank=options.lora_rank, lora_targets=list(defaults["lora_target_modules"]),
                               objective=objective, precompute_ref=options.precompute_ref,
-                              num_generations=options.num_generations, kl_beta=options.grpo_beta)
+                              num_generations=options.num_generations, kl_beta=options.grpo_beta, device=device)
         if gpu is not None:
             est.fits = fits(est.total_bytes, gpu)
         estimates.append({**est.to_dict(), "batch_size": batch, "gradient_checkpointing": checkpointing})
@@ -92,7 +92,7 @@ def inspect_model(target: str, options: InspectOptions) -> dict[str, Any]:
     return {
         "model": model,
         "memory": {"objective": objective, "seq_length": options.seq_length,
-                   "dtype": options.dtype, "nproc": options.nproc,
+                   "device": device, "dtype": dtype, "dtype_reason": dtype_reason, "nproc": options.nproc,
                    "gpu_memory_bytes": gpu, "methods": estimates},
     }
 
