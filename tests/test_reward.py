@@ -287,6 +287,7 @@ def test_memory_estimate_has_no_lm_head_and_two_rows(runner) -> None:
     logits = 2 * min(tokens, LOGIT_TILE_TOKENS) * min(info["vocab_size"], LOGIT_TILE_VOCAB) * 4
     assert reward["lora"]["activations_bytes"] == dpo["lora"]["activations_bytes"] - logits
     assert any("no LM-head logits" in n for n in reward["lora"]["notes"])
+    assert set(reward) == {"full", "lora", "qlora"} and "fsdp" in sft  # fsdp is refused for a reward model
 
 
 # ---- a reward model as GRPO's reward (--reward-model) ----------------------------------------------------------

@@ -92,7 +92,7 @@ def _memory_table(mem: dict[str, Any]) -> Any:
 
     gpu = mem["gpu_memory_bytes"]
     methods = mem["methods"]
-    title = (f"training memory per process (estimate): {mem.get('objective', 'sft')}, {mem['dtype']}, seq "
+    title = (f"memory per process (estimate): {mem.get('objective', 'sft')}, {mem['dtype']}, seq "
              f"{mem['seq_length']}, {mem['nproc']} process{'es' if mem['nproc'] > 1 else ''}")
     table = Table(title=title, title_justify="left")
     table.add_column("", no_wrap=True)  # the labels are short: the method columns wrap instead

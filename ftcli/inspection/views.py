@@ -73,6 +73,8 @@ def inspect_model(target: str, options: InspectOptions) -> dict[str, Any]:
     objective = options.objective or model_objective(info.architecture)
     estimates = []
     for method in METHODS:
+        if METHODS[method].shards and not OBJECTIVES[objective].shards:
+            continue  # refused with this objective (grpo, reward): no column for it
         defaults = METHOD_DEFAULTS[method]
         checkpointing = (options.gradient_checkpointing if options.gradient_checkpointing is not None
                          else bool(defaults["gradient_checkpointing"]))

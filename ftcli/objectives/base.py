@@ -65,6 +65,7 @@ class Objective:
       raises an FtcliError.
     - `rows_per_example`: sequences one example puts through the model per step (DPO: the chosen and the
       rejected answer, each after the prompt), for the memory estimate.
+    - `shards`: the sharded methods (fsdp) can train it; False: `check` refuses them, and the estimate leaves them out.
     """
 
     name: str
@@ -87,6 +88,7 @@ class Objective:
     defaults: Callable[[Any], dict[str, Any]] = lambda config: {}  # noqa: E731
     preflight: Callable[[Any], None] = no_check
     samples: bool = False
+    shards: bool = True
 
     @property
     def pairs(self) -> bool:

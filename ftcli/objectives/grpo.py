@@ -234,6 +234,7 @@ OBJECTIVE = Objective(
     reference=reference,
     probe_ids=probe_ids,
     compiles=False,
+    shards=False,
     notes=notes,
     defaults=defaults,
     preflight=preflight,

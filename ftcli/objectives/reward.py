@@ -123,6 +123,7 @@ OBJECTIVE = Objective(
     probe_ids=probe_ids,
     rows_per_example=2,
     compiles=False,
+    shards=False,
     notes=notes,
     head="classification",
 )
