@@ -56,7 +56,7 @@ from ftcli import __version__
 from ftcli.console import console
 from ftcli.data import cache
 from ftcli.data.formats import FORMATS, MESSAGE_KEYS, check_one_format, column_renames, detect_format
-from ftcli.data.pipeline import DataReport, encode_batch
+from ftcli.data.pipeline import INVALID, DataReport, encode_batch
 from ftcli.data.specs import dataset_label
 from ftcli.data.sources import LoadedRows, load_rows, source_fingerprint
 from ftcli.data.stats import all_dropped_hint, drop_summary, measure, raise_first_invalid, shuffled_order
@@ -67,11 +67,11 @@ from ftcli.system import utc_now
 
 MAP_BATCH = 1000
 # Below this many rows another process costs more (start-up, pickling the tokenizer, writing
-# shards) than it saves. With 2 cores, 2 processes were no faster than 1 (bench/prepare.py): in one
-# process the Rust tokenizer already runs its batches on both cores, and datasets turns that off
-# in worker processes. So processes are used from 3 cores up.
+# shards) than it saves. From there one process per core: the Python half of the work (rendering,
+# labels, Arrow) runs on one core per process, and the Rust tokenizer's own threads are off wherever
+# TOKENIZERS_PARALLELISM=false (and in datasets' worker processes): bench/scale_prepare.py.
 PARALLEL_MIN_ROWS = 20_000
-PARALLEL_MIN_CORES = 3
+PARALLEL_MIN_CORES = 2
 HELPER_COLUMNS = ["loss_tokens", "truncated", "eos_once", "drop", "row", "per_turn"]
 
 
@@ -85,7 +85,7 @@ class Prepared:
 
 
 def default_num_proc(rows: int) -> int:
-    """Worker processes for tokenizing `rows` rows: 1 for small data or 2 cores, else one per core (at most 8)."""
+    """Worker processes for tokenizing `rows` rows: 1 for small data or 1 core, else one per core (at most 8)."""
     env = os.environ.get("FTCLI_NUM_PROC", "").strip()
     if env:
         if not env.isdigit() or int(env) < 1:
@@ -120,14 +120,17 @@ def prepare_dataset(config: Any, tokenizer: Any, *, output: str | Path | None = 
         source_fp = loaded.fingerprint
     fields = cache.key_fields(config, tokenizer_fp, source_fp, template_text, inherited)
     job = _Job(config, tokenizer, template_text, num_proc, inherited)
-    if final is None:
-        return _cached(job, loaded, fields, use_cache)
-    with exclusive(final, "--output-dir"):
-        cache.remove_stale_builds(final)  # a killed build gives back the folder it had set aside
-        check_output_dir(final, overwrite)  # again, now that no other prepare can be writing it
-        loaded = loaded or _read(config)
-        fields = {**fields, "source": loaded.fingerprint}  # the content parsed, whatever was hashed before
-        return _build(job, loaded, fields, cache.cache_key(fields), final)
+    try:
+        if final is None:
+            return _cached(job, loaded, fields, use_cache)
+        with exclusive(final, "--output-dir"):
+            cache.remove_stale_builds(final)  # a killed build gives back the folder it had set aside
+            check_output_dir(final, overwrite)  # again, now that no other prepare can be writing it
+            loaded = loaded or _read(config)
+            fields = {**fields, "source": loaded.fingerprint}  # the content parsed, whatever was hashed before
+            return _build(job, loaded, fields, cache.cache_key(fields), final)
+    finally:
+        _remove_scratches()
 
 
 @dataclass
@@ -200,7 +203,24 @@ def _announce(text: str) -> None:
 
 def _read(config: Any) -> LoadedRows:
     with _status(f"reading {config.dataset}"):
-        return load_rows(config.dataset, split=config.dataset_split, revision=config.dataset_revision)
+        return load_rows(config.dataset, split=config.dataset_split, revision=config.dataset_revision,
+                         scratch=_new_scratch)
+
+
+_scratches: list[Path] = []  # folders the rows being prepared were streamed into, removed once prepared
+
+
+def _new_scratch() -> Path:
+    """A build folder in the cache for rows read in chunks (removed by `_remove_scratches`, or, should this
+    process be killed, by the next prepare's `cache.sweep_cache`)."""
+    folder = cache.new_build_dir(cache.cache_root() / "rows")
+    _scratches.append(folder)
+    return folder
+
+
+def _remove_scratches() -> None:
+    while _scratches:
+        shutil.rmtree(_scratches.pop(), ignore_errors=True)
 
 
 def _build(job: _Job, loaded: LoadedRows, fields: dict[str, Any], key: str, final: Path) -> Prepared:
@@ -262,6 +282,10 @@ def _no_space(exc: OSError) -> bool:
 def _tokenize(job: _Job, selected: Any, fmt: str, template: TemplateSpec, key: str, procs: int, work: Path,
               rows_read: int, size: int) -> tuple[Any, dict[str, Any]]:
     """Rows -> the kept examples (shuffled with the seed, helper columns gone) and their statistics."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     config = job.config
     keys = {k: v for k, v in (config.columns or {}).items() if k in MESSAGE_KEYS}
     work.mkdir(parents=True, exist_ok=True)
@@ -274,22 +298,25 @@ def _tokenize(job: _Job, selected: Any, fmt: str, template: TemplateSpec, key: s
             fn_kwargs=dict(fmt=fmt, keys=keys, template=template, tokenizer=job.tokenizer,
                            seq_length=config.seq_length, train_on_inputs=config.train_on_inputs,
                            train_reasoning=config.train_reasoning))
-    drops_in_order = mapped.data.column("drop").to_pylist()
-    rows_of = mapped.data.column("row").to_pylist()
-    raise_first_invalid(drops_in_order, config.dataset, rows_of)
+    # Columns as Arrow and NumPy arrays, not Python lists: memory stays flat however many rows there are.
+    drop_column = mapped.data.column("drop")
+    if pc.any(pc.starts_with(drop_column, INVALID)).as_py():
+        raise_first_invalid(drop_column.to_pylist(), config.dataset, mapped.data.column("row").to_pylist())
     # Shuffle all selected rows, then drop: the order of the rows kept is the reference order.
     shuffled = mapped.shuffle(seed=config.seed)
-    order = shuffled_order(shuffled)
-    drops = [drops_in_order[i] for i in order]
-    kept_idx = [i for i, d in enumerate(drops) if not d]
-    if not kept_idx:
-        raise DataError(f"every row of {config.dataset} was dropped ({drop_summary(drops)})",
-                        hint=all_dropped_hint(drops, config.seq_length))
-    kept = shuffled.select(kept_idx) if len(kept_idx) < len(drops) else shuffled
-    stats = measure(mapped, [order[i] for i in kept_idx], drops, rows_read, size, config.batch_size)
-    split = [row for row, turn in zip(rows_of, mapped.data.column("per_turn").to_pylist()) if turn]
-    if split:  # only then: a template that renders prefixes stably keeps its manifest as it was
-        stats["per_turn"] = {"conversations": len(set(split)), "examples": len(split)}
+    order = shuffled_order(shuffled, as_array=True)
+    drops = drop_column.take(pa.array(order))
+    kept_idx = np.flatnonzero(pc.equal(drops, "").to_numpy(zero_copy_only=False))
+    dropped = [d for d in drops.to_pylist() if d] if len(kept_idx) < len(order) else []
+    if not len(kept_idx):
+        raise DataError(f"every row of {config.dataset} was dropped ({drop_summary(dropped)})",
+                        hint=all_dropped_hint(dropped, config.seq_length))
+    kept = shuffled.select(kept_idx) if len(kept_idx) < len(order) else shuffled
+    stats = measure(mapped, order[kept_idx], dropped, rows_read, size, config.batch_size)
+    per_turn = mapped.data.column("per_turn").to_numpy(zero_copy_only=False).astype(bool)
+    if per_turn.any():  # only then: a template that renders prefixes stably keeps its manifest as it was
+        split = mapped.data.column("row").to_numpy()[per_turn]
+        stats["per_turn"] = {"conversations": int(np.unique(split).size), "examples": int(split.size)}
     return kept.remove_columns(HELPER_COLUMNS), stats
 
 
