@@ -6,10 +6,9 @@
     (['input_ids', 'labels', 'length'], False)
 
 `ftcli train` and `ftcli prepare` both come through here with the same options, so a `prepare`
-run is reused by the `train` run with the same flags (a cache hit parses no raw data; the key is
-computed from the files' bytes, and a build files its rows under the hash of the very bytes it
-parsed, should the files change in between). `--dataset <prepared folder>` reads that folder after
-checking that its manifest matches what is asked.
+run is reused by the `train` run with the same flags (a cache hit parses no raw data; the key is computed from
+the files' sha256, and a build files its rows under the hash of the very bytes it parsed, should the files
+change in between). `--dataset <prepared folder>` reads that folder after checking its manifest.
 
 The manifest, `ftcli_prepared.json` (every key is written on every prepare):
 
@@ -33,8 +32,8 @@ The manifest, `ftcli_prepared.json` (every key is written on every prepare):
   batches in training order or sorted by length.
 - `columns`: the dataset's columns: `input_ids`, `labels` (-100 = not in the loss), `length`.
 - `build`: `num_proc`, `seconds`, `tokens_per_second`.
-- `data_files`: {name: {`size`, `sha256`}} of every other file of the folder, checked before each use
-  (a damaged cache entry is rebuilt, a damaged `--dataset FOLDER` refused naming the file).
+- `data_files`: {name: {`size`, `sha256`, `mtime_ns`, `ctime_ns`, `inode`, `sample`}} of every other file, checked
+  before each use (`cache.damaged`: a damaged cache entry is rebuilt, a damaged `--dataset FOLDER` refused).
 
 Read a prepared folder with `datasets.load_from_disk(folder)` and
 `cache.read_prepared_manifest(folder)` (None unless complete); show an example with
@@ -72,6 +71,7 @@ MAP_BATCH = 1000
 # TOKENIZERS_PARALLELISM=false (and in datasets' worker processes): bench/scale_prepare.py.
 PARALLEL_MIN_ROWS = 20_000
 PARALLEL_MIN_CORES = 2
+SHARD_BYTES = 500 << 20  # datasets' own largest shard when saving
 HELPER_COLUMNS = ["loss_tokens", "truncated", "eos_once", "drop", "row", "per_turn"]
 
 
@@ -253,7 +253,9 @@ def _build(job: _Job, loaded: LoadedRows, fields: dict[str, Any], key: str, fina
         build = cache.new_build_dir(final)
         kept, stats = _tokenize(job, selected, fmt, template, key, procs, build / "work", rows_read, size)
         with _status(f"writing {len(kept):,} examples"):
-            kept.save_to_disk(str(build / "data"))
+            # Large data is written by worker processes, a shard each, so that no process maps all of it.
+            big = procs > 1 and kept.data.nbytes > SHARD_BYTES
+            kept.save_to_disk(str(build / "data"), num_proc=procs if big else None)
         del kept
         seconds = time.perf_counter() - started
         manifest = _manifest(config, tokenizer, loaded, fields, key, fmt, template, stats, procs, seconds)
@@ -281,7 +283,10 @@ def _no_space(exc: OSError) -> bool:
 
 def _tokenize(job: _Job, selected: Any, fmt: str, template: TemplateSpec, key: str, procs: int, work: Path,
               rows_read: int, size: int) -> tuple[Any, dict[str, Any]]:
-    """Rows -> the kept examples (shuffled with the seed, helper columns gone) and their statistics."""
+    """Rows -> the kept examples (shuffled with the seed, then drops left out: the reference order) and their
+    statistics. Where each row is one example (all but chat templates) the rows are shuffled before tokenizing (the
+    same permutation), so the tokens come out in training order and are saved as read, not gathered. Columns are
+    handled as Arrow and NumPy arrays, not Python lists."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -289,23 +294,22 @@ def _tokenize(job: _Job, selected: Any, fmt: str, template: TemplateSpec, key: s
     config = job.config
     keys = {k: v for k, v in (config.columns or {}).items() if k in MESSAGE_KEYS}
     work.mkdir(parents=True, exist_ok=True)
+    one_per_row = not template.is_chat
+    source = selected.shuffle(seed=config.seed) if one_per_row else selected
     with _map_progress(size, procs):
-        mapped = selected.map(
+        mapped = source.map(
             encode_batch, batched=True, with_indices=True, batch_size=MAP_BATCH,
             num_proc=procs if procs > 1 else None,
-            remove_columns=selected.column_names, cache_file_name=str(work / "map.arrow"),
+            remove_columns=source.column_names, cache_file_name=str(work / "map.arrow"),
             new_fingerprint=f"ftcli-{key[:24]}", desc="tokenizing",
             fn_kwargs=dict(fmt=fmt, keys=keys, template=template, tokenizer=job.tokenizer,
                            seq_length=config.seq_length, train_on_inputs=config.train_on_inputs,
                            train_reasoning=config.train_reasoning))
-    # Columns as Arrow and NumPy arrays, not Python lists: memory stays flat however many rows there are.
-    drop_column = mapped.data.column("drop")
-    if pc.any(pc.starts_with(drop_column, INVALID)).as_py():
-        raise_first_invalid(drop_column.to_pylist(), config.dataset, mapped.data.column("row").to_pylist())
-    # Shuffle all selected rows, then drop: the order of the rows kept is the reference order.
-    shuffled = mapped.shuffle(seed=config.seed)
-    order = shuffled_order(shuffled, as_array=True)
-    drops = drop_column.take(pa.array(order))
+    rows_order = shuffled_order(source, as_array=True) if one_per_row else None  # position -> source row (NumPy)
+    _raise_invalid(mapped, rows_order, config.dataset)
+    shuffled = mapped if one_per_row else mapped.shuffle(seed=config.seed)  # row i is row order[i] of mapped
+    order = np.arange(len(mapped)) if one_per_row else shuffled_order(shuffled, as_array=True)
+    drops = mapped.data.column("drop").take(pa.array(order)) if not one_per_row else mapped.data.column("drop")
     kept_idx = np.flatnonzero(pc.equal(drops, "").to_numpy(zero_copy_only=False))
     dropped = [d for d in drops.to_pylist() if d] if len(kept_idx) < len(order) else []
     if not len(kept_idx):
@@ -318,6 +322,20 @@ def _tokenize(job: _Job, selected: Any, fmt: str, template: TemplateSpec, key: s
         split = mapped.data.column("row").to_numpy()[per_turn]
         stats["per_turn"] = {"conversations": int(np.unique(split).size), "examples": int(split.size)}
     return kept.remove_columns(HELPER_COLUMNS), stats
+
+
+def _raise_invalid(mapped: Any, rows_order: Any, ref: str) -> None:
+    """The first invalid row, in the order of the source, as one error (if there is one)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    drops = mapped.data.column("drop")
+    if not pc.any(pc.starts_with(drops, INVALID)).as_py():
+        return
+    rows = mapped.data.column("row").to_numpy()
+    rows = rows_order[rows] if rows_order is not None else rows
+    in_source_order = np.argsort(rows, kind="stable")
+    raise_first_invalid(drops.take(in_source_order).to_pylist(), ref, rows[in_source_order].tolist())
 
 
 def _load(folder: Path, manifest: dict[str, Any], *, reused: bool) -> Prepared:
