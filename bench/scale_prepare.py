@@ -214,11 +214,11 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ftcli-scale-prepare-") as tmp:
         print(sc.loadavg(), flush=True)
-        table = rows(args.size, Path(tmp), quick=args.quick, labels=args.rows)
-        for row in table:
-            print(f"{row['what']:<36} ftcli {row['ftcli']:<20} plain {row['plain']:<20} ratio {row['ratio']}  "
-                  f"({row['baseline']})", flush=True)
-        print(sc.loadavg(), flush=True)
+        for label in args.rows or (["2k"] if args.quick else ["20k", "200k", "1m"]):  # printed as measured
+            for row in rows(args.size, Path(tmp), quick=args.quick, labels=[label]):
+                print(f"{row['what']:<38} ftcli {row['ftcli']:<20} plain {row['plain']:<20} ratio {row['ratio']}"
+                      f"  ({row['baseline']})", flush=True)
+            print(sc.loadavg(), flush=True)
 
 
 if __name__ == "__main__":

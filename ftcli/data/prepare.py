@@ -130,7 +130,8 @@ def prepare_dataset(config: Any, tokenizer: Any, *, output: str | Path | None = 
             fields = {**fields, "source": loaded.fingerprint}  # the content parsed, whatever was hashed before
             return _build(job, loaded, fields, cache.cache_key(fields), final)
     finally:
-        _remove_scratches()
+        while _scratches:
+            shutil.rmtree(_scratches.pop(), ignore_errors=True)
 
 
 @dataclass
@@ -210,17 +211,15 @@ def _read(config: Any) -> LoadedRows:
 _scratches: list[Path] = []  # folders the rows being prepared were streamed into, removed once prepared
 
 
-def _new_scratch() -> Path:
-    """A build folder in the cache for rows read in chunks (removed by `_remove_scratches`, or, should this
-    process be killed, by the next prepare's `cache.sweep_cache`)."""
-    folder = cache.new_build_dir(cache.cache_root() / "rows")
+def _new_scratch() -> Path | None:
+    """A build folder in the cache for rows read in chunks, removed once prepared (a killed process's: by
+    `cache.sweep_cache`); None where the cache cannot hold one."""
+    try:
+        folder = cache.new_build_dir(cache.cache_root() / "rows")
+    except (OSError, OutputError):
+        return None
     _scratches.append(folder)
     return folder
-
-
-def _remove_scratches() -> None:
-    while _scratches:
-        shutil.rmtree(_scratches.pop(), ignore_errors=True)
 
 
 def _build(job: _Job, loaded: LoadedRows, fields: dict[str, Any], key: str, final: Path) -> Prepared:

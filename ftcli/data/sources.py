@@ -161,7 +161,7 @@ def load_rows(ref: str, *, split: str = "train", revision: str | None = None,
               scratch: Callable[[], Path] | None = None) -> LoadedRows:
     """The rows of `ref`. A local file is read once: its fingerprint is the hash of the very bytes parsed.
 
-    With `scratch` (a function that makes an empty folder), large JSONL files are read in chunks into an Arrow
+    With `scratch` (a function that makes an empty folder, or gives None), large JSONL files are read in chunks into an Arrow
     file there (`ftcli.data.streaming`) instead of into memory; `LoadedRows.scratch` names it."""
     kind = source_kind(ref)
     if kind == "builtin":
@@ -169,13 +169,13 @@ def load_rows(ref: str, *, split: str = "train", revision: str | None = None,
         return LoadedRows(_dataset_from_rows(builtin_dataset_rows(ref), ref), "builtin", fingerprint or "")
     if kind == "local":
         files = local_files(ref)
-        if scratch is not None and streamable(files):
-            folder = scratch()
-            streamed = stream_jsonl(files, folder, _parse_jsonl, row_shapes)
-            if streamed is not None:
-                dataset, digests, found = streamed
-                return LoadedRows(dataset, "local", combined_fingerprint(ref, files, digests), [str(f) for f in files],
-                                  found, folder)
+        folder = scratch() if scratch is not None and streamable(files) else None  # None: no room for it
+        streamed = stream_jsonl(files, folder, _parse_jsonl, row_shapes) if folder is not None else None
+        if streamed is not None:
+            dataset, digests, found = streamed
+            return LoadedRows(dataset, "local", combined_fingerprint(ref, files, digests), [str(f) for f in files],
+                              found, folder)
+        if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
         rows: list[dict[str, Any]] = []
         digests: list[str] = []
