@@ -120,3 +120,97 @@ def test_select_then_shuffle_with_seed(tokenizer) -> None:
 
     a, b, c = ids(42), ids(42), ids(7)
     assert a == b and a != c and sorted(a) == sorted(c)
+
+
+# --- large files: read in chunks, hashed once -------------------------------------------------------------------
+
+TINY = ["--model", "builtin:tiny-llama"]
+
+
+def _rows(n: int, start: int = 0) -> list[dict]:
+    return [{"instruction": f"Echo {i}.", "input": "" if i % 3 else f"x{i}", "output": f"{i} " * (i % 7 + 1)}
+            for i in range(start, start + n)]
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _prepared(cli, data: Path, out: Path, *extra: str) -> dict:
+    import json
+
+    result = cli("prepare", *TINY, "--dataset", data, "--output-dir", out, *extra)
+    assert result.exit_code == 0, result.stdout + result.stderr
+    return json.loads((out / "ftcli_prepared.json").read_text())
+
+
+def test_rows_read_in_chunks_are_the_rows_read_whole(cli, tmp_path: Path, ftcli_home: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JSONL file streamed through Arrow in many chunks prepares exactly what reading it whole does: the same
+    tokens, labels, statistics and fingerprint; and the chunks' scratch folder is gone afterwards."""
+    from datasets import load_from_disk
+
+    import ftcli.data.streaming as streaming
+
+    data = _write(tmp_path / "big.jsonl", _rows(1500))
+    whole = _prepared(cli, data, tmp_path / "whole")
+    monkeypatch.setattr(streaming, "STREAM_MIN_BYTES", 0)
+    monkeypatch.setattr(streaming, "BLOCK_BYTES", 4096)  # ~50 rows a chunk
+    streamed = _prepared(cli, data, tmp_path / "streamed")
+    a, b = load_from_disk(str(tmp_path / "whole")), load_from_disk(str(tmp_path / "streamed"))
+    assert a["input_ids"][:] == b["input_ids"][:] and a["labels"][:] == b["labels"][:]
+    assert whole["stats"] == streamed["stats"] and whole["key"] == streamed["key"]
+    assert whole["source"]["fingerprint"] == streamed["source"]["fingerprint"]
+    assert not list((ftcli_home / "datasets").glob(".rows.*"))  # the scratch folder is removed
+
+
+def test_chunks_that_disagree_are_read_whole(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A column whose type changes after the first chunk (or a column first seen there) gives what the whole-file
+    reader gives: here its one-line error naming the row."""
+    import ftcli.data.streaming as streaming
+
+    data = _write(tmp_path / "mixed.jsonl", _rows(400) + [{"instruction": "Late.", "input": 7, "output": "seven"}])
+    late = _write(tmp_path / "late.jsonl", _rows(400) + [{**_rows(1)[0], "extra": "x"}])
+    whole = cli("prepare", *TINY, "--dataset", data, "--output-dir", tmp_path / "a")
+    whole_late = _prepared(cli, late, tmp_path / "c")
+    monkeypatch.setattr(streaming, "STREAM_MIN_BYTES", 0)
+    monkeypatch.setattr(streaming, "BLOCK_BYTES", 4096)
+    streamed = cli("prepare", *TINY, "--dataset", data, "--output-dir", tmp_path / "b")
+    assert whole.exit_code == streamed.exit_code != 0
+    assert whole.stdout + whole.stderr == streamed.stdout + streamed.stderr
+    assert _prepared(cli, late, tmp_path / "d")["stats"] == whole_late["stats"]
+
+
+def test_an_edit_that_keeps_size_and_mtime_is_seen(cli, tmp_path: Path, ftcli_home: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data file's hash is recorded once and reused while size, times, inode and a content sample hold; an edit
+    that keeps the size and sets the mtime back (outside the sampled blocks, too) is still a new cache entry."""
+    import json
+    import os
+
+    import ftcli.data.digests as digests
+
+    monkeypatch.setattr(digests, "RACY_NS", 0)  # the file was just written: trust it at once
+    data = _write(tmp_path / "d.jsonl", _rows(3000))
+    size = data.stat().st_size
+    assert size > digests.SAMPLE_BLOCKS * digests.SAMPLE_BLOCK  # sampled, not hashed whole
+    args = ["prepare", *TINY, "--dataset", data, "--seq-length", "64"]
+    assert "already prepared" not in cli(*args).stdout
+    records = [json.loads(p.read_text()) for p in (ftcli_home / "file-digests").glob("*.json")]
+    assert any(r["path"] == str(data.absolute()) and r["size"] == size for r in records)
+    assert "already prepared (cache hit)" in cli(*args).stdout
+    # A byte between two sampled blocks, same size, the old mtime put back: only the ctime tells.
+    step = (size - digests.SAMPLE_BLOCK) / (digests.SAMPLE_BLOCKS - 1)
+    where = int(step) + digests.SAMPLE_BLOCK + 10
+    raw = bytearray(data.read_bytes())
+    assert raw[where:where + 1] != b"\n"
+    stat = data.stat()
+    raw[where] = ord("9") if raw[where] != ord("9") else ord("8")
+    data.write_bytes(bytes(raw))
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert data.stat().st_size == size and data.stat().st_mtime_ns == stat.st_mtime_ns
+    result = cli(*args)
+    assert result.exit_code == 0 and "already prepared" not in result.stdout

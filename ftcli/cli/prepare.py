@@ -166,8 +166,8 @@ def source_table(sources: list[dict[str, Any]]) -> Any:
 NUM_PROC = inspect.Parameter(
     "num_proc", inspect.Parameter.KEYWORD_ONLY, default=None,
     annotation=Annotated[Optional[int], typer.Option(
-        help=with_default("Tokenizer processes.", default="1 below 20,000 rows or on 2 cores, else one per core "
-                          "(at most 8); env FTCLI_NUM_PROC"), rich_help_panel=DATA)])
+        help=with_default("Tokenizer processes.", default="1 below 20,000 rows, else one per core (at most 8); "
+                          "env FTCLI_NUM_PROC"), rich_help_panel=DATA)])
 
 
 def _output_dir_as_text(param: inspect.Parameter) -> inspect.Parameter:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcli import __version__
+from ftcli.data import digests
 from ftcli.errors import DataError, OutputError
 from ftcli.files import LOCK_SUFFIX, exclusive, fsync_dir, fsync_tree, write_json_atomic
 from ftcli.paths import ftcli_home
@@ -216,19 +217,25 @@ def _marked_for(build: Path, final: Path, pid: int) -> bool:
 
 
 def data_files(folder: Path) -> dict[str, dict[str, Any]]:
-    """{name: {size, sha256}} of every file of a prepared folder but its manifest: what `damaged` checks."""
+    """{name: {size, sha256, mtime_ns, ctime_ns, inode, sample}} of every file of a prepared folder but its
+    manifest: what `damaged` checks. The files are flushed (and given their final mode) first, so that what is
+    recorded is what the published folder holds."""
+    fsync_tree(Path(folder))
     out = {}
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
-        h = hashlib.sha256()
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        out[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": h.hexdigest()}
+        before = path.stat()
+        sha256 = digests.full_digest(path)
+        record = digests.record_for(path, sha256, before, racy_check=False) or {"size": before.st_size,
+                                                                                 "sha256": sha256}
+        out[str(path.relative_to(folder))] = {"size": record.pop("size"), "sha256": record.pop("sha256"), **record}
     return out
 
 
 def damaged(folder: Path, manifest: dict[str, Any]) -> str | None:
-    """`FILE: why` for the first data file that is missing or differs from the manifest's record, else None."""
+    """`FILE: why` for the first data file that is missing or differs from the manifest's record, else None.
+
+    A file whose size, times, inode and sampled content are those recorded at build time is not hashed again
+    (`ftcli.data.digests`): a write changes its ctime, a copy its inode; anything else is hashed in full."""
     recorded = manifest.get("data_files")
     if not isinstance(recorded, dict):
         return None  # written before files were recorded: only a failed load tells
@@ -240,10 +247,16 @@ def damaged(folder: Path, manifest: dict[str, Any]) -> str | None:
             return f"{path}: missing"
         if not isinstance(want, dict) or size != want.get("size"):
             return f"{path}: {size} bytes, {want.get('size') if isinstance(want, dict) else '?'} when prepared"
-    actual = data_files(folder)
     for name, want in recorded.items():
-        if actual.get(name, {}).get("sha256") != want.get("sha256"):
-            return f"{Path(folder) / name}: its content changed since it was prepared (checksum differs)"
+        path = Path(folder) / name
+        if digests.still_valid(path, want):
+            continue
+        try:
+            actual = digests.full_digest(path)
+        except OSError:
+            return f"{path}: unreadable"
+        if actual != want.get("sha256"):
+            return f"{path}: its content changed since it was prepared (checksum differs)"
     return None
 
 

@@ -271,7 +271,7 @@ def encode_batch(batch: dict[str, list[Any]], indices: list[int] | None = None, 
             out["input_ids"].append(r.input_ids)
             out["labels"].append(r.labels)
             out["length"].append(len(r.input_ids))
-            out["loss_tokens"].append(sum(1 for t in r.labels if t != IGNORE))
+            out["loss_tokens"].append(len(r.labels) - r.labels.count(IGNORE))
             out["truncated"].append(r.truncated)
             out["eos_once"].append(r.labels.count(eos_id) == 1)
             out["drop"].append(r.drop)

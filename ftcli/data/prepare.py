@@ -6,10 +6,9 @@
     (['input_ids', 'labels', 'length'], False)
 
 `ftcli train` and `ftcli prepare` both come through here with the same options, so a `prepare`
-run is reused by the `train` run with the same flags (a cache hit parses no raw data; the key is
-computed from the files' bytes, and a build files its rows under the hash of the very bytes it
-parsed, should the files change in between). `--dataset <prepared folder>` reads that folder after
-checking that its manifest matches what is asked.
+run is reused by the `train` run with the same flags (a cache hit parses no raw data; the key is computed from
+the files' sha256, and a build files its rows under the hash of the very bytes it parsed, should the files
+change in between). `--dataset <prepared folder>` reads that folder after checking its manifest.
 
 The manifest, `ftcli_prepared.json` (every key is written on every prepare):
 
@@ -33,8 +32,8 @@ The manifest, `ftcli_prepared.json` (every key is written on every prepare):
   batches in training order or sorted by length.
 - `columns`: the dataset's columns: `input_ids`, `labels` (-100 = not in the loss), `length`.
 - `build`: `num_proc`, `seconds`, `tokens_per_second`.
-- `data_files`: {name: {`size`, `sha256`}} of every other file of the folder, checked before each use
-  (a damaged cache entry is rebuilt, a damaged `--dataset FOLDER` refused naming the file).
+- `data_files`: {name: {`size`, `sha256`, `mtime_ns`, `ctime_ns`, `inode`, `sample`}} of every other file, checked
+  before each use (`cache.damaged`: a damaged cache entry is rebuilt, a damaged `--dataset FOLDER` refused).
 
 Read a prepared folder with `datasets.load_from_disk(folder)` and
 `cache.read_prepared_manifest(folder)` (None unless complete); show an example with
@@ -56,7 +55,7 @@ from ftcli import __version__
 from ftcli.console import console
 from ftcli.data import cache
 from ftcli.data.formats import FORMATS, MESSAGE_KEYS, check_one_format, column_renames, detect_format
-from ftcli.data.pipeline import DataReport, encode_batch
+from ftcli.data.pipeline import INVALID, DataReport, encode_batch
 from ftcli.data.specs import dataset_label
 from ftcli.data.sources import LoadedRows, load_rows, source_fingerprint
 from ftcli.data.stats import all_dropped_hint, drop_summary, measure, raise_first_invalid, shuffled_order
@@ -67,11 +66,12 @@ from ftcli.system import utc_now
 
 MAP_BATCH = 1000
 # Below this many rows another process costs more (start-up, pickling the tokenizer, writing
-# shards) than it saves. With 2 cores, 2 processes were no faster than 1 (bench/prepare.py): in one
-# process the Rust tokenizer already runs its batches on both cores, and datasets turns that off
-# in worker processes. So processes are used from 3 cores up.
+# shards) than it saves. From there one process per core: the Python half of the work (rendering,
+# labels, Arrow) runs on one core per process, and the Rust tokenizer's own threads are off wherever
+# TOKENIZERS_PARALLELISM=false (and in datasets' worker processes): bench/scale_prepare.py.
 PARALLEL_MIN_ROWS = 20_000
-PARALLEL_MIN_CORES = 3
+PARALLEL_MIN_CORES = 2
+SHARD_BYTES = 500 << 20  # datasets' own largest shard when saving
 HELPER_COLUMNS = ["loss_tokens", "truncated", "eos_once", "drop", "row", "per_turn"]
 
 
@@ -85,7 +85,7 @@ class Prepared:
 
 
 def default_num_proc(rows: int) -> int:
-    """Worker processes for tokenizing `rows` rows: 1 for small data or 2 cores, else one per core (at most 8)."""
+    """Worker processes for tokenizing `rows` rows: 1 for small data or 1 core, else one per core (at most 8)."""
     env = os.environ.get("FTCLI_NUM_PROC", "").strip()
     if env:
         if not env.isdigit() or int(env) < 1:
@@ -120,14 +120,18 @@ def prepare_dataset(config: Any, tokenizer: Any, *, output: str | Path | None = 
         source_fp = loaded.fingerprint
     fields = cache.key_fields(config, tokenizer_fp, source_fp, template_text, inherited)
     job = _Job(config, tokenizer, template_text, num_proc, inherited)
-    if final is None:
-        return _cached(job, loaded, fields, use_cache)
-    with exclusive(final, "--output-dir"):
-        cache.remove_stale_builds(final)  # a killed build gives back the folder it had set aside
-        check_output_dir(final, overwrite)  # again, now that no other prepare can be writing it
-        loaded = loaded or _read(config)
-        fields = {**fields, "source": loaded.fingerprint}  # the content parsed, whatever was hashed before
-        return _build(job, loaded, fields, cache.cache_key(fields), final)
+    try:
+        if final is None:
+            return _cached(job, loaded, fields, use_cache)
+        with exclusive(final, "--output-dir"):
+            cache.remove_stale_builds(final)  # a killed build gives back the folder it had set aside
+            check_output_dir(final, overwrite)  # again, now that no other prepare can be writing it
+            loaded = loaded or _read(config)
+            fields = {**fields, "source": loaded.fingerprint}  # the content parsed, whatever was hashed before
+            return _build(job, loaded, fields, cache.cache_key(fields), final)
+    finally:
+        while _scratches:
+            shutil.rmtree(_scratches.pop(), ignore_errors=True)
 
 
 @dataclass
@@ -200,7 +204,22 @@ def _announce(text: str) -> None:
 
 def _read(config: Any) -> LoadedRows:
     with _status(f"reading {config.dataset}"):
-        return load_rows(config.dataset, split=config.dataset_split, revision=config.dataset_revision)
+        return load_rows(config.dataset, split=config.dataset_split, revision=config.dataset_revision,
+                         scratch=_new_scratch)
+
+
+_scratches: list[Path] = []  # folders the rows being prepared were streamed into, removed once prepared
+
+
+def _new_scratch() -> Path | None:
+    """A build folder in the cache for rows read in chunks, removed once prepared (a killed process's: by
+    `cache.sweep_cache`); None where the cache cannot hold one."""
+    try:
+        folder = cache.new_build_dir(cache.cache_root() / "rows")
+    except (OSError, OutputError):
+        return None
+    _scratches.append(folder)
+    return folder
 
 
 def _build(job: _Job, loaded: LoadedRows, fields: dict[str, Any], key: str, final: Path) -> Prepared:
@@ -233,7 +252,9 @@ def _build(job: _Job, loaded: LoadedRows, fields: dict[str, Any], key: str, fina
         build = cache.new_build_dir(final)
         kept, stats = _tokenize(job, selected, fmt, template, key, procs, build / "work", rows_read, size)
         with _status(f"writing {len(kept):,} examples"):
-            kept.save_to_disk(str(build / "data"))
+            # Large data is written by worker processes, a shard each, so that no process maps all of it.
+            big = procs > 1 and kept.data.nbytes > SHARD_BYTES
+            kept.save_to_disk(str(build / "data"), num_proc=procs if big else None)
         del kept
         seconds = time.perf_counter() - started
         manifest = _manifest(config, tokenizer, loaded, fields, key, fmt, template, stats, procs, seconds)
@@ -261,36 +282,59 @@ def _no_space(exc: OSError) -> bool:
 
 def _tokenize(job: _Job, selected: Any, fmt: str, template: TemplateSpec, key: str, procs: int, work: Path,
               rows_read: int, size: int) -> tuple[Any, dict[str, Any]]:
-    """Rows -> the kept examples (shuffled with the seed, helper columns gone) and their statistics."""
+    """Rows -> the kept examples (shuffled with the seed, then drops left out: the reference order) and their
+    statistics. Where each row is one example (all but chat templates) the rows are shuffled before tokenizing (the
+    same permutation), so the tokens come out in training order and are saved as read, not gathered. Columns are
+    handled as Arrow and NumPy arrays, not Python lists."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     config = job.config
     keys = {k: v for k, v in (config.columns or {}).items() if k in MESSAGE_KEYS}
     work.mkdir(parents=True, exist_ok=True)
+    one_per_row = not template.is_chat
+    source = selected.shuffle(seed=config.seed) if one_per_row else selected
     with _map_progress(size, procs):
-        mapped = selected.map(
+        mapped = source.map(
             encode_batch, batched=True, with_indices=True, batch_size=MAP_BATCH,
             num_proc=procs if procs > 1 else None,
-            remove_columns=selected.column_names, cache_file_name=str(work / "map.arrow"),
+            remove_columns=source.column_names, cache_file_name=str(work / "map.arrow"),
             new_fingerprint=f"ftcli-{key[:24]}", desc="tokenizing",
             fn_kwargs=dict(fmt=fmt, keys=keys, template=template, tokenizer=job.tokenizer,
                            seq_length=config.seq_length, train_on_inputs=config.train_on_inputs,
                            train_reasoning=config.train_reasoning))
-    drops_in_order = mapped.data.column("drop").to_pylist()
-    rows_of = mapped.data.column("row").to_pylist()
-    raise_first_invalid(drops_in_order, config.dataset, rows_of)
-    # Shuffle all selected rows, then drop: the order of the rows kept is the reference order.
-    shuffled = mapped.shuffle(seed=config.seed)
-    order = shuffled_order(shuffled)
-    drops = [drops_in_order[i] for i in order]
-    kept_idx = [i for i, d in enumerate(drops) if not d]
-    if not kept_idx:
-        raise DataError(f"every row of {config.dataset} was dropped ({drop_summary(drops)})",
-                        hint=all_dropped_hint(drops, config.seq_length))
-    kept = shuffled.select(kept_idx) if len(kept_idx) < len(drops) else shuffled
-    stats = measure(mapped, [order[i] for i in kept_idx], drops, rows_read, size, config.batch_size)
-    split = [row for row, turn in zip(rows_of, mapped.data.column("per_turn").to_pylist()) if turn]
-    if split:  # only then: a template that renders prefixes stably keeps its manifest as it was
-        stats["per_turn"] = {"conversations": len(set(split)), "examples": len(split)}
+    rows_order = shuffled_order(source, as_array=True) if one_per_row else None  # position -> source row (NumPy)
+    _raise_invalid(mapped, rows_order, config.dataset)
+    shuffled = mapped if one_per_row else mapped.shuffle(seed=config.seed)  # row i is row order[i] of mapped
+    order = np.arange(len(mapped)) if one_per_row else shuffled_order(shuffled, as_array=True)
+    drops = mapped.data.column("drop").take(pa.array(order)) if not one_per_row else mapped.data.column("drop")
+    kept_idx = np.flatnonzero(pc.equal(drops, "").to_numpy(zero_copy_only=False))
+    dropped = [d for d in drops.to_pylist() if d] if len(kept_idx) < len(order) else []
+    if not len(kept_idx):
+        raise DataError(f"every row of {config.dataset} was dropped ({drop_summary(dropped)})",
+                        hint=all_dropped_hint(dropped, config.seq_length))
+    kept = shuffled.select(kept_idx) if len(kept_idx) < len(order) else shuffled
+    stats = measure(mapped, order[kept_idx], dropped, rows_read, size, config.batch_size)
+    per_turn = mapped.data.column("per_turn").to_numpy(zero_copy_only=False).astype(bool)
+    if per_turn.any():  # only then: a template that renders prefixes stably keeps its manifest as it was
+        split = mapped.data.column("row").to_numpy()[per_turn]
+        stats["per_turn"] = {"conversations": int(np.unique(split).size), "examples": int(split.size)}
     return kept.remove_columns(HELPER_COLUMNS), stats
+
+
+def _raise_invalid(mapped: Any, rows_order: Any, ref: str) -> None:
+    """The first invalid row, in the order of the source, as one error (if there is one)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    drops = mapped.data.column("drop")
+    if not pc.any(pc.starts_with(drops, INVALID)).as_py():
+        return
+    rows = mapped.data.column("row").to_numpy()
+    rows = rows_order[rows] if rows_order is not None else rows
+    in_source_order = np.argsort(rows, kind="stable")
+    raise_first_invalid(drops.take(in_source_order).to_pylist(), ref, rows[in_source_order].tolist())
 
 
 def _load(folder: Path, manifest: dict[str, Any], *, reused: bool) -> Prepared:

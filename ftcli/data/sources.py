@@ -4,7 +4,7 @@
     >>> rows = load_rows("builtin:alpaca-sample")
     >>> rows.source_kind, len(rows.dataset)
     ('builtin', 400)
-    >>> source_fingerprint("data/*.jsonl")  # cheap: hashes the files' bytes, parses nothing
+    >>> source_fingerprint("data/*.jsonl")  # cheap: the files' sha256 (recorded once hashed), parses nothing
     'sha256:...'
 
 Local files: `.jsonl` (one object per line), `.json` (an array of objects, or `{"split": [...]}`),
@@ -24,7 +24,9 @@ DataError naming the file and row, like every other malformed input.
 
 The fingerprint changes whenever the content changes: the bytes of every local file (and its
 name relative to the source), the rows of a built-in set, or the hub dataset's resolved files
-and revision. Every failure is a `DataError` naming the file and line (or hub id) and the fix.
+and revision. A file is hashed in full once; the hash is then reused while the file's size, times, inode and a
+sample of its content are unchanged (`ftcli.data.digests`). Every failure is a `DataError` naming the file and line
+(or hub id) and the fix.
 """
 
 from __future__ import annotations
@@ -35,11 +37,14 @@ import hashlib
 import io
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ftcli.builtin import builtin_dataset_rows, is_builtin
+from ftcli.data.digests import file_sha256, remember
+from ftcli.data.streaming import stream_jsonl, streamable
 from ftcli.errors import DataError
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
@@ -53,6 +58,7 @@ class LoadedRows:
     fingerprint: str  # changes whenever the data's content changes
     files: list[str] | None = None  # the local files read, in order
     shapes: list[RowShape] | None = None  # local rows by their set of keys (how formats are told apart)
+    scratch: Path | None = None  # where large JSONL rows were written as Arrow (the caller removes it)
 
 
 @dataclass
@@ -148,27 +154,38 @@ def combined_fingerprint(ref: str, files: list[Path], digests: list[str]) -> str
 
 
 def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(path)  # recorded once hashed, while the file is unchanged (ftcli.data.digests)
 
 
-def load_rows(ref: str, *, split: str = "train", revision: str | None = None) -> LoadedRows:
-    """The rows of `ref`. A local file is read once: its fingerprint is the hash of the very bytes parsed."""
+def load_rows(ref: str, *, split: str = "train", revision: str | None = None,
+              scratch: Callable[[], Path] | None = None) -> LoadedRows:
+    """The rows of `ref`. A local file is read once: its fingerprint is the hash of the very bytes parsed.
+
+    With `scratch` (a function that makes an empty folder, or gives None), large JSONL files are read in chunks into an Arrow
+    file there (`ftcli.data.streaming`) instead of into memory; `LoadedRows.scratch` names it."""
     kind = source_kind(ref)
     if kind == "builtin":
         fingerprint = source_fingerprint(ref)
         return LoadedRows(_dataset_from_rows(builtin_dataset_rows(ref), ref), "builtin", fingerprint or "")
     if kind == "local":
         files = local_files(ref)
+        folder = scratch() if scratch is not None and streamable(files) else None  # None: no room for it
+        streamed = stream_jsonl(files, folder, _parse_jsonl, row_shapes) if folder is not None else None
+        if streamed is not None:
+            dataset, digests, found = streamed
+            return LoadedRows(dataset, "local", combined_fingerprint(ref, files, digests), [str(f) for f in files],
+                              found, folder)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
         rows: list[dict[str, Any]] = []
         digests: list[str] = []
         shapes: list[RowShape] = []
         for f in files:
+            before = _stat(f)
             data = _read_bytes(f)
             digests.append(hashlib.sha256(data).hexdigest())
+            if before is not None:
+                remember(f, digests[-1], before)
             file_rows = parse_local_rows(f, data)
             shapes.extend(row_shapes(str(f), file_rows))
             rows.extend(file_rows)
@@ -176,6 +193,13 @@ def load_rows(ref: str, *, split: str = "train", revision: str | None = None) ->
         return LoadedRows(_dataset_from_rows(rows, ref, counts), "local", combined_fingerprint(ref, files, digests),
                           [str(f) for f in files], shapes)
     return _load_hub(ref, split=split, revision=revision)
+
+
+def _stat(path: Path) -> Any:
+    try:
+        return path.stat()
+    except OSError:
+        return None
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -17,9 +17,14 @@ from ftcli.data.pipeline import DROP_EMPTY, DROP_NO_ASSISTANT, DROP_NO_RESPONSE,
 from ftcli.errors import DataError
 
 
-def shuffled_order(shuffled: Any) -> list[int]:
-    """Row i of the shuffled dataset is row order[i] of the unshuffled one."""
+def shuffled_order(shuffled: Any, as_array: bool = False) -> Any:
+    """Row i of the shuffled dataset is row order[i] of the unshuffled one (a list, or with `as_array` a NumPy
+    array: no Python int per row)."""
+    import numpy as np
+
     indices = shuffled._indices  # datasets keeps a shuffle as an indices mapping until it is flattened
+    if as_array:
+        return indices.column(0).to_numpy().astype(np.int64) if indices is not None else np.arange(len(shuffled))
     return indices.column(0).to_pylist() if indices is not None else list(range(len(shuffled)))
 
 
