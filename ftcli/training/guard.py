@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcli.errors import EXIT_INTERRUPTED, FtcliError
-from ftcli.training.checkpoints import PREFIX, mark_complete, rotate, unmark
+from ftcli.training.checkpoints import PREFIX, ChecksumsAsFilesLand, mark_complete, rotate, unmark
 from ftcli.training.distributed import agree, barrier
 
 NAN_ENV = "FTCLI_DEBUG_NAN_AT_STEP"
@@ -117,7 +117,7 @@ def guarded_trainer_class(base: type) -> type:
     """`base` (an SFTTrainer) that records each micro-batch loss for `RunGuard`, and injects the debug NaN."""
     nan_step = debug_nan_step()
 
-    class Guarded(base):  # type: ignore[misc,valid-type]
+    class Guarded(ChecksumsAsFilesLand, base):  # type: ignore[misc,valid-type]
         ftcli_losses: list[Any]
 
         def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
@@ -346,7 +346,8 @@ class RunGuardCallbacks:
         folder = self.out / f"{PREFIX}{state.global_step}"
         barrier()  # every rank's files (RNG states, shards) are written before rank 0 marks the folder
         if state.is_world_process_zero:
-            mark_complete(folder, state.global_step, state.epoch or 0.0, self.identity, self.display.history)
+            mark_complete(folder, state.global_step, state.epoch or 0.0, self.identity, self.display.history,
+                          checksums=getattr(self.trainer, "ftcli_checksums", None))
             self.removed += rotate(self.out, self.save_total_limit, keep_step=self.keep_checkpoint)
         self.last_saved, self.last_saved_step = folder, state.global_step
 
