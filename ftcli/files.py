@@ -382,10 +382,12 @@ class Checksums:
     def __init__(self) -> None:
         self._executor: Any = None
         self._landed: dict[Path, tuple[Any, Any]] = {}
+        self._lock = threading.Lock()  # files of the next checkpoint land while this one settles
 
     def land(self, paths: list[Path]) -> None:
-        for path in paths:
-            self._landed[Path(path)] = self._submit(Path(path))
+        with self._lock:
+            for path in paths:
+                self._landed[Path(path)] = self._submit(Path(path))
 
     def _submit(self, path: Path) -> tuple[Any, Any]:
         if self._executor is None:
@@ -397,13 +399,11 @@ class Checksums:
     def settle(self, folder: Path) -> tuple[dict[str, int], dict[str, str]]:
         """({relative name: size}, {relative name: sha256}) of every file under `folder`, on disk."""
         folder = Path(folder)
-        jobs = {}
-        for root, _dirs, names in os.walk(folder):
-            for name in names:
-                path = Path(root) / name
-                jobs[path] = self._landed.pop(path, None) or self._submit(path)
-        for path in [p for p in self._landed if folder in p.parents]:  # landed, then removed
-            del self._landed[path]
+        paths = [Path(root) / name for root, _dirs, names in os.walk(folder) for name in names]
+        with self._lock:
+            jobs = {path: self._landed.pop(path, None) or self._submit(path) for path in paths}
+            for path in [p for p in self._landed if folder in p.parents]:  # landed, then removed
+                del self._landed[path]
         sizes, sums = {}, {}
         try:
             for path, (synced, hashed) in jobs.items():
@@ -415,9 +415,10 @@ class Checksums:
                 name = str(path.relative_to(folder))
                 sizes[name], sums[name] = key[1], digest
         finally:
-            if not self._landed and self._executor is not None:
-                self._executor.shutdown(wait=False)
-                self._executor = None
+            with self._lock:
+                if not self._landed and self._executor is not None:
+                    self._executor.shutdown(wait=False)
+                    self._executor = None
         for root, _dirs, _names in os.walk(folder):
             fsync_dir(Path(root))
         return sizes, sums
