@@ -224,6 +224,65 @@ def test_damaged_checkpoint_is_refused_and_the_finished_record_kept(cli, finishe
     assert (old / "ftcli_run.json").read_bytes() == record
 
 
+def test_checkpoint_files_are_checksummed_as_they_land(cli, small_alpaca: Path, tmp_path: Path, monkeypatch) -> None:
+    """The trainer's files are handed to the background checksums as each part of the save returns (not re-read
+    at the mark); the marker still names every file of the folder with its size and its sha256."""
+    from ftcli.files import Checksums, file_sha256
+
+    landed: list[str] = []
+    real_land = Checksums.land
+
+    def recording_land(self, paths):
+        landed.extend(Path(p).name for p in paths)
+        real_land(self, paths)
+
+    monkeypatch.setattr(Checksums, "land", recording_land)
+    out = tmp_path / "run"
+    result = cli(*train(small_alpaca, out, "--save-steps", 1))
+    assert result.exit_code == 0, result.output
+    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        assert landed.count(name) == 2, (name, landed)  # in each of the two checkpoints
+    for folder in (out / "checkpoint-1", out / "checkpoint-2"):
+        marker = json.loads((folder / "ftcli_checkpoint.json").read_text())
+        on_disk = {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+        del on_disk["ftcli_checkpoint.json"]
+        assert marker["files"] == on_disk and set(marker["sha256"]) == set(on_disk)
+        assert all(file_sha256(folder / name) == digest for name, digest in marker["sha256"].items())
+
+
+def test_landed_checksums_follow_later_changes(tmp_path: Path) -> None:
+    """A file changed or removed after it landed is not taken on its earlier checksum; a file that never landed
+    is checksummed at the mark; an fsync that fails on the background thread fails the mark."""
+    from ftcli.files import Checksums, file_sha256
+
+    folder = tmp_path / "checkpoint-1"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("a.bin", "b.bin", "gone.bin", "sub/c.bin"):
+        (folder / name).write_bytes(os.urandom(3 << 20))
+    checksums = Checksums()
+    checksums.land([folder / "a.bin", folder / "b.bin", folder / "gone.bin"])
+    for synced, hashed in checksums._landed.values():  # the landed work done before the changes below
+        synced.result(), hashed.result()
+    changed = folder / "b.bin"
+    data = bytearray(changed.read_bytes())
+    data[-1] ^= 0xFF  # same size, other contents, a later modification time
+    before = changed.stat()
+    changed.write_bytes(bytes(data))
+    os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    (folder / "gone.bin").unlink()
+    sizes, sums = checksums.settle(folder)
+    assert set(sums) == set(sizes) == {"a.bin", "b.bin", "sub/c.bin"}
+    assert all(file_sha256(folder / name) == digest for name, digest in sums.items())
+    assert sizes["b.bin"] == 3 << 20
+
+    bad = tmp_path / "checkpoint-2"  # a file whose fsync fails (procfs refuses fsync)
+    bad.mkdir()
+    (bad / "status").symlink_to("/proc/self/status")
+    checksums.land([bad / "status"])
+    with pytest.raises(OSError):
+        checksums.settle(bad)
+
+
 def test_resuming_a_complete_run_trains_nothing(cli, finished, tmp_path: Path) -> None:
     out = copy_run(finished, tmp_path)
     before = snapshot(out)

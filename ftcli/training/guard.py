@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcli.errors import EXIT_INTERRUPTED, FtcliError
-from ftcli.training.checkpoints import PREFIX, mark_complete, rotate, unmark
+from ftcli.training.checkpoints import PREFIX, ChecksumsAsFilesLand, mark_complete, rotate, unmark
 from ftcli.training.distributed import agree, barrier
 
 NAN_ENV = "FTCLI_DEBUG_NAN_AT_STEP"
@@ -117,7 +117,7 @@ def guarded_trainer_class(base: type) -> type:
     """`base` (an SFTTrainer) that records each micro-batch loss for `RunGuard`, and injects the debug NaN."""
     nan_step = debug_nan_step()
 
-    class Guarded(base):  # type: ignore[misc,valid-type]
+    class Guarded(ChecksumsAsFilesLand, base):  # type: ignore[misc,valid-type]
         ftcli_losses: list[Any]
 
         def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
@@ -253,6 +253,8 @@ class RunGuardCallbacks:
         self.last_saved: Path | None = None
         self.last_saved_step: int | None = None
         self.removed: list[str] = []
+        self.marking: Any = None  # the newest checkpoint's marking (a Future), done in the background
+        self._marker: Any = None
         self.keep_checkpoint: int | None = None  # a step whose checkpoint rotation keeps (--load-best's best)
         self.on_first_step: Any = None  # called once, after this process's first optimizer step
         self.delay = debug_step_delay()
@@ -322,9 +324,12 @@ class RunGuardCallbacks:
                 _set_rng_states(self.step_rng)
             self.trainer._save_checkpoint(self.trainer.model, trial=None)
             self.on_save(args, state, control)
+        self.finish_marking()
         return folder
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.marking is not None and self.marking.done():  # a failed marking fails the run here
+            self.finish_marking()
         if self.on_first_step is not None:
             self.on_first_step()
             self.on_first_step = None
@@ -346,9 +351,44 @@ class RunGuardCallbacks:
         folder = self.out / f"{PREFIX}{state.global_step}"
         barrier()  # every rank's files (RNG states, shards) are written before rank 0 marks the folder
         if state.is_world_process_zero:
-            mark_complete(folder, state.global_step, state.epoch or 0.0, self.identity, self.display.history)
-            self.removed += rotate(self.out, self.save_total_limit, keep_step=self.keep_checkpoint)
+            self.finish_marking()  # markers and rotations in step order
+            self._mark_in_background(folder, state.global_step, state.epoch or 0.0)
         self.last_saved, self.last_saved_step = folder, state.global_step
+
+    def _mark_in_background(self, folder: Path, step: int, epoch: float) -> None:
+        """Mark the checkpoint complete (its last files flushed and hashed, then the marker) and rotate, on a
+        thread of its own while training goes on: the checkpoint counts from its marker, as always, and the
+        training loop waits only for the trainer's own writing. `finish_marking` waits for it."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        history, keep = list(self.display.history), self.keep_checkpoint
+        checksums = getattr(self.trainer, "ftcli_checksums", None)
+
+        def mark() -> list[str]:
+            mark_complete(folder, step, epoch, self.identity, history, checksums=checksums)
+            return rotate(self.out, self.save_total_limit, keep_step=keep)
+
+        if self._marker is None:
+            self._marker = ThreadPoolExecutor(1, thread_name_prefix="ftcli-marker")
+        self.marking = self._marker.submit(mark)
+
+    def finish_marking(self, quiet: bool = False) -> None:
+        """Wait until the newest checkpoint is marked complete (or its marking failed: raised, unless `quiet`, as
+        on the way out of a run that already failed, where the checkpoint then simply stays incomplete)."""
+        pending, self.marking = self.marking, None
+        if pending is None:
+            return
+        try:
+            self.removed += pending.result()
+        except Exception:
+            if not quiet:
+                raise
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.finish_marking()
+        if self._marker is not None:
+            self._marker.shutdown(wait=False)
+            self._marker = None
 
 
 @lru_cache(maxsize=1)

@@ -311,7 +311,10 @@ def _train(config: RunConfig, plan: Any, tokenizer: Any, dataset: Any, out: Path
         trainer, display = build_trainer(config, plan, tokenizer, dataset, out, log_dir, device, guard, evaluator)
         if manifest is not None:  # what the run computes with, as the trainer holds it (recorded however it ends)
             manifest["precision"] = precision_record(trainer, compute_dtype(config, device))
-        stats = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        try:
+            stats = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        finally:  # stopped by an error: a checkpoint being marked in the background counts, or stays incomplete
+            guard.finish_marking(quiet=True)
         trained = True
     except NonFiniteError as exc:
         last = latest_checkpoint(out)
