@@ -3,6 +3,7 @@
     $ python bench/scale.py --size 150m                 # about 10 minutes on 2 CPU cores
     $ python bench/scale.py --size 1b --parts export,train,estimate
     $ python bench/scale.py --size tiny --quick          # a smoke run of every part (a few minutes)
+    $ python bench/scale.py --parts prepare --prepare-rows 200k,1m
 
 Builds (once, under /tmp/scale, reused) a random Llama of the size (bench/scale_common.py: 0.15B or
 0.98B parameters, vocabulary 4096, float32) and Alpaca files of 20k, 200k and 1M rows; nothing is
@@ -56,6 +57,8 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS))
     parser.add_argument("--quick", action="store_true", help="a fast smoke version of every part")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--prepare-rows", default="20k,200k",
+                        help="the prepare part's data sizes, of 20k, 200k, 1m (1m: about 15 minutes here)")
     args = parser.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
@@ -73,7 +76,8 @@ def main() -> None:
             module = importlib.import_module(f"scale_{part}")
             work = Path(tmp) / part
             work.mkdir()
-            got = module.rows(args.size, work, quick=args.quick)
+            extra = {"labels": args.prepare_rows.split(",")} if part == "prepare" and not args.quick else {}
+            got = module.rows(args.size, work, quick=args.quick, **extra)
             rows.extend(got)
             print(f"[{part}: {len(got)} rows in {time.perf_counter() - start:.0f} s]", flush=True)
     print()
