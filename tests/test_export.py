@@ -435,3 +435,54 @@ def test_export_help_is_light() -> None:
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report == {"code": 0, "heavy": []}
+
+
+def test_verification_catches_an_adapter_lost_in_one_layer(lora_run: Path, cli, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The short, batched verification still tells a merge that dropped one projection's adapter (taken after the
+    reference logits, as a faulty merge would) from the right one: exit 1, nothing written."""
+    import ftcli.export.merge
+    from peft.tuners.lora import LoraLayer
+
+    real_merge = ftcli.export.merge.merge_into_weights
+
+    def merge_losing_one_layer(model):
+        layer = next(m for m in model.modules() if isinstance(m, LoraLayer))  # the first targeted projection
+        for b in layer.lora_B.values():
+            b.weight.data.zero_()
+        return real_merge(model)
+
+    monkeypatch.setattr(ftcli.export.merge, "merge_into_weights", merge_losing_one_layer)
+    out = tmp_path / "wrong"
+    result = cli("export", lora_run, "--output", out)
+    assert result.exit_code == 1, result.stdout + result.stderr
+    assert "verification failed" in flat(result.stderr) and not out.exists() and not leftovers(out)
+
+
+def test_batched_verification_logits_equal_one_sequence_at_a_time(lora_run: Path, tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from ftcli.export.merge import MAX_VERIFY_TOKENS, VERIFY_INPUTS, forward_logits, verification_inputs
+    from ftcli.models import attach_adapter, load_model
+
+    model = attach_adapter(load_model(str(tiny_model_dir), dtype="float32", device="cpu"), lora_run)
+    inputs = verification_inputs(AutoTokenizer.from_pretrained(str(lora_run)), lora_run / "probe.safetensors")
+    assert len(inputs) == VERIFY_INPUTS and all(len(i) <= MAX_VERIFY_TOKENS for i in inputs)
+    assert torch.equal(inputs[0], probe_ids(lora_run)[:MAX_VERIFY_TOKENS])  # the run's own probe input comes first
+    inputs += [inputs[1][:5], inputs[0][:1]]  # shorter inputs: the batch is padded
+    batched, single = forward_logits(model, inputs), forward_logits(model, inputs, batched=False)
+    for got, want, ids in zip(batched, single, inputs, strict=True):
+        assert got.shape == (len(ids), want.shape[-1])
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_non_finite_check_is_exact(tmp_path: Path) -> None:
+    """The one-sum-per-tensor check flags NaN and inf, and clears finite weights whose sum overflows."""
+    from ftcli.export.merge import non_finite_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    with torch.no_grad():
+        model[0].weight.fill_(3e38)  # finite, but the float32 sum overflows to inf
+        model[1].weight[5, 7] = float("nan")
+        model[2].bias[3] = float("-inf")
+    assert non_finite_weights(model) == ["1.weight", "2.bias"]

@@ -27,13 +27,18 @@ from pathlib import Path
 from typing import Any
 
 
-# A few short, fixed prompts: an instruction, code and a fact to complete.
+# Short, fixed prompts: an instruction, code and a fact to complete. The check runs VERIFY_INPUTS inputs of at
+# most MAX_VERIFY_TOKENS tokens: the run's probe input (the one its training recorded logits for) when there is
+# one, then these prompts in order. A merge that went wrong leaves a wrong weight in a layer every position passes
+# through, so it shows at every position; two inputs in different contexts (32 positions) tell it, and every
+# position costs a forward pass through the whole model three times (base + adapter, base alone, merged).
 VERIFY_PROMPTS = (
     "Below is an instruction that describes a task. Write a response that completes the request.",
     "def fibonacci(n):\n    return n if n < 2 else",
     "The capital of France is Paris, and the capital of Italy is",
 )
-MAX_VERIFY_TOKENS = 32
+VERIFY_INPUTS = 2
+MAX_VERIFY_TOKENS = 16  # as many as the run's probe input (ftcli.training.run.PROBE_TOKENS)
 
 # Largest logit difference allowed, relative to the largest reference logit (at least 1.0): float32 only
 # reorders sums; 16-bit formats round every weight and activation (bfloat16 keeps 8 bits of mantissa);
@@ -66,15 +71,15 @@ class Comparison:
 
 
 def verification_inputs(tokenizer: Any, probe_path: Path | None) -> list[Any]:
-    """Token ids of the fixed prompts, plus the run's probe input when there is one."""
+    """Token ids of the VERIFY_INPUTS inputs: the run's probe input when there is one, then the fixed prompts."""
     import torch
 
     inputs = []
-    for text in VERIFY_PROMPTS:
+    if probe_path is not None and probe_path.is_file():
+        inputs.append(read_probe(probe_path)["input_ids"][:MAX_VERIFY_TOKENS])
+    for text in VERIFY_PROMPTS[:VERIFY_INPUTS - len(inputs)]:
         ids = tokenizer(text, add_special_tokens=True)["input_ids"][:MAX_VERIFY_TOKENS]
         inputs.append(torch.tensor(ids, dtype=torch.long))
-    if probe_path is not None and probe_path.is_file():
-        inputs.append(read_probe(probe_path)["input_ids"])
     return inputs
 
 
@@ -84,24 +89,39 @@ def read_probe(path: Path) -> dict[str, Any]:
     return load_file(str(path))
 
 
-def forward_logits(model: Any, inputs: list[Any]) -> list[Any]:
-    """Logits (float32, on CPU) of each input, one sequence at a time (no padding to get wrong)."""
+def forward_logits(model: Any, inputs: list[Any], batched: bool = True) -> list[Any]:
+    """Logits (float32, on CPU) of each input.
+
+    `batched`: one forward pass over all inputs, right-padded into one batch with an attention mask. A causal
+    model's logits at a position depend only on the tokens up to it, so padding after the last real token changes
+    nothing that is kept, and the weights are read once for all inputs instead of once per input (the pass is
+    bound by reading them). The comparison runs the same batch through both sides. `batched=False`: one sequence
+    at a time, for heads that read a sequence's last token (a reward model's score), which padding would move."""
     import torch
 
     model.eval()
     device = next(model.parameters()).device
     out = []
     with torch.no_grad():
-        for ids in inputs:
-            out.append(model(input_ids=ids[None].to(device)).logits[0].float().cpu())
-    return out
+        if not batched or len(inputs) < 2:
+            for ids in inputs:
+                out.append(model(input_ids=ids[None].to(device)).logits[0].float().cpu())
+            return out
+        longest = max(len(ids) for ids in inputs)
+        batch = torch.zeros(len(inputs), longest, dtype=torch.long)
+        mask = torch.zeros(len(inputs), longest, dtype=torch.long)
+        for row, ids in enumerate(inputs):
+            batch[row, :len(ids)] = ids
+            mask[row, :len(ids)] = 1
+        logits = model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+        return [logits[row, :len(ids)] for row, ids in enumerate(inputs)]
 
 
-def reference_logits(model: Any, inputs: list[Any]) -> Reference:
+def reference_logits(model: Any, inputs: list[Any], batched: bool = True) -> Reference:
     """Logits of base + adapter (unmerged), and how far the adapter moves them from the base alone."""
-    logits = forward_logits(model, inputs)
+    logits = forward_logits(model, inputs, batched)
     with model.disable_adapter():
-        plain = forward_logits(model, inputs)
+        plain = forward_logits(model, inputs, batched)
     return Reference(logits, max_difference(logits, plain))
 
 
@@ -272,14 +292,21 @@ def cast_in_place(model: Any, dtype: Any) -> None:
 
 
 def non_finite_weights(model: Any) -> list[str]:
-    """Names of parameters holding NaN or inf, checked in slices (`isfinite` makes input-sized temporaries)."""
+    """Names of parameters holding NaN or inf.
+
+    A sum is NaN or infinite whenever one of its terms is, so one sum per tensor (a single read, no
+    tensor-sized temporary) clears nearly every tensor; only one whose sum is not finite (a NaN or inf inside,
+    or finite values large enough to overflow the sum) is checked element by element, in slices (`isfinite`
+    makes input-sized temporaries)."""
     import torch
 
     bad = []
-    for name, param in model.named_parameters():
-        if param.is_floating_point() and not all(bool(torch.isfinite(part).all())
-                                                 for part in param.detach().reshape(-1).split(_CHECK_SLICE)):
-            bad.append(name)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not param.is_floating_point() or bool(torch.isfinite(param.sum())):
+                continue
+            if not all(bool(torch.isfinite(part).all()) for part in param.detach().reshape(-1).split(_CHECK_SLICE)):
+                bad.append(name)
     return bad
 
 

@@ -195,7 +195,7 @@ def build_model(src: ExportSource, merge_into: str, dtype_name: str, device: str
         # The same 4-bit kernel as training on CPU (see ftcli.methods.qlora); a no-op without 4-bit layers.
         qlora.keep_cpu_inference_in_compute_dtype(model)
         inputs = merge.verification_inputs(tokenizer, probe) if verify else []
-        reference = merge.reference_logits(model, inputs) if verify else None
+        reference = merge.reference_logits(model, inputs, batched=src.head == CAUSAL_HEAD) if verify else None
         ref, effect = (reference.logits, reference.adapter_effect) if reference else (None, None)
         if merge_into == "dequantized":
             model = merge.merge_into_dequantized(model, dtype)
@@ -248,7 +248,7 @@ def verify_logits(model: Any, inputs: list[Any], ref: list[Any], effect: float |
     `precision` (see `reference_precision`)."""
     from ftcli.export import merge
 
-    comparison = merge.compare(merge.forward_logits(model, inputs), ref, precision)
+    comparison = merge.compare(merge.forward_logits(model, inputs, batched=src.head == CAUSAL_HEAD), ref, precision)
     what = "base + adapter" if src.kind == "adapter" else "the run's probe logits"
     effect_text = f"; the adapter itself moves them by up to {effect:.4g}" if effect is not None else ""
     console.print(f"verify: largest logit difference vs {what} {comparison.max_difference:.3g} "
