@@ -41,7 +41,7 @@ def export(
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N: where the merge and the check run.",
                                         rich_help_panel=OUT)] = "cpu",
     verify: Annotated[bool, typer.Option(
-        "--verify/--no-verify", help="Compare the merged model's logits with base + adapter on fixed prompts (--format gguf: and the "
+        "--verify/--no-verify", help="Compare the merged model's logits with base + adapter on two short inputs (the run's probe input and a fixed prompt; --format gguf: and the "
         "GGUF's, in llama.cpp, with the merged model's when llama-cpp-python is installed).",
         rich_help_panel=OUT)] = True,
     format: Annotated[str, typer.Option(

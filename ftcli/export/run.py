@@ -14,7 +14,8 @@ card) with nothing to merge. The steps, in the order that keeps one copy of the 
 
 1. check everything the user can get wrong (source, base, options, output folder) before loading;
 2. load the base in the output dtype (QLoRA: in 4-bit, as trained) and attach the adapter;
-3. run the fixed prompts through base + adapter: the reference logits;
+3. run two short inputs (the run's probe input, a fixed prompt) through base + adapter in one batch: the
+   reference logits;
 4. merge in place (`ftcli.export.merge`), cast, check every weight is finite, run the prompts again and
    compare with a tolerance suited to the dtype;
 5. save shards, config, generation config, tokenizer + chat template and a model card into a
