@@ -11,6 +11,7 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -163,6 +164,19 @@ def _read_until(fd: int, needle: bytes, seen: bytearray, timeout: float) -> bool
     return needle in seen
 
 
+def _reap(pid: int, timeout: float = 30) -> int:
+    """The child's wait status; a child still running after `timeout` (a check above failed while it waits for
+    input) is killed, so a failing test fails instead of waiting for it forever."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]
+
+
 def test_chat_ctrl_c_stops_the_answer_and_ctrl_d_ends_on_a_new_line(tmp_path: Path) -> None:
     import fcntl
     import termios
@@ -193,7 +207,7 @@ def test_chat_ctrl_c_stops_the_answer_and_ctrl_d_ends_on_a_new_line(tmp_path: Pa
         os.write(fd, b"/exit\r")
         _read_until(fd, b"\x00never", seen, 5)
     finally:
-        _, status = os.waitpid(pid, 0)
+        status = _reap(pid)
     assert os.waitstatus_to_exitcode(status) == 0, seen.decode(errors="replace")
     assert b"you>" in seen[seen.index(b"answer stopped"):]
     assert (tmp_path / "talk.jsonl").read_text() == ""  # the stopped answer is not in the conversation
@@ -209,7 +223,7 @@ def test_chat_ctrl_c_stops_the_answer_and_ctrl_d_ends_on_a_new_line(tmp_path: Pa
         os.write(fd, b"\x04")
         _read_until(fd, b"\x00never", seen, 10)
     finally:
-        _, status = os.waitpid(pid, 0)
+        status = _reap(pid)
     assert os.waitstatus_to_exitcode(status) == 0
     tail = re.sub(rb"\x1b\[[0-9;]*m|\r", b"", bytes(seen[seen.rindex(b"you>"):]))
     assert tail.rstrip(b" ").startswith(b"you>") and tail.replace(b" ", b"").startswith(b"you>\n"), tail
