@@ -43,14 +43,17 @@ def load_options(config: Any, device: str) -> dict[str, Any]:
 
 
 def plan(config: Any, model: Any) -> Any:
+    import inspect
+
     from peft import prepare_model_for_kbit_training
 
+    # The same checkpointing the trainer uses (train.py); non-reentrant needs no input-grad hook. peft 0.22
+    # renamed the argument (the old name warns); older peft knows only the old one.
+    kwargs_name = ("activation_checkpointing_kwargs"
+                   if "activation_checkpointing_kwargs" in inspect.signature(prepare_model_for_kbit_training).parameters
+                   else "gradient_checkpointing_kwargs")
     model = prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=bool(config.gradient_checkpointing),
-        # The same checkpointing the trainer uses (train.py); non-reentrant needs no input-grad hook.
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+        model, use_gradient_checkpointing=bool(config.gradient_checkpointing), **{kwargs_name: {"use_reentrant": False}})
     keep_cpu_inference_in_compute_dtype(model)
     plan = lora.plan(config, model)
     if config.lora_init == "loftq":
