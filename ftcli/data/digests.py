@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ftcli.files import file_sha256 as full_digest  # the whole file, read in blocks
+
 SAMPLE_BLOCKS = 16
 SAMPLE_BLOCK = 4096
 RACY_NS = 2_000_000_000  # a change this recent may share its timestamp with a later one
@@ -48,14 +50,6 @@ def sample_digest(path: Path, size: int) -> str:
             for i in range(SAMPLE_BLOCKS):
                 fh.seek(int(i * step))
                 h.update(fh.read(SAMPLE_BLOCK))
-    return h.hexdigest()
-
-
-def full_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
     return h.hexdigest()
 
 
