@@ -331,7 +331,6 @@ def disk_full_note(folder: Path, below: int = 16 * 2**20) -> str:
     return f"; the disk holding {folder} is full ({free} bytes free)" if free < below else ""
 
 
-
 def file_sha256(path: Path) -> str:
     """The file's sha256, read in blocks (never whole into memory)."""
     import hashlib
@@ -340,7 +339,7 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-# ---- checksums of a folder's files as they land ---------------------------------------------------
+# ---- what tells a file changed (ftcli.training.checksums, ftcli.data.digests) ----------------------
 
 StatKey = tuple[int, int, int]
 
@@ -349,79 +348,6 @@ def stat_key(st: os.stat_result) -> StatKey:
     """What tells a file's contents changed: its inode, size and modification time."""
     return st.st_ino, st.st_size, st.st_mtime_ns
 
-
-def fsync_file(path: Path) -> None:
-    """fsync one file; a file a library wrote private (0600) gets the mode the umask gives (see fsync_tree)."""
-    with open(path, "rb") as fh:
-        if stat.S_IMODE(os.fstat(fh.fileno()).st_mode) == 0o600 != file_mode():
-            os.fchmod(fh.fileno(), file_mode())
-        os.fsync(fh.fileno())
-
-
-def keyed_sha256(path: Path) -> tuple[StatKey, str | None]:
-    """The file's stat_key and sha256; the sha256 is None when the file changed while it was read."""
-    import hashlib
-
-    with open(path, "rb") as fh:
-        before = stat_key(os.fstat(fh.fileno()))
-        digest = hashlib.file_digest(fh, "sha256").hexdigest()
-        after = stat_key(os.fstat(fh.fileno()))
-    return before, digest if before == after else None
-
-
-class Checksums:
-    """The sha256 of each file of a folder being written, and its fsync, done on two background threads as soon
-    as the file is complete (`land`) while the writer goes on with the next one: the file is read back from
-    the page cache it was just written to, its fsync (the disk) and its hashing (a CPU) side by side.
-
-    `settle(folder)` gives every file under the folder with its size and sha256, each fsynced, and fsyncs the
-    folders: a landed result is used when the file is unchanged since it was hashed (same inode, size and
-    modification time), anything else is computed then. An fsync that failed in the background fails
-    `settle` (an fsync error is reported once: it is never retried into a silent success)."""
-
-    def __init__(self) -> None:
-        self._executor: Any = None
-        self._landed: dict[Path, tuple[Any, Any]] = {}
-        self._lock = threading.Lock()  # files of the next checkpoint land while this one settles
-
-    def land(self, paths: list[Path]) -> None:
-        with self._lock:
-            for path in paths:
-                self._landed[Path(path)] = self._submit(Path(path))
-
-    def _submit(self, path: Path) -> tuple[Any, Any]:
-        if self._executor is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._executor = ThreadPoolExecutor(2, thread_name_prefix="ftcli-checksums")
-        return self._executor.submit(fsync_file, path), self._executor.submit(keyed_sha256, path)
-
-    def settle(self, folder: Path) -> tuple[dict[str, int], dict[str, str]]:
-        """({relative name: size}, {relative name: sha256}) of every file under `folder`, on disk."""
-        folder = Path(folder)
-        paths = [Path(root) / name for root, _dirs, names in os.walk(folder) for name in names]
-        with self._lock:
-            jobs = {path: self._landed.pop(path, None) or self._submit(path) for path in paths}
-            for path in [p for p in self._landed if folder in p.parents]:  # landed, then removed
-                del self._landed[path]
-        sizes, sums = {}, {}
-        try:
-            for path, (synced, hashed) in jobs.items():
-                synced.result()
-                key, digest = hashed.result()
-                if digest is None or key != stat_key(path.stat()):  # changed since it landed: again, now
-                    fsync_file(path)
-                    key, digest = keyed_sha256(path)
-                name = str(path.relative_to(folder))
-                sizes[name], sums[name] = key[1], digest
-        finally:
-            with self._lock:
-                if not self._landed and self._executor is not None:
-                    self._executor.shutdown(wait=False)
-                    self._executor = None
-        for root, _dirs, _names in os.walk(folder):
-            fsync_dir(Path(root))
-        return sizes, sums
 
 # ---- reading the run's YAML file ------------------------------------------------------------------
 

@@ -205,8 +205,9 @@ def test_early_stopping_by_epochs_resumes_to_the_same_stop(data: dict[str, Path]
     ok(ftcli(*args, "--output-dir", reference))
     stopped = read_manifest(reference)["eval"]["early_stopped"]
     assert stopped["step"] == 8, stopped
-    # Steps of 1 s: the signal has 2 s to land before step 8 (a loaded machine stretches the time to stop).
-    _, stderr = interrupt([*args, "--output-dir", out], out / "checkpoint-6" / MARKER, delay=1.0)
+    # Steps of 1 s, slept before each step's stop check: a signal sent once checkpoint-6 is written (its marker
+    # follows on a thread) lands in step 7; a loaded machine stretches the time to stop, not past step 8's check.
+    _, stderr = interrupt([*args, "--output-dir", out], out / "checkpoint-6" / "trainer_state.json", delay=1.0)
     assert 6 <= read_manifest(out)["interrupted_at_step"] < 8
     ok(ftcli(*printed_resume(stderr)))
     manifest = read_manifest(out)
@@ -223,7 +224,8 @@ def test_dpo_by_epochs_resumes_exactly(data: dict[str, Path], tmp_path: Path) ->
     reference, out = tmp_path / "reference", tmp_path / "run"
     ok(ftcli(*args, "--output-dir", reference))
     assert read_manifest(reference)["metrics"]["steps"] == 6
-    _, stderr = interrupt([*args, "--output-dir", out], out / "checkpoint-2" / MARKER, delay=0.3)
+    # checkpoint-2 written (its marker follows on a thread): the signal lands in step 3 or 4, before the last
+    _, stderr = interrupt([*args, "--output-dir", out], out / "checkpoint-2" / "trainer_state.json", delay=0.3)
     ok(ftcli(*printed_resume(stderr)))
     assert read_manifest(out)["resumed_from"]["step"] >= 2
     margins = (lambda run: [r["rewards/margins"] for r in read_manifest(run)["log_history"]])

@@ -227,21 +227,31 @@ def test_damaged_checkpoint_is_refused_and_the_finished_record_kept(cli, finishe
 def test_checkpoint_files_are_checksummed_as_they_land(cli, small_alpaca: Path, tmp_path: Path, monkeypatch) -> None:
     """The trainer's files are handed to the background checksums as each part of the save returns (not re-read
     at the mark); the marker still names every file of the folder with its size and its sha256."""
-    from ftcli.files import Checksums, file_sha256
+    from ftcli.files import file_sha256
+    from ftcli.training.checksums import Checksums
 
     landed: list[str] = []
-    real_land = Checksums.land
+    written: list[str] = []
+    real_land, real_write_later = Checksums.land, Checksums.write_later
 
     def recording_land(self, paths):
         landed.extend(Path(p).name for p in paths)
         real_land(self, paths)
 
+    def recording_write_later(self, path, write):
+        written.append(Path(path).name)
+        real_write_later(self, path, write)
+
     monkeypatch.setattr(Checksums, "land", recording_land)
+    monkeypatch.setattr(Checksums, "write_later", recording_write_later)
     out = tmp_path / "run"
     result = cli(*train(small_alpaca, out, "--save-steps", 1))
     assert result.exit_code == 0, result.output
-    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+    for name in ("adapter_model.safetensors", "scheduler.pt", "rng_state.pth"):
         assert landed.count(name) == 2, (name, landed)  # in each of the two checkpoints
+    # The optimizer state (a LoRA's: small) is copied at the save and written in the background (it may be seen
+    # appearing while the random states are saved: land leaves it to its write)
+    assert written == ["optimizer.pt", "optimizer.pt"], written
     for folder in (out / "checkpoint-1", out / "checkpoint-2"):
         marker = json.loads((folder / "ftcli_checkpoint.json").read_text())
         on_disk = {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
@@ -253,7 +263,8 @@ def test_checkpoint_files_are_checksummed_as_they_land(cli, small_alpaca: Path, 
 def test_landed_checksums_follow_later_changes(tmp_path: Path) -> None:
     """A file changed or removed after it landed is not taken on its earlier checksum; a file that never landed
     is checksummed at the mark; an fsync that fails on the background thread fails the mark."""
-    from ftcli.files import Checksums, file_sha256
+    from ftcli.files import file_sha256
+    from ftcli.training.checksums import Checksums
 
     folder = tmp_path / "checkpoint-1"
     (folder / "sub").mkdir(parents=True)
@@ -281,6 +292,58 @@ def test_landed_checksums_follow_later_changes(tmp_path: Path) -> None:
     checksums.land([bad / "status"])
     with pytest.raises(OSError):
         checksums.settle(bad)
+
+
+def slow_background_writes(monkeypatch, delay: float, fail: OSError | None = None) -> None:
+    """Every background write of a checkpoint file starts `delay` seconds late (or fails with `fail`)."""
+    from ftcli.training.checksums import Checksums
+
+    real = Checksums.write_later
+
+    def late(self, path, write):
+        def delayed(target):
+            time.sleep(delay)
+            if fail is not None:
+                raise fail
+            write(target)
+
+        real(self, path, delayed)
+
+    monkeypatch.setattr(Checksums, "write_later", late)
+
+
+def test_the_background_optimizer_write_holds_the_state_of_its_step(cli, small_alpaca: Path, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """checkpoint-1's optimizer.pt, written while step 2 already trains, holds the state after step 1: the same
+    as a run that stops at step 1 (Adam's moments after one step do not depend on the schedule)."""
+    import torch
+
+    slow_background_writes(monkeypatch, 1.0)  # step 2 changes the live state long before the write starts
+    two, one = tmp_path / "two", tmp_path / "one"
+    assert (result := cli(*train(small_alpaca, two, "--save-steps", 1))).exit_code == 0, result.output
+    monkeypatch.undo()
+    assert (result := cli(*train(small_alpaca, one, "--save-steps", 1, "--max-steps", 1))).exit_code == 0
+    state = (lambda run, n: torch.load(run / f"checkpoint-{n}" / "optimizer.pt", weights_only=True)["state"])
+    want, got, later = state(one, 1), state(two, 1), state(two, 2)
+    assert want.keys() == got.keys() and len(want) > 0
+    for key in want:
+        assert all(torch.equal(got[key][name], want[key][name]) for name in want[key]), key
+    assert any(not torch.equal(later[key]["exp_avg"], got[key]["exp_avg"]) for key in got)
+
+
+def test_a_failed_background_optimizer_write_fails_the_run_and_leaves_the_checkpoint_incomplete(
+        cli, small_alpaca: Path, tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from ftcli.training.checkpoints import MARKER, complete_checkpoints
+
+    slow_background_writes(monkeypatch, 0.0, OSError(errno.ENOSPC, "No space left on device"))
+    out = tmp_path / "run"
+    result = cli(*train(small_alpaca, out, "--save-steps", 1))
+    assert result.exit_code != 0
+    assert "No space left on device" in result.output and "Traceback" not in result.output, result.output
+    assert not (out / "checkpoint-1" / MARKER).exists() and complete_checkpoints(out) == []
+    assert read_manifest(out)["status"] == "failed"
 
 
 def test_resuming_a_complete_run_trains_nothing(cli, finished, tmp_path: Path) -> None:

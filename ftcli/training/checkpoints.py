@@ -31,17 +31,16 @@ Signals, the non-finite guard and FSDP resume loading live in ftcli/training/gua
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ftcli.data.specs import map_spec
 from ftcli.errors import ConfigError, OutputError
-from ftcli.files import Checksums, file_sha256, stat_key, write_json_atomic
+from ftcli.files import file_sha256, write_json_atomic
+from ftcli.training.checksums import Checksums
 
 MARKER = "ftcli_checkpoint.json"
 METRICS_COPY = "ftcli_metrics.jsonl"  # metrics.jsonl up to this checkpoint, restored on resume
@@ -303,60 +302,6 @@ def mark_complete(folder: Path, step: int, epoch: float, identity: dict[str, Any
     marker = {"format": MARKER_FORMAT, "step": step, "epoch": round(epoch, 6), "run": identity, "files": files,
               "sha256": sums}
     write_json_atomic(folder / MARKER, marker, durable=True)
-
-
-class ChecksumsAsFilesLand:
-    """A trainer mixin: in a one-process run, the files each part of a checkpoint save writes (the weights or
-    adapter, then the optimizer and scheduler, then the random states) are handed to `ftcli_checksums` as soon
-    as that part returns, so they are hashed and flushed on background threads while the trainer writes the
-    next part, and mark_complete waits only for the last ones. (With several processes another rank may still
-    be writing into the folder: everything is then hashed at the mark, after the ranks' barrier.)"""
-
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        self.__dict__["_ftcli_saving"] = True
-        try:
-            super()._save_checkpoint(model, trial)  # type: ignore[misc]
-        finally:
-            self.__dict__["_ftcli_saving"] = False
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        with self._ftcli_landing(output_dir):
-            super().save_model(output_dir, _internal_call=_internal_call)  # type: ignore[misc]
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        with self._ftcli_landing(output_dir):
-            super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
-
-    def _save_rng_state(self, output_dir: str) -> None:
-        with self._ftcli_landing(output_dir):
-            super()._save_rng_state(output_dir)  # type: ignore[misc]
-
-    @property
-    def ftcli_checksums(self) -> Checksums:
-        return self.__dict__.setdefault("_ftcli_checksums", Checksums())
-
-    @contextmanager
-    def _ftcli_landing(self, output_dir: str | None) -> Iterator[None]:
-        """Around a part of a checkpoint save: the files it wrote (new, or changed since before it) land."""
-        if not self.__dict__.get("_ftcli_saving") or output_dir is None or self.args.world_size > 1:  # type: ignore
-            yield
-            return
-        before = stat_keys(Path(output_dir))
-        yield
-        self.ftcli_checksums.land([p for p, key in stat_keys(Path(output_dir)).items() if before.get(p) != key])
-
-
-def stat_keys(folder: Path) -> dict[Path, tuple[int, int, int]]:
-    """{path: files.stat_key} of every file under `folder` (none when it does not exist)."""
-    found = {}
-    for root, _dirs, names in os.walk(folder):
-        for name in names:
-            path = Path(root) / name
-            try:
-                found[path] = stat_key(path.stat())
-            except FileNotFoundError:
-                continue
-    return found
 
 
 def unmark(folder: Path) -> None:

@@ -12,8 +12,8 @@
   mid-epoch resume across processes would otherwise replay the first epoch's order.
 
 Two debug environment variables, read here only, let tests hit exact moments: `FTCLI_DEBUG_NAN_AT_STEP=K`
-turns the loss of optimizer step K into NaN; `FTCLI_DEBUG_STEP_DELAY=S` sleeps S seconds after each
-optimizer step, so a test can kill a run between two given steps.
+turns the loss of optimizer step K into NaN; `FTCLI_DEBUG_STEP_DELAY=S` sleeps S seconds as each
+optimizer step begins (before its stop check), so a test can signal or kill a run between two given steps.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from ftcli.errors import EXIT_INTERRUPTED, FtcliError
-from ftcli.training.checkpoints import PREFIX, ChecksumsAsFilesLand, mark_complete, rotate, unmark
+from ftcli.training.checkpoints import PREFIX, mark_complete, rotate, unmark
+from ftcli.training.checksums import ChecksumsAsFilesLand
 from ftcli.training.distributed import agree, barrier
 
 NAN_ENV = "FTCLI_DEBUG_NAN_AT_STEP"
@@ -308,6 +309,8 @@ class RunGuardCallbacks:
             self.stopped_at = step
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.delay:  # before the step's stop check: a signal sent after the last save lands in this step
+            time.sleep(self.delay)
         if getattr(self.trainer, "ftcli_failures", None) is not None:  # a step that may be undone (see below)
             self.step_rng = _rng_states()
 
@@ -333,8 +336,6 @@ class RunGuardCallbacks:
         if self.on_first_step is not None:
             self.on_first_step()
             self.on_first_step = None
-        if self.delay:
-            time.sleep(self.delay)
         if self.stopping:
             control.should_save = True
             control.should_training_stop = True
