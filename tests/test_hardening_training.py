@@ -342,6 +342,7 @@ def test_a_failed_background_optimizer_write_fails_the_run_and_leaves_the_checkp
     result = cli(*train(small_alpaca, out, "--save-steps", 1))
     assert result.exit_code != 0
     assert "No space left on device" in result.output and "Traceback" not in result.output, result.output
+    assert f"cannot write {out / 'checkpoint-1' / 'optimizer.pt'}" in " ".join(result.output.split())
     assert not (out / "checkpoint-1" / MARKER).exists() and complete_checkpoints(out) == []
     assert read_manifest(out)["status"] == "failed"
 

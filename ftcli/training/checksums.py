@@ -75,7 +75,10 @@ class Checksums:
         """Run `write(path)` on a background thread, then fsync and hash the file there; `settle` waits for it
         and raises what it raised."""
         def written() -> tuple[StatKey, str | None]:
-            write(path)
+            try:
+                write(path)
+            except OSError as exc:  # named: the trainer's own saves fail in the loop, where it is known
+                raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
             fsync_file(path)
             return keyed_sha256(path)
 
