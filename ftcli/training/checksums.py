@@ -30,6 +30,7 @@ OPTIMIZER_NAME, SCHEDULER_NAME = "optimizer.pt", "scheduler.pt"  # the trainer's
 # host memory until it is written); a larger one (a full fine-tune's) is written by the trainer as before.
 BACKGROUND_OPTIMIZER_BYTES = 1 << 30
 
+
 def fsync_file(path: Path) -> None:
     """fsync one file; a file a library wrote private (0600) gets the mode the umask gives (see fsync_tree)."""
     with open(path, "rb") as fh:
